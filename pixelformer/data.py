@@ -1,0 +1,331 @@
+"""Datasets, augmentation and deterministic, resumable, sharded sampling.
+
+Datasets: ``digits`` (scikit-learn's 8x8 digits, shipped with the package: the default, no download), ``cifar10`` /
+``cifar100`` (the python-pickle format torchvision downloads, read from ``data.root``) and ``imagefolder``
+(``root/train/<class>/*.png`` and ``root/val/<class>/*`` or ``root/test/<class>/*``).
+
+Augmentation randomness is a pure function of (run seed, epoch, sample index): the sampler hands each sample its own
+seed. A run resumed in the middle of an epoch therefore sees exactly the batches and crops that the uninterrupted run
+saw, whatever the number of workers or processes, and data loading never draws from the global RNG that dropout and
+masking use.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from .errors import UserError
+
+__all__ = ["DATASETS", "DataInfo", "ShardedEpochSampler", "build_datasets", "build_loader"]
+
+
+@dataclass
+class DataInfo:
+    """What a model and a task need to know about a dataset."""
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+class ImageTensorDataset(Dataset):
+    """Images held in memory as uint8 (N, C, H, W) with integer labels; small datasets are best kept this way.
+
+    Args:
+        images: uint8 images.
+        labels: Integer labels.
+        normalize: Deterministic uint8 -> float conversion, applied last.
+        augment: Random augmentation on uint8 images, seeded per sample by the key the sampler passes.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: Callable,
+                 augment: Optional[Callable] = None) -> None:
+        self.images, self.labels, self.normalize, self.augment = images, labels, normalize, augment
+        # Without augmentation every epoch sees the same tensors: convert them once.
+        self.ready = normalize(images) if augment is None and images is not None else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
+        seed, index = key if isinstance(key, tuple) else (0, key)
+        if self.ready is not None:
+            return self.ready[index], int(self.labels[index])
+        image, label = self.load(index)
+        if self.augment is not None:
+            # Seeded per sample so that augmentation does not depend on loader order, workers or resumption. The
+            # generator is driven directly: torch.manual_seed / fork_rng also touch every accelerator and are slow.
+            generator = torch.default_generator
+            saved = generator.get_state()
+            generator.manual_seed(seed)
+            try:
+                image = self.augment(image)
+            finally:
+                generator.set_state(saved)
+        return self.normalize(image), label
+
+
+class ImageFileDataset(ImageTensorDataset):
+    """An ``ImageFolder`` whose images are decoded, resized to ``img_size`` and turned into uint8 tensors."""
+
+    def __init__(self, folder, img_size: int, in_chans: int, normalize: Callable,
+                 augment: Optional[Callable] = None, limit: Optional[int] = None) -> None:
+        super().__init__(None, None, normalize, augment)
+        self.folder = folder
+        # A limit takes evenly spaced files: ImageFolder lists them class by class.
+        count = len(folder.targets) if limit is None else min(limit, len(folder.targets))
+        self.indices = torch.linspace(0, len(folder.targets) - 1, count).round().long().tolist()
+        self.labels = torch.tensor(folder.targets)[self.indices]
+        mode = {1: "L", 3: "RGB"}[in_chans]
+        self.decode = v2.Compose([
+            v2.Lambda(lambda img: img.convert(mode)), v2.PILToTensor(),
+            v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
+        ])
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.folder[self.indices[index]]
+        return self.decode(image), label
+
+
+def _digits(cfg: DictConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # 0..16 grey levels -> 0..255 uint8, 17 distinct values, nothing lost.
+    images = torch.from_numpy((digits.images * 255.0 / 16.0).round()).to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(digits.target).long()
+    # A fixed, stratified 80/20 split (1,437 / 360 images), the same on every machine.
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(labels)).numpy(), test_size=0.2, random_state=0, stratify=labels.numpy()
+    )
+    idx = torch.from_numpy(idx_train if train else idx_test)
+    return images[idx], labels[idx], [str(i) for i in range(10)]
+
+
+def _cifar(cfg: DictConfig, train: bool, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    folder_name = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    if cfg.root is None:
+        raise UserError(f"data.root is not set for {cfg.name}: pass data.root=/path/to/dir containing "
+                        f"'{folder_name}' (add data.download=true to fetch it, needs internet)")
+    root = Path(cfg.root).expanduser()
+    folder = root if root.name == folder_name else root / folder_name
+    files = ([f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]) if num_classes == 10 \
+        else (["train"] if train else ["test"])
+    meta_file = "batches.meta" if num_classes == 10 else "meta"
+    missing = [f for f in files + [meta_file] if not (folder / f).is_file()]
+    if missing and cfg.download:
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+        cls(str(folder.parent), train=train, download=True)
+        missing = [f for f in files + [meta_file] if not (folder / f).is_file()]
+    if missing:
+        raise UserError(
+            f"{cfg.name} files not found: {folder} lacks {', '.join(missing)}. Put the extracted '{folder_name}' "
+            f"folder (from https://www.cs.toronto.edu/~kriz/) under data.root={cfg.root}, or add data.download=true "
+            f"(needs internet)"
+        )
+    # Read the pickles directly (torchvision's md5 check would reject re-packed or test files).
+    label_key = "labels" if num_classes == 10 else "fine_labels"
+    data, labels = [], []
+    for name in files:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data.append(torch.as_tensor(entry["data"], dtype=torch.uint8))
+        labels.extend(entry[label_key])
+    with open(folder / meta_file, "rb") as f:
+        meta = pickle.load(f, encoding="latin1")
+    names = meta["label_names" if num_classes == 10 else "fine_label_names"]
+    images = torch.cat(data).reshape(-1, 3, 32, 32)  # stored channel-major per image
+    return images, torch.tensor(labels, dtype=torch.long), list(names)
+
+
+@dataclass
+class _Spec:
+    num_classes: Optional[int]
+    in_chans: int
+    native_size: Optional[int]
+    mean: Optional[tuple[float, ...]]  # None: measured on the training images
+    std: Optional[tuple[float, ...]]
+
+
+DATASETS: dict[str, _Spec] = {
+    "digits": _Spec(10, 1, 8, None, None),
+    "cifar10": _Spec(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": _Spec(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": _Spec(None, 3, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def build_train_transform(cfg: DictConfig, info: DataInfo) -> Optional[Callable]:
+    """Augmentation on uint8 (C, H, W) tensors, or None for ``augment=none``."""
+    size, scale = info.img_size, (cfg.rrc_scale_min, 1.0)
+    colour = info.in_chans == 3
+    recipes: dict[str, list] = {
+        "none": [],
+        "flip": [v2.RandomHorizontalFlip()],
+        "crop_flip": [v2.RandomCrop(size, padding=max(size // 8, 1)), v2.RandomHorizontalFlip()],
+        "rrc_flip": [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()],
+        # MoCo v3's recipe as used for PiT on CIFAR; hue/saturation/greyscale only make sense for colour images.
+        "mocov3": [
+            v2.RandomResizedCrop(size, scale=scale, antialias=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2 if colour else 0, 0.1 if colour else 0)], p=0.8),
+            *([v2.RandomGrayscale(p=0.2)] if colour else []),
+            v2.RandomHorizontalFlip(),
+        ],
+        "randaugment": [
+            v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
+            v2.RandAugment(num_ops=2, magnitude=9),
+        ],
+    }
+    steps = recipes[cfg.augment]
+    return v2.Compose(steps) if steps else None
+
+
+class _Normalize:
+    """uint8 (..., C, H, W) -> float32 normalised with the dataset's mean and std."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean).view(-1, 1, 1) * 255.0
+        self.std = torch.tensor(std).view(-1, 1, 1) * 255.0
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.float() - self.mean) / self.std
+
+
+# ---------------------------------------------------------------------------------------------------- build
+def build_datasets(cfg: DictConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
+    """Train and test datasets (yielding normalised float images and labels) and their :class:`DataInfo`."""
+    if cfg.name not in DATASETS:
+        import difflib
+        close = difflib.get_close_matches(cfg.name, DATASETS, n=2)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown dataset {cfg.name!r}.{hint} Choices: {', '.join(DATASETS)}")
+    spec = DATASETS[cfg.name]
+    if cfg.name == "imagefolder":
+        return _build_imagefolder(cfg, spec)
+    if cfg.name == "digits":
+        (x_train, y_train, names), (x_test, y_test, _) = _digits(cfg, True), _digits(cfg, False)
+    else:
+        (x_train, y_train, names), (x_test, y_test, _) = _cifar(cfg, True, spec.num_classes), \
+            _cifar(cfg, False, spec.num_classes)
+    x_train, y_train = x_train[: cfg.limit_train], y_train[: cfg.limit_train]
+    x_test, y_test = x_test[: cfg.limit_test], y_test[: cfg.limit_test]
+    size = cfg.img_size or spec.native_size
+    if size != x_train.shape[-1]:
+        x_train, x_test = _resize_uint8(x_train, size), _resize_uint8(x_test, size)
+    if spec.mean is None:
+        pixels = x_train.float().div(255.0).transpose(0, 1).reshape(x_train.shape[1], -1)
+        mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
+    else:
+        mean, std = spec.mean, spec.std
+    info = DataInfo(cfg.name, spec.num_classes, spec.in_chans, size, mean, std, names)
+    normalize = _Normalize(mean, std)
+    train = ImageTensorDataset(x_train, y_train, normalize, build_train_transform(cfg, info))
+    test = ImageTensorDataset(x_test, y_test, normalize)
+    return train, test, info
+
+
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def _build_imagefolder(cfg: DictConfig, spec: _Spec) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
+    from torchvision.datasets import ImageFolder
+
+    if cfg.root is None:
+        raise UserError("data.root is not set for imagefolder: pass data.root=/path with train/ and val/ (or test/) "
+                        "folders of one sub-folder per class")
+    if cfg.img_size is None:
+        raise UserError("data.img_size is required for imagefolder (e.g. data.img_size=28, the paper's ImageNet size)")
+    root = Path(cfg.root).expanduser()
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise UserError(f"imagefolder root {root} must contain train/ and val/ (or test/) folders, one sub-folder "
+                        f"per class; found: {sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no such directory'}")
+    try:
+        train_folder, test_folder = ImageFolder(str(root / "train")), ImageFolder(str(test_dir))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"imagefolder {root}: {e}") from None
+    if train_folder.classes != test_folder.classes:
+        raise UserError(f"imagefolder {root}: train/ and {test_dir.name}/ have different class folders")
+    info = DataInfo(cfg.name, len(train_folder.classes), spec.in_chans, cfg.img_size, spec.mean, spec.std,
+                    list(train_folder.classes))
+    normalize = _Normalize(spec.mean, spec.std)
+    train = ImageFileDataset(train_folder, cfg.img_size, info.in_chans, normalize, build_train_transform(cfg, info),
+                             cfg.limit_train)
+    test = ImageFileDataset(test_folder, cfg.img_size, info.in_chans, normalize, limit=cfg.limit_test)
+    return train, test, info
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+class ShardedEpochSampler(Sampler):
+    """Yields ``(sample_seed, index)`` keys: a per-epoch permutation, sharded over processes, resumable.
+
+    Args:
+        size: Dataset length.
+        shuffle: Permute each epoch (seeded by ``seed`` and the epoch).
+        seed: Run seed.
+        rank: This process's rank.
+        world_size: Number of processes; the permutation is padded (train) so that every rank gets as many samples.
+        pad: Pad to a multiple of ``world_size`` (training); evaluation leaves shards uneven instead.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 pad: bool = True) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's permutation and skip its first ``skip`` samples of this shard (on resume)."""
+        self.epoch, self.skip = epoch, skip
+
+    def _shard(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.size % self.world_size:
+            order += order[: self.world_size - self.size % self.world_size]
+        return order[self.rank:: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.seed * 100_003 + self.epoch) * (self.size + 1)
+        for index in self._shard()[self.skip:]:
+            yield (base + index) % (2 ** 63), index
+
+    def __len__(self) -> int:
+        return max(len(self._shard()) - self.skip, 0)
+
+
+def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, rank: int, world_size: int,
+                 num_workers: int) -> DataLoader:
+    sampler = ShardedEpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size,
+                                  pad=train)
+    per_rank = -(-len(dataset) // world_size)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        drop_last=train and per_rank > batch_size,
+        persistent_workers=False,
+        # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,52 @@
+"""Optimizer with the usual weight-decay exclusions, and a step-based warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["build_optimizer", "build_scheduler", "param_groups"]
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and undecayed biases / norms / embeddings named by ``no_weight_decay()``."""
+    skip: set[str] = set()
+    for prefix, sub in module.named_modules():
+        if hasattr(sub, "no_weight_decay"):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in sub.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(module, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    # The fused kernel exists for CUDA and CPU in current torch; None picks it where the device supports it.
+    fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_steps: int,
+                    steps_per_epoch: int) -> LambdaLR:
+    """Linear warmup from 0 to ``lr``, then cosine decay to ``min_lr`` at ``total_steps`` (or constant)."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
