@@ -81,8 +81,7 @@ def check_state_dict(module: nn.Module, saved: Mapping[str, torch.Tensor], sourc
         f"checkpoint {source} does not match the model (another architecture or config?)"
         + show("shape mismatches", mismatched) + show("missing in checkpoint", missing)
         + show("unexpected in checkpoint", unexpected)
-        + "\n  Build the model with the checkpoint's config (tools/eval.py reads it from the checkpoint), or use "
-          "init_from= to start from partially matching weights."
+        + "\n  Build the model with the checkpoint's config (tools/eval.py reads it from the checkpoint)."
     )
 
 

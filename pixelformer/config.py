@@ -22,7 +22,7 @@ from .errors import UserError
 
 __all__ = [
     "CONFIG_DIR", "GROUPS", "Config", "DataCfg", "LoggerCfg", "ModelCfg", "OptimCfg", "RunCfg", "TaskCfg",
-    "TrainerCfg", "WandbCfg", "compose", "group_choices", "to_plain",
+    "TrainerCfg", "WandbCfg", "compose", "compose_saved", "group_choices", "to_plain",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -133,7 +133,6 @@ class Config:
     logger: LoggerCfg = field(default_factory=LoggerCfg)
     run: RunCfg = field(default_factory=RunCfg)
     resume: Optional[str] = None  # "auto" (continue run.dir if it has a checkpoint) or a checkpoint path
-    init_from: Optional[str] = None  # weights to start from (e.g. an MAE checkpoint for fine-tuning)
 
 
 def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -144,7 +143,7 @@ def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
         choices = sorted(set(choices) | set(list_backbones()))
     if group == "task":
         from .task import list_tasks
-        choices = sorted(set(choices) & set(list_tasks()))
+        choices = list_tasks()
     return choices
 
 
@@ -207,18 +206,36 @@ def compose(args: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
         _group_layer("task", task_name, config_dir)  # raises the "unknown task" error with suggestions
         raise UserError(f"task {task_name!r} has a YAML file but no registered task plug-in in tasks/")
     task = get_task(task_name)
-    task_yaml = _load_yaml(config_dir / "task" / f"{task_name}.yaml")
+    task_file = config_dir / "task" / f"{task_name}.yaml"
+    task_yaml = _load_yaml(task_file) if task_file.exists() else OmegaConf.create({})
     # A task may pick its own defaults for other groups (e.g. dit: a different optimizer); the command line wins.
     task_defaults = task_yaml.pop("defaults", {}) or {}
     resolved = {g: choices.get(g, task_defaults.get(g, defaults.get(g))) for g in GROUPS[1:]}
+    layers = [_group_layer(g, c, config_dir) for g, c in resolved.items() if c is not None]
+    layers.append(OmegaConf.create({"task": task_yaml}))
+    return _merge(task.config_cls, task_name, layers, overrides)
+
+
+def compose_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """Rebuild a run's config from the plain dict stored in its checkpoint, plus ``key=value`` overrides."""
+    from .task import get_task
+
+    try:
+        task_name = saved["task"]["name"]
+    except (KeyError, TypeError):
+        raise UserError("the checkpoint holds no pixelformer run config (config.task.name)") from None
+    choices, overrides = _split_args(overrides)
+    if choices:
+        raise UserError(f"{', '.join(f'{g}=' for g in choices)}: a saved run's config can only be changed key by key "
+                        f"(e.g. data.img_size=16, data.root=...), not by picking another group file")
+    return _merge(get_task(task_name).config_cls, task_name, [OmegaConf.create(saved)], overrides)
+
+
+def _merge(task_cls: type, task_name: str, layers: list[DictConfig], overrides: list[str]) -> DictConfig:
     try:
         schema = OmegaConf.structured(Config)
-        schema.task = OmegaConf.structured(task.config_cls)
-        layers = [schema]
-        layers += [_group_layer(g, c, config_dir) for g, c in resolved.items() if c is not None]
-        layers.append(OmegaConf.create({"task": task_yaml}))
-        layers.append(OmegaConf.from_dotlist(overrides))
-        cfg = OmegaConf.merge(*layers)
+        schema.task = OmegaConf.structured(task_cls)
+        cfg = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(overrides))
         cfg.task.name = task_name
     except OmegaConfBaseException as e:
         raise UserError(_format_omegaconf_error(e)) from None

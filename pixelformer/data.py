@@ -294,8 +294,11 @@ class ShardedEpochSampler(Sampler):
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's permutation and skip its first ``skip`` samples of this shard (on resume)."""
+    def set_position(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's permutation and skip its first ``skip`` samples of this shard (on resume).
+
+        Deliberately not called ``set_epoch``: Fabric calls ``set_epoch(n)`` with its own count of loader passes.
+        """
         self.epoch, self.skip = epoch, skip
 
     def _shard(self) -> list[int]:

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (capture_rng_state, check_state_dict, fsync_and_replace, read_checkpoint,
                          restore_rng_state)
-from .config import to_plain
+from .config import compose_saved, to_plain
 from .data import build_datasets, build_loader
 from .errors import UserError
 from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
 from .task import Task, get_task
 
-__all__ = ["NonFiniteLossError", "build_fabric", "fit", "resolve_run_dir", "CHECKPOINT_FORMAT"]
+__all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "build_fabric", "evaluate_checkpoint", "fit", "resolve_run_dir"]
 
 CHECKPOINT_FORMAT = "pixelformer-checkpoint/1"
 _RUN_DIR_ENV = "PIXELFORMER_RUN_DIR"  # shares the run directory with processes that Fabric launches
@@ -140,8 +140,8 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def _load_for_resume(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
     ckpt = read_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a pixelformer training checkpoint (format {ckpt.get('format')!r}); "
-                        f"to start from its weights use init_from= instead of resume=")
+        raise UserError(f"{path} is not a pixelformer training checkpoint (format {ckpt.get('format')!r}), so a run "
+                        f"cannot be resumed from it")
     check_state_dict(state["model"], ckpt["model"], str(path), resizable=())
     missing = [k for k in state if k not in ckpt and k != "rng"]
     if missing:
@@ -255,7 +255,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     module.train()
     while progress["step"] < total_steps:
         start = progress["batches_in_epoch"]  # > 0 only when resuming in the middle of an epoch
-        sampler.set_epoch(progress["epoch"], skip=start * batch_size)
+        sampler.set_position(progress["epoch"], skip=start * batch_size)
         micro = 0
         for index, batch in enumerate(train_loader, start=start):
             micro += 1
@@ -325,3 +325,26 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         for logger in fabric.loggers:
             logger.finalize("success")
     return result
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str]) -> tuple[dict[str, float], DictConfig]:
+    """Evaluate a saved model on its test split; ``overrides`` change the saved config (e.g. ``data.img_size=16``,
+    where a learned position embedding is resized to the new grid)."""
+    path = Path(path).expanduser()
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a pixelformer checkpoint (no 'config' and 'model' entries)")
+    cfg = compose_saved(ckpt["config"], overrides)
+    task = get_task(cfg.task.name)
+    fabric = build_fabric(cfg)
+    fabric.launch()
+    _, test_set, info = build_datasets(cfg.data)
+    module = task.build_module(cfg, info)
+    check_state_dict(module, ckpt["model"], str(path))
+    module.load_state_dict(ckpt["model"])
+    module = fabric.setup_module(module)
+    loader = build_loader(test_set, cfg.data.eval_batch_size or 2 * cfg.data.batch_size, False, cfg.run.seed,
+                          fabric.global_rank, fabric.world_size, cfg.data.num_workers)
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    return _evaluate(fabric, task, module, loader, cfg), cfg

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from pixelformer.cli import groups_help, run_main  # noqa: E402
 
 HELP = __doc__ + """
-Top-level keys: run.dir, run.seed, resume (auto | PATH), init_from (PATH).
+Top-level keys: run.dir, run.seed, resume (auto | PATH).
 Sections: task.*, model.*, data.*, optim.*, trainer.*, logger.*; see pixelformer/config.py for every key, or
 --cfg to print the composed config without training.
 """

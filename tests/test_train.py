@@ -1,0 +1,137 @@
+"""End-to-end runs of the engine with the cls task on digits, in seconds."""
+import json
+
+import pytest
+import torch
+
+import tasks.cls
+from pixelformer import CheckpointError, UserError
+from pixelformer.checkpoint import read_checkpoint
+from pixelformer.engine import NonFiniteLossError, fit
+from conftest import REPO, run_tool, tiny_cfg
+
+
+def test_tiny_training_run_beats_chance(run_dir):
+    # 1 block, 32 wide, 8 epochs: 57-66 % over seeds 0-2; chance is 10 %.
+    metrics = fit(tiny_cfg(run_dir, "trainer.max_epochs=8", "optim.lr=3e-3", "optim.warmup_epochs=1",
+                           "data.batch_size=32", "model.pool=mean"))
+    assert metrics["test/acc1"] > 40.0
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["metrics"]["test/acc1"] == pytest.approx(metrics["test/acc1"])
+    assert (run_dir / "config.yaml").exists()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "train/loss" in r]
+    assert {"train/lr", "train/images_per_sec", "train/grad_norm"} <= set(train_lines[0])
+    assert train_lines[-1]["train/loss"] < train_lines[0]["train/loss"]
+    # checkpoints are plain data: weights_only loading works, the config is a plain dict
+    for name in ("last.ckpt", "best.ckpt"):
+        ckpt = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert isinstance(ckpt["config"], dict) and ckpt["progress"]["step"] == 8 * (1437 // 32)
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+RESUME_ARGS = ("data.limit_train=256", "data.batch_size=32", "data.augment=crop_flip", "model.drop_rate=0.1",
+               "trainer.max_steps=30", "trainer.ckpt_every_steps=10", "trainer.eval_every_steps=7")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = fit(tiny_cfg(tmp_path / "straight", *RESUME_ARGS))
+
+    def stop_at_17(self, module, step):
+        if step == 17:
+            raise Interrupt()
+    monkeypatch.setattr(tasks.cls.ClassificationTask, "on_train_step_end", stop_at_17)
+    with pytest.raises(Interrupt):
+        fit(tiny_cfg(tmp_path / "resumed", *RESUME_ARGS))
+    assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 14
+    monkeypatch.undo()
+    resumed = fit(tiny_cfg(tmp_path / "resumed", *RESUME_ARGS, "resume=auto"))
+
+    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert straight == resumed
+    # the metrics file holds each step once
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == sorted(set(steps))
+
+
+def test_existing_run_dir_needs_resume(run_dir):
+    fit(tiny_cfg(run_dir, "trainer.max_steps=2"))
+    with pytest.raises(UserError, match="resume=auto"):
+        fit(tiny_cfg(run_dir, "trainer.max_steps=2"))
+
+
+def test_resume_into_another_architecture_names_the_mismatch(run_dir):
+    fit(tiny_cfg(run_dir, "trainer.max_steps=2"))
+    with pytest.raises(CheckpointError) as info:
+        fit(tiny_cfg(run_dir, "trainer.max_steps=4", "resume=auto", "model.embed_dim=64"))
+    message = str(info.value)
+    assert "last.ckpt does not match the model" in message
+    assert "backbone.blocks.0.attn.qkv.weight: checkpoint (96, 32) vs model (192, 64)" in message
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(run_dir, monkeypatch):
+    original = tasks.cls.Classifier.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if self.training and calls["n"] > 6:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(tasks.cls.Classifier, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 7") as info:
+        fit(tiny_cfg(run_dir, "trainer.max_steps=20", "trainer.ckpt_every_steps=5"))
+    assert "last.ckpt" in str(info.value)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["progress"]["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_unreadable_checkpoints_are_named(tmp_path):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="broken.ckpt"):
+        read_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"x": UserError("code, not data")}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.ckpt"):
+        read_checkpoint(foreign)
+
+
+def test_eval_tool_rebuilds_the_model_from_the_checkpoint(run_dir):
+    metrics = fit(tiny_cfg(run_dir, "trainer.max_epochs=2", "model.pos_embed=learned"))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    out = run_tool("eval", f"ckpt={ckpt}", "trainer.progress_bar=false")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["metrics"]["test/acc1"] == pytest.approx(metrics["test/acc1"])
+    # another resolution: the learned position embedding is resized on load
+    out = run_tool("eval", f"ckpt={ckpt}", "data.img_size=16", f"out={run_dir / 'eval16.json'}")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((run_dir / "eval16.json").read_text())["img_size"] == 16
+    bad = run_tool("eval", f"ckpt={run_dir / 'nope.ckpt'}")
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    out = run_tool("train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=6",
+                   "trainer.precision=32-true", "trainer.progress_bar=false", "logger=disabled", "model.depth=1",
+                   "model.embed_dim=32", "model.num_heads=2", "data.batch_size=16", "trainer.eval_every_steps=3",
+                   f"run.dir={tmp_path / 'ddp'}", timeout=400)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "devices=2" in out.stdout
+    report = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+    assert report["step"] == 6 and report["metrics"]["test/acc1"] > 0
+    assert read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")["progress"]["step"] == 6
