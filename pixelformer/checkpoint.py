@@ -17,7 +17,10 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["capture_rng_state", "check_state_dict", "read_checkpoint", "restore_rng_state", "fsync_and_replace"]
+__all__ = [
+    "capture_rng_state", "check_state_dict", "fsync_and_replace", "load_backbone_weights", "read_checkpoint",
+    "restore_rng_state",
+]
 
 
 def fsync_and_replace(tmp: Path, final: Path) -> None:
@@ -108,3 +111,75 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------- pretrained weights
+# Keys that a pretraining checkpoint may hold besides the encoder, and that fine-tuning drops on purpose.
+_DROPPED_PREFIXES = ("decoder_", "mask_token", "decoder.", "head.", "fc_norm.")
+_BACKBONE_ROOTS = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
+
+
+def _state_dict_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return ckpt
+
+
+def _backbone_prefix(state: Mapping[str, Any], backbone_keys: set[str]) -> str:
+    """The key prefix under which ``state`` stores the backbone: the candidate that matches most keys."""
+    candidates = {""}
+    for key in state:
+        for root in _BACKBONE_ROOTS:
+            at = key.find(root)
+            if at >= 0 and key[at:] in backbone_keys:
+                candidates.add(key[:at])
+    return max(sorted(candidates), key=lambda p: sum(1 for k in backbone_keys if p + k in state))
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Initialise ``backbone`` from a checkpoint's encoder weights and report what happened.
+
+    Accepts pixelformer checkpoints of any task (the encoder is found under its prefix, e.g. ``backbone.`` or
+    ``model.encoder.``), the reference MAE format (``{"model": state_dict}`` with timm ViT names) and timm state
+    dicts. Decoder weights, the mask token and a head whose shape does not fit are dropped; a learned position
+    embedding of another grid is resized. Anything else that does not fit is an error naming the keys, never a
+    silent ``strict=False``.
+
+    Returns:
+        ``{"loaded": [...], "dropped": [...], "reinitialised": [...]}``; keys relative to the backbone.
+    """
+    ckpt = read_checkpoint(path)
+    state = _state_dict_of(ckpt)
+    expected = backbone.state_dict()
+    prefix = _backbone_prefix(state, set(expected))
+    found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    loaded, dropped, problems = {}, [], []
+    for key, value in found.items():
+        if key in expected and (value.shape == expected[key].shape or key == "pos_embed"):
+            loaded[key] = value
+        elif key.startswith(_DROPPED_PREFIXES) or (key == "pos_embed" and "pos_embed" not in expected):
+            dropped.append(key)  # decoder / mask token / unfit head / a fixed table the model computes itself
+        elif key in expected:
+            problems.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}")
+        elif key.startswith(_BACKBONE_ROOTS):
+            problems.append(f"{key}: in the checkpoint's encoder but not in the model")
+        else:
+            dropped.append(key)
+    # Keys beside the encoder (an MAE decoder next to "model.encoder.") are reported relative to their parent.
+    parent = prefix[: prefix[:-1].rfind(".") + 1] if prefix else ""
+    dropped += [k[len(parent):] if k.startswith(parent) else k for k in state if not k.startswith(prefix)]
+    reinitialised = sorted(k for k in expected if k not in loaded)
+    problems += [f"{k}: in the model but not in the checkpoint" for k in reinitialised if not k.startswith("head.")]
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(
+            f"{path} does not fit the model's backbone (encoder keys found under prefix {prefix!r}):\n  "
+            + "\n  ".join(problems[:10]) + more
+            + "\n  Configure the model like the pretrained encoder (model.depth, model.embed_dim, model.patch_size, "
+              "model.pos_embed, model.pool / class_token)."
+        )
+    backbone.load_state_dict(loaded, strict=False)
+    if any(k.startswith("head.") for k in reinitialised) and hasattr(backbone, "reset_classifier"):
+        backbone.reset_classifier(backbone.num_classes)  # MAE fine-tuning: a fresh head with a tiny init
+    return {"loaded": sorted(loaded), "dropped": sorted(dropped), "reinitialised": reinitialised}

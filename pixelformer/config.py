@@ -79,6 +79,8 @@ class OptimCfg:
     warmup_epochs: float = 0.0  # linear warmup, converted to steps
     warmup_steps: Optional[int] = None  # overrides warmup_epochs
     min_lr: float = 0.0  # floor of the cosine decay
+    layer_decay: Optional[float] = None  # layer-wise lr decay (MAE fine-tuning uses 0.65-0.75): block i gets
+    # lr * layer_decay ** (depth + 1 - (i + 1)); embeddings the least, the head the full lr
 
 
 @dataclass
@@ -133,6 +135,7 @@ class Config:
     logger: LoggerCfg = field(default_factory=LoggerCfg)
     run: RunCfg = field(default_factory=RunCfg)
     resume: Optional[str] = None  # "auto" (continue run.dir if it has a checkpoint) or a checkpoint path
+    init_from: Optional[str] = None  # start the backbone from a checkpoint's encoder (e.g. MAE pretraining)
 
 
 def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -264,6 +267,8 @@ def validate(cfg: DictConfig) -> None:
         problems.append("trainer.devices and trainer.num_nodes must be >= 1")
     if cfg.optim.lr <= 0:
         problems.append(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
+        problems.append(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
     if len(cfg.optim.betas) != 2:
         problems.append(f"optim.betas needs two values, got {list(cfg.optim.betas)}")
     if problems:

@@ -11,6 +11,7 @@ masking use.
 """
 from __future__ import annotations
 
+import copy
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,20 @@ class ImageTensorDataset(Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: Callable,
                  augment: Optional[Callable] = None) -> None:
         self.images, self.labels, self.normalize, self.augment = images, labels, normalize, augment
-        # Without augmentation every epoch sees the same tensors: convert them once.
-        self.ready = normalize(images) if augment is None and images is not None else None
+        self._ready: Optional[torch.Tensor] = None
+
+    @property
+    def ready(self) -> Optional[torch.Tensor]:
+        """Without augmentation every epoch sees the same tensors: they are converted once, on first use."""
+        if self._ready is None and self.augment is None and self.images is not None:
+            self._ready = self.normalize(self.images)
+        return self._ready
+
+    def without_augmentation(self) -> "ImageTensorDataset":
+        """The same images, deterministic: for features of the training split (k-NN, linear probes)."""
+        plain = copy.copy(self)
+        plain.augment, plain._ready = None, None
+        return plain
 
     def __len__(self) -> int:
         return len(self.labels)

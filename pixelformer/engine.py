@@ -92,6 +92,12 @@ def _prepare_run_dir(run_dir: Path, cfg: DictConfig, resume_step: Optional[int])
         metrics.write_text("".join(keep))
 
 
+def _summarise(keys: list[str], shown: int = 6) -> str:
+    if not keys:
+        return "nothing"
+    return ", ".join(keys[:shown]) + (f" ... ({len(keys)} in all)" if len(keys) > shown else "")
+
+
 # ------------------------------------------------------------------------------------------------- fabric
 def build_fabric(cfg: DictConfig, loggers: Optional[list] = None) -> Fabric:
     trainer = cfg.trainer
@@ -111,12 +117,23 @@ def _rng_devices(fabric: Fabric) -> list:
     return [fabric.device] if fabric.device.type == "cuda" else []
 
 
-def _evaluate(fabric: Fabric, task: Task, module: nn.Module, loader, cfg: DictConfig) -> dict[str, float]:
+def _eval_loaders(fabric: Fabric, cfg: DictConfig, train_set, test_set) -> dict[str, Any]:
+    """The test split and the un-augmented training split, sharded over processes, batches moved to the device."""
+    batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    loaders = {name: build_loader(ds, batch, False, cfg.run.seed, fabric.global_rank, fabric.world_size,
+                                  cfg.data.num_workers)
+               for name, ds in (("test", test_set), ("train", train_set.without_augmentation()))}
+    return dict(zip(loaders, fabric.setup_dataloaders(*loaders.values(), use_distributed_sampler=False)))
+
+
+def _evaluate(fabric: Fabric, task: Task, module: nn.Module, loaders: dict[str, Any],
+              cfg: DictConfig) -> dict[str, float]:
     # Evaluation must not move the training RNG streams, or a resumed run would diverge from an uninterrupted one.
     with torch.random.fork_rng(devices=_rng_devices(fabric)):
+        torch.manual_seed(cfg.run.seed)  # and is itself repeatable (e.g. MAE's masks on the test split)
         module.eval()
         with torch.no_grad():
-            metrics = task.evaluate(fabric, module, loader, cfg)
+            metrics = task.evaluate(fabric, module, loaders, cfg)
         module.train()
     return metrics
 
@@ -170,6 +187,10 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     train_set, test_set, info = build_datasets(cfg.data)
     with fabric.init_module():
         module = task.build_module(cfg, info)
+    if cfg.init_from and resume_path is None:
+        report = task.init_from(module, cfg.init_from)
+        fabric.print(f"init_from {cfg.init_from}: loaded {len(report['loaded'])} tensors; dropped "
+                     f"{_summarise(report['dropped'])}; re-initialised {_summarise(report['reinitialised'])}")
     if cfg.trainer.grad_checkpointing:
         for sub in module.modules():
             if hasattr(sub, "set_grad_checkpointing"):
@@ -179,8 +200,6 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     batch_size, accum = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
     train_loader = build_loader(train_set, batch_size, True, cfg.run.seed, fabric.global_rank, fabric.world_size,
                                 cfg.data.num_workers)
-    test_loader = build_loader(test_set, cfg.data.eval_batch_size or 2 * batch_size, False, cfg.run.seed,
-                               fabric.global_rank, fabric.world_size, cfg.data.num_workers)
     if len(train_loader) == 0:
         raise UserError(f"the training split has {len(train_set)} images, fewer than one batch per process")
     sampler = train_loader.sampler
@@ -195,7 +214,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     if cfg.trainer.compile:
         module = torch.compile(module)
     module, optimizer = fabric.setup(module, optimizer)
-    train_loader, test_loader = fabric.setup_dataloaders(train_loader, test_loader, use_distributed_sampler=False)
+    train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)
+    eval_loaders = _eval_loaders(fabric, cfg, train_set, test_set)
 
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best": None}
     state: dict[str, Any] = {
@@ -222,7 +242,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
                  f"run dir: {run_dir}")
 
     def evaluate_and_checkpoint(final: bool = False) -> dict[str, float]:
-        metrics = _evaluate(fabric, task, module, test_loader, cfg)
+        metrics = _evaluate(fabric, task, module, eval_loaders, cfg)
         step = progress["step"]
         metrics["epoch"] = progress["epoch"]
         fabric.log_dict(metrics, step=step)
@@ -235,7 +255,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         if improved and fabric.is_global_zero:
             _copy_atomic(ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt")
         if fabric.is_global_zero:
-            paths = task.visualize(fabric, module, test_loader, cfg, run_dir, step)
+            with torch.random.fork_rng(devices=_rng_devices(fabric)):
+                # Rank 0 alone: use the unwrapped module, whose forward runs no collective (DDP buffer syncs).
+                paths = task.visualize(fabric, module.module, eval_loaders, cfg, run_dir, step)
             for path in paths:
                 for logger in fabric.loggers:
                     if hasattr(logger, "log_image"):
@@ -339,12 +361,9 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str]) -> tuple[
     task = get_task(cfg.task.name)
     fabric = build_fabric(cfg)
     fabric.launch()
-    _, test_set, info = build_datasets(cfg.data)
+    train_set, test_set, info = build_datasets(cfg.data)
     module = task.build_module(cfg, info)
     check_state_dict(module, ckpt["model"], str(path))
     module.load_state_dict(ckpt["model"])
     module = fabric.setup_module(module)
-    loader = build_loader(test_set, cfg.data.eval_batch_size or 2 * cfg.data.batch_size, False, cfg.run.seed,
-                          fabric.global_rank, fabric.world_size, cfg.data.num_workers)
-    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
-    return _evaluate(fabric, task, module, loader, cfg), cfg
+    return _evaluate(fabric, task, module, _eval_loaders(fabric, cfg, train_set, test_set), cfg), cfg

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -11,22 +12,34 @@ from torch.optim.lr_scheduler import LambdaLR
 __all__ = ["build_optimizer", "build_scheduler", "param_groups"]
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and undecayed biases / norms / embeddings named by ``no_weight_decay()``."""
+def param_groups(module: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
+    """Parameter groups: no weight decay on biases, norms and the embeddings named by ``no_weight_decay()``;
+    with ``layer_decay``, one lr scale per depth of the backbone (found as the submodule with ``layer_id``)."""
     skip: set[str] = set()
+    backbone_prefix, backbone = None, None
     for prefix, sub in module.named_modules():
         if hasattr(sub, "no_weight_decay"):
             skip |= {f"{prefix}.{n}" if prefix else n for n in sub.no_weight_decay()}
-    decay, no_decay = [], []
+        if hasattr(sub, "layer_id") and backbone is None:
+            backbone_prefix, backbone = (prefix + "." if prefix else ""), sub
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = 1.0
+        if layer_decay is not None and backbone is not None and name.startswith(backbone_prefix):
+            num_layers = len(backbone.blocks) + 1
+            scale = layer_decay ** (num_layers - backbone.layer_id(name[len(backbone_prefix):]))
+        decayed = not (param.ndim <= 1 or name in skip)
+        groups.setdefault((decayed, scale), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+            for (decayed, scale), params in sorted(groups.items(), key=lambda kv: (-kv[0][1], not kv[0][0]))]
 
 
 def build_optimizer(module: nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(module, cfg.weight_decay)
+    groups = param_groups(module, cfg.weight_decay, cfg.layer_decay)
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]  # the schedule scales each group's own base lr
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     # The fused kernel exists for CUDA and CPU in current torch; None picks it where the device supports it.

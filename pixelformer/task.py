@@ -48,13 +48,15 @@ class Task:
         """The trainable module; ``module(batch)`` returns ``{"loss": tensor, ...}``."""
         raise NotImplementedError
 
-    def evaluate(self, fabric: Fabric, module: nn.Module, loader: DataLoader, cfg: DictConfig) -> dict[str, float]:
-        """Metrics on ``loader`` (the test split), identical on every process."""
+    def evaluate(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader],
+                 cfg: DictConfig) -> dict[str, float]:
+        """Metrics, identical on every process. ``loaders["test"]`` is the test split, ``loaders["train"]`` the
+        training split without augmentation (for k-NN or probes); both are sharded over processes."""
         raise NotImplementedError
 
-    def visualize(self, fabric: Fabric, module: nn.Module, loader: DataLoader, cfg: DictConfig,
+    def visualize(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader], cfg: DictConfig,
                   out_dir: Path, step: int) -> list[Path]:
-        """Write pictures of the model's behaviour into ``out_dir``; returns their paths (default: none)."""
+        """Write pictures of the model's behaviour into ``out_dir`` (rank 0 only); returns their paths."""
         return []
 
     def extra_state(self, fabric: Fabric, module: nn.Module) -> dict[str, Any]:
@@ -63,6 +65,12 @@ class Task:
 
     def on_train_step_end(self, module: nn.Module, step: int) -> None:
         """Called after every optimizer step."""
+
+    def init_from(self, module: nn.Module, path: str) -> dict[str, list[str]]:
+        """Initialise from pretrained weights (``init_from=``): by default the encoder, ``module.backbone``."""
+        from .checkpoint import load_backbone_weights
+
+        return load_backbone_weights(module.backbone, path)
 
 
 def register_task(cls: type[Task]) -> type[Task]:

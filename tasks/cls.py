@@ -58,9 +58,10 @@ class ClassificationTask(Task):
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
         return Classifier(build_backbone(cfg, data, num_classes=data.num_classes), cfg.task.label_smoothing)
 
-    def evaluate(self, fabric: Fabric, module: nn.Module, loader: DataLoader, cfg: DictConfig) -> dict[str, float]:
+    def evaluate(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader],
+                 cfg: DictConfig) -> dict[str, float]:
         totals = torch.zeros(4, device=fabric.device, dtype=torch.float64)  # loss sum, top-1, top-5, count
-        for batch in loader:
+        for batch in loaders["test"]:
             out = module(batch)
             logits, labels = out["logits"].float(), batch[1]
             k = min(5, logits.shape[1])

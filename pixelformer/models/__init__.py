@@ -1,6 +1,7 @@
 """Backbones. Importing a model module registers its entrypoints, so the list below is the registry's contents."""
 from ._registry import create_backbone, is_backbone, list_backbones, register_backbone
 from .vision_transformer import MODEL_SIZES, VisionTransformer
+from .mae import MaskedAutoencoder, random_masking
 from . import timm_interop  # noqa: E402,F401  (registers everything above with timm; keep last)
 
-__all__ = ["MODEL_SIZES", "VisionTransformer", "create_backbone", "is_backbone", "list_backbones", "register_backbone"]
+__all__ = ["MODEL_SIZES", "MaskedAutoencoder", "VisionTransformer", "random_masking", "create_backbone", "is_backbone", "list_backbones", "register_backbone"]

@@ -1,0 +1,120 @@
+"""Masked autoencoder over pixel (or patch) tokens.
+
+Paper: K. He et al., "Masked Autoencoders Are Scalable Vision Learners", arXiv 2111.06377; applied to pixel tokens in
+Nguyen et al., arXiv 2406.09415 (mask ratio 0.75). The encoder is any registered :class:`VisionTransformer` and sees
+only the visible tokens; a light decoder fills the masked positions with a learned mask token, adds its own fixed
+position embedding and predicts each token's pixels. The loss lives in ``tasks/mae.py``.
+
+Decoder parameter names (``decoder_embed``, ``mask_token``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``)
+follow the reference MAE code, whose checkpoints therefore map onto this module by name.
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ..layers import Block, build_sincos_2d_pos_embed
+from .vision_transformer import VisionTransformer
+
+__all__ = ["MaskedAutoencoder", "random_masking"]
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep a random subset of ``round(N * (1 - mask_ratio))`` tokens per sample.
+
+    Args:
+        x: Tokens (B, N, D).
+        mask_ratio: Fraction of tokens to remove.
+
+    Returns:
+        kept: (B, N_keep, D) visible tokens, in random order.
+        mask: (B, N) with 1 where a token was removed, 0 where kept, in the original token order.
+        ids_restore: (B, N) the permutation that puts [kept, removed] back into the original order.
+    """
+    batch, tokens, dim = x.shape
+    num_keep = int(round(tokens * (1 - mask_ratio)))
+    if not 0 < num_keep <= tokens:
+        raise ValueError(f"mask_ratio {mask_ratio} keeps {num_keep} of {tokens} tokens: use a ratio in [0, 1)")
+    noise = torch.rand(batch, tokens, device=x.device)
+    ids_shuffle = noise.argsort(dim=1)  # ascending: the smallest noise values are kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    ids_keep = ids_shuffle[:, :num_keep]
+    kept = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+    mask = torch.ones(batch, tokens, device=x.device)
+    mask[:, :num_keep] = 0
+    mask = mask.gather(1, ids_restore)
+    return kept, mask, ids_restore
+
+
+class MaskedAutoencoder(nn.Module):
+    """Encoder (a backbone without head) + light transformer decoder predicting each token's pixels.
+
+    Args:
+        encoder: The backbone to pretrain; its head, if any, is not used.
+        decoder_dim: Decoder width.
+        decoder_depth: Decoder blocks.
+        decoder_heads: Decoder attention heads.
+        mlp_ratio: Decoder MLP ratio.
+    """
+
+    def __init__(self, encoder: VisionTransformer, decoder_dim: int = 128, decoder_depth: int = 2,
+                 decoder_heads: int = 4, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        embed = encoder.patch_embed
+        self.num_prefix_tokens = encoder.num_prefix_tokens
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        table = build_sincos_2d_pos_embed(decoder_dim, embed.grid_size, self.num_prefix_tokens)
+        self.register_buffer("decoder_pos_embed", table, persistent=False)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, embed.patch_size ** 2 * embed.in_chans)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        nn.init.normal_(self.mask_token, std=0.02)
+        for name, m in self.named_modules():
+            if name.startswith("encoder"):
+                continue
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C): the reconstruction target of each token."""
+        return self.encoder.patch_embed.patchify(images)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W)."""
+        return self.encoder.patch_embed.unpatchify(tokens)
+
+    def forward_encoder(self, images: torch.Tensor, mask_ratio: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the visible tokens: returns latent (B, prefix + N_keep, D), mask (B, N), ids_restore (B, N)."""
+        x = self.encoder.embed_patches(images)  # (B, N, D), positions added before masking
+        x, mask, ids_restore = random_masking(x, mask_ratio)
+        x = self.encoder.forward_tokens(self.encoder.prepend_prefix(x))
+        return x, mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent (B, prefix + N_keep, D) -> predicted pixels (B, N, p*p*C) for every token."""
+        x = self.decoder_embed(latent)
+        prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        num_masked = ids_restore.shape[1] - visible.shape[1]
+        x = torch.cat([visible, self.mask_token.expand(x.shape[0], num_masked, -1)], dim=1)
+        x = x.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # back to the original order
+        x = torch.cat([prefix, x], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, self.num_prefix_tokens:]
+
+    def forward(self, images: torch.Tensor, mask_ratio: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> predicted pixels (B, N, p*p*C) and the mask (B, N), 1 = masked."""
+        latent, mask, ids_restore = self.forward_encoder(images, mask_ratio)
+        return self.forward_decoder(latent, ids_restore), mask

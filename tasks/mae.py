@@ -1,0 +1,181 @@
+"""Masked-autoencoder pretraining on pixel tokens, evaluated by reconstruction loss and k-NN accuracy.
+
+``norm_pix_loss`` (MAE's per-patch normalised target) is off by default here. It normalises each target token by
+the mean and variance of its own p*p*C values; with 1x1 patches that is C values per token: for greyscale (C=1) the
+target would be identically zero, and for RGB it keeps only the colour's deviation from its own grey level. So it
+is refused for single-value tokens and not advised for pixels; it stays useful for patches (ViT, p >= 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pixelformer.config import TaskCfg
+from pixelformer.data import DataInfo
+from pixelformer.errors import UserError
+from pixelformer.models import MaskedAutoencoder
+from pixelformer.task import Task, register_task
+from tasks.cls import build_backbone
+
+
+@dataclass
+class MAETaskCfg(TaskCfg):
+    name: str = "mae"
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False  # see the module docstring: not meaningful for 1x1 patches
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_random_baseline: bool = True  # also report k-NN accuracy of the same encoder at random initialisation
+    num_vis: int = 8  # test images in the reconstruction picture
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over masked tokens only: (B, N, P) predictions and targets, (B, N) mask with 1 = masked."""
+    per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+class MAEPretrainer(nn.Module):
+    """``forward(batch)`` masks, encodes, decodes and returns the reconstruction loss on masked tokens."""
+
+    def __init__(self, model: MaskedAutoencoder, mask_ratio: float, norm_pix_loss: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.encoder
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        target = self.model.patchify(images)
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        return target
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, _ = batch
+        pred, mask = self.model(images, self.mask_ratio)
+        return {"loss": masked_mse(pred, self.target(images), mask), "pred": pred, "mask": mask}
+
+
+def encoder_features(fabric: Fabric, encoder: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled, L2-normalised encoder features and labels of a whole (sharded) split, gathered on every process."""
+    feats, labels = [], []
+    for images, y in loader:
+        with fabric.autocast():
+            feats.append(F.normalize(encoder.pool_tokens(encoder.forward_features(images)).float(), dim=-1))
+        labels.append(y)
+    return _gather(fabric, torch.cat(feats)), _gather(fabric, torch.cat(labels))
+
+
+def _gather(fabric: Fabric, x: torch.Tensor) -> torch.Tensor:
+    if fabric.world_size == 1:
+        return x
+    sizes = fabric.all_gather(torch.tensor(len(x), device=x.device))
+    padded = torch.zeros((int(sizes.max()), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    gathered = fabric.all_gather(padded)
+    return torch.cat([gathered[i, : int(n)] for i, n in enumerate(sizes)])
+
+
+def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, k: int, temperature: float, num_classes: int) -> float:
+    """Weighted k-NN on cosine similarity (the DINO protocol): top-1 accuracy in percent."""
+    k = min(k, len(train_feats))
+    correct = 0
+    for start in range(0, len(test_feats), 1024):
+        sims, idx = (test_feats[start:start + 1024] @ train_feats.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(len(idx), num_classes, device=sims.device)
+        votes.scatter_add_(1, train_labels[idx], weights)
+        correct += (votes.argmax(dim=1) == test_labels[start:start + 1024]).sum().item()
+    return 100.0 * correct / max(len(test_feats), 1)
+
+
+@register_task
+class MAETask(Task):
+    name = "mae"
+    config_cls = MAETaskCfg
+    monitor = ("test/knn_acc", "max")
+
+    def __init__(self) -> None:
+        self.info: DataInfo | None = None
+        self._random_baseline: float | None = None
+
+    def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
+        self.info = data
+        t = cfg.task
+        if not 0 <= t.mask_ratio < 1:
+            raise UserError(f"task.mask_ratio must be in [0, 1), got {t.mask_ratio}")
+        encoder = build_backbone(cfg, data, num_classes=0)
+        if t.norm_pix_loss and encoder.patch_embed.patch_size ** 2 * data.in_chans == 1:
+            raise UserError("task.norm_pix_loss=true normalises each token by its own mean and variance, but a 1x1 "
+                            "patch of a 1-channel image holds a single value (the target would be all zeros): keep "
+                            "task.norm_pix_loss=false for pixel tokens")
+        model = MaskedAutoencoder(encoder, t.decoder_dim, t.decoder_depth, t.decoder_heads)
+        return MAEPretrainer(model, t.mask_ratio, t.norm_pix_loss)
+
+    def evaluate(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader],
+                 cfg: DictConfig) -> dict[str, float]:
+        totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
+        for batch in loaders["test"]:
+            out = module(batch)
+            totals[0] += out["loss"].double() * len(batch[1])
+            totals[1] += len(batch[1])
+        totals = fabric.all_reduce(totals, reduce_op="sum")
+        metrics = {"test/recon_loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        metrics["test/knn_acc"] = self._knn(fabric, module.backbone, loaders, cfg)
+        if cfg.task.knn_random_baseline:
+            if self._random_baseline is None:  # the same architecture, freshly initialised: computed once
+                torch.manual_seed(cfg.run.seed)
+                fresh = fabric.to_device(build_backbone(cfg, self.info, num_classes=0)).eval()
+                self._random_baseline = self._knn(fabric, fresh, loaders, cfg)
+            metrics["test/knn_acc_random_init"] = self._random_baseline
+        return metrics
+
+    def _knn(self, fabric: Fabric, encoder: nn.Module, loaders: dict[str, DataLoader], cfg: DictConfig) -> float:
+        train_feats, train_labels = encoder_features(fabric, encoder, loaders["train"])
+        test_feats, test_labels = encoder_features(fabric, encoder, loaders["test"])
+        return knn_accuracy(train_feats, train_labels, test_feats, test_labels, cfg.task.knn_k,
+                            cfg.task.knn_temperature, self.info.num_classes)
+
+    def visualize(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader], cfg: DictConfig,
+                  out_dir: Path, step: int) -> list[Path]:
+        """``reconstructions.png``: rows of originals, masked inputs, and reconstructions with visible pixels."""
+        from torchvision.utils import save_image
+
+        images, _ = next(iter(loaders["test"]))
+        images = images[: cfg.task.num_vis]
+        torch.manual_seed(cfg.run.seed)
+        with torch.no_grad():
+            out = module((images, None))
+        model = module.model
+        pred, mask = out["pred"].float(), out["mask"].unsqueeze(-1)
+        if module.norm_pix_loss:  # back from per-token normalised values to pixels
+            target = model.patchify(images)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+        tokens = model.patchify(images)
+        masked = model.unpatchify(tokens * (1 - mask))
+        pasted = model.unpatchify(tokens * (1 - mask) + pred * mask)
+        mean = torch.tensor(self.info.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.info.std, device=images.device).view(1, -1, 1, 1)
+        # masked pixels are shown at the dataset mean (0 in normalised units)
+        grid = torch.cat([images, masked, pasted]) * std + mean
+        scale = max(1, 64 // grid.shape[-1])  # enlarge tiny images so the picture can be read
+        grid = F.interpolate(grid.clamp(0, 1).float().cpu(), scale_factor=scale, mode="nearest")
+        path = out_dir / "reconstructions.png"
+        save_image(grid, path, nrow=len(images), padding=2, pad_value=1.0)
+        return [path]
