@@ -6,6 +6,7 @@ The loop in :func:`fit` is plain PyTorch written against Fabric: ``module(batch)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -221,6 +222,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     state: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT, "model": module, "optimizer": optimizer, "scheduler": scheduler,
         **task.extra_state(fabric, module), "progress": progress, "config": to_plain(cfg),
+        "data_info": dataclasses.asdict(info),
     }
     if resume_path is not None:
         _load_for_resume(fabric, resume_path, state)
@@ -366,4 +368,7 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str]) -> tuple[
     check_state_dict(module, ckpt["model"], str(path))
     module.load_state_dict(ckpt["model"])
     module = fabric.setup_module(module)
+    for name, obj in task.extra_state(fabric, module).items():  # e.g. the EMA weights that evaluation uses
+        if name in ckpt:
+            obj.load_state_dict(ckpt[name])
     return _evaluate(fabric, task, module, _eval_loaders(fabric, cfg, train_set, test_set), cfg), cfg

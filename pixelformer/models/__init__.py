@@ -2,6 +2,10 @@
 from ._registry import create_backbone, is_backbone, list_backbones, register_backbone
 from .vision_transformer import MODEL_SIZES, VisionTransformer
 from .mae import MaskedAutoencoder, random_masking
+from .dit import DiT, create_dit
 from . import timm_interop  # noqa: E402,F401  (registers everything above with timm; keep last)
 
-__all__ = ["MODEL_SIZES", "MaskedAutoencoder", "VisionTransformer", "random_masking", "create_backbone", "is_backbone", "list_backbones", "register_backbone"]
+__all__ = [
+    "DiT", "MODEL_SIZES", "MaskedAutoencoder", "VisionTransformer", "create_backbone", "create_dit", "is_backbone",
+    "list_backbones", "random_masking", "register_backbone",
+]

@@ -1,0 +1,92 @@
+"""Sample-quality metrics that run offline: Fréchet distance on features of an in-domain classifier.
+
+No FID package ships Inception weights; they are downloaded on first use. A classifier trained by this project's
+``cls`` task on the same data is an offline feature extractor (the "Fréchet classifier distance"), and its logits
+also measure whether class-conditional samples show their class. torchmetrics' Inception FID remains available when
+its weights file is already on disk.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+__all__ = ["ClassifierFeatures", "build_fid", "load_classifier"]
+
+
+class ClassifierFeatures(nn.Module):
+    """A trained classifier seen as a feature extractor for images in [0, 1] (normalised internally).
+
+    ``forward`` returns the pooled pre-logit features (what the Fréchet distance compares); ``logits`` the class
+    scores.
+    """
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.num_features = backbone.num_features
+
+    def _tokens(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features((images01.float() - self.mean) / self.std)
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self._tokens(images01), pre_logits=True).double()
+
+    def logits(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self._tokens(images01))
+
+
+def load_classifier(path: str | Path) -> ClassifierFeatures:
+    """Load a ``cls`` checkpoint of this project as a :class:`ClassifierFeatures`."""
+    from .checkpoint import check_state_dict, read_checkpoint
+    from .config import compose_saved
+    from .data import DataInfo, build_datasets
+    from .task import get_task
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"feature-extractor checkpoint {path} not found: train one with `python tools/train.py "
+                        f"task=cls data=<the same data>` and pass its checkpoints/best.ckpt as task.classifier_ckpt")
+    ckpt = read_checkpoint(path)
+    config = ckpt.get("config", {})
+    if config.get("task", {}).get("name") != "cls":
+        raise UserError(f"{path} is not a classification checkpoint of this project (task "
+                        f"{config.get('task', {}).get('name')!r}); FID features need one trained with task=cls")
+    cfg = compose_saved(config, [])
+    # Checkpoints record the data's shape and normalisation; older ones are re-derived from the data config.
+    info = DataInfo(**ckpt["data_info"]) if "data_info" in ckpt else build_datasets(cfg.data)[2]
+    module = get_task("cls").build_module(cfg, info)
+    check_state_dict(module, ckpt["model"], str(path))
+    module.load_state_dict(ckpt["model"])
+    return ClassifierFeatures(module.backbone, info.mean, info.std)
+
+
+def build_fid(features: str, classifier: Optional[ClassifierFeatures], inception_weights: Optional[str],
+              image_shape: tuple[int, int, int]):
+    """A torchmetrics ``FrechetInceptionDistance`` on classifier features, or on Inception-v3 from a local file."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if features == "classifier":
+        if classifier is None:
+            raise UserError("FID on classifier features needs task.classifier_ckpt=<cls checkpoint>")
+        return FrechetInceptionDistance(feature=classifier, normalize=True, input_img_size=image_shape)
+    if features != "inception":
+        raise UserError(f"unknown FID features {features!r}: use classifier or inception")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        raise UserError("Inception FID needs the torch-fidelity package (pip install torch-fidelity) and its "
+                        "weights file weights-inception-2015-12-05-6726825d.pth on disk (task.inception_weights=...); "
+                        "or use task.fid_features=classifier, which works offline") from None
+    if inception_weights is None or not Path(inception_weights).expanduser().is_file():
+        raise UserError(f"Inception weights not found at {inception_weights!r}: download "
+                        f"weights-inception-2015-12-05-6726825d.pth once and pass task.inception_weights=<path>; "
+                        f"nothing is downloaded at run time")
+    return FrechetInceptionDistance(feature=2048, normalize=True,
+                                    feature_extractor_weights_path=str(Path(inception_weights).expanduser()))

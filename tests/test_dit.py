@@ -1,0 +1,163 @@
+"""DiT: adaLN-Zero, shapes for every size, training, EMA, deterministic guided sampling, offline FID."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tasks.dit
+from pixelformer import UserError, create_backbone, list_backbones
+from pixelformer.checkpoint import read_checkpoint
+from pixelformer.diffusion import build_train_scheduler, guided_eps, sample, update_ema
+from pixelformer.engine import fit
+from pixelformer.metrics import ClassifierFeatures, build_fid
+from pixelformer.models import create_dit
+from pixelformer.models.dit import DiTBlock
+from conftest import run_tool, tiny_cfg
+
+TINY = dict(img_size=8, in_chans=3, num_classes=5, depth=2, embed_dim=32, num_heads=2)
+
+
+def perturbed(model):
+    """The same model with every parameter nudged, so that no output is zero by construction."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_adaln_zero_blocks_start_as_identity_and_the_model_at_zero():
+    torch.manual_seed(0)
+    block = DiTBlock(32, num_heads=2)
+    nn_init = create_dit("pit_mini", **TINY)  # DiT's init zeroes every block's modulation
+    block.load_state_dict(nn_init.blocks[0].state_dict())
+    x, c = torch.randn(2, 9, 32), torch.randn(2, 32)
+    assert torch.equal(block(x, c), x)
+    out = nn_init(torch.randn(2, 3, 8, 8), torch.tensor([0, 999]), torch.tensor([1, 5]))
+    assert out.shape == (2, 3, 8, 8) and torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_denoiser_for_every_registered_size(name):
+    model = perturbed(create_dit(name, **TINY, learn_sigma=name.endswith("tiny")))
+    x = torch.randn(2, 3, 8, 8)
+    out = model(x, torch.tensor([3, 700]), torch.tensor([0, 4]))
+    assert out.shape == (2, 6 if name.endswith("tiny") else 3, 8, 8)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == [], missing
+
+
+def test_guidance_scale_one_is_the_conditional_prediction():
+    model = perturbed(create_dit("pit_mini", **TINY)).eval()
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 2, 4])
+    assert torch.allclose(guided_eps(model, x, t, y, 1.0, null_label=5), model(x, t, y), atol=1e-6)
+    assert torch.allclose(guided_eps(model, x, t, y, 0.0, null_label=5), model(x, t, torch.full_like(y, 5)),
+                          atol=1e-6)
+    assert not torch.allclose(guided_eps(model, x, t, y, 4.0, null_label=5), model(x, t, y), atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm", "ddpm"])
+def test_sampling_is_deterministic_under_a_seed(sampler):
+    model = perturbed(create_dit("pit_mini", **TINY)).eval()
+    config = dict(build_train_scheduler().config)
+    labels = torch.tensor([0, 1, 2, 3])
+
+    def run(seed):
+        return sample(model, config, labels, (3, 8, 8), steps=5, cfg_scale=2.0, sampler=sampler, null_label=5,
+                      generator=torch.Generator().manual_seed(seed))
+    first = run(0)
+    assert first.shape == (4, 3, 8, 8) and first.abs().max() <= 1
+    assert torch.equal(first, run(0))
+    assert not torch.equal(first, run(1))
+
+
+def test_ema_update():
+    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = ema.weight.detach().clone()
+    update_ema(ema, model, decay=0.9)
+    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
+    update_ema(ema, model, decay=0.0)
+    assert torch.equal(ema.weight, model.weight)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
+    torch.manual_seed(0)
+    backbone = create_backbone("pit_mini", img_size=8, in_chans=1, depth=1, num_classes=10).eval()
+    features = ClassifierFeatures(backbone, (0.3,), (0.4,))
+    images = torch.rand(300, 1, 8, 8)
+
+    def fid_to(other):
+        fid = build_fid("classifier", features, None, (1, 8, 8))
+        fid.update(images, real=True)
+        fid.update(other, real=False)
+        return float(fid.compute())
+    same = fid_to(images)
+    noisy = [fid_to((images + s * torch.randn_like(images)).clamp(0, 1)) for s in (0.1, 0.3, 0.6)]
+    assert abs(same) < 1e-3
+    assert 0 < noisy[0] < noisy[1] < noisy[2], noisy
+
+
+def test_missing_feature_extractor_and_unsupported_options_are_explained(run_dir, tmp_path):
+    with pytest.raises(UserError, match="feature-extractor checkpoint .* not found"):
+        fit(tiny_cfg(run_dir, "task=dit", f"task.classifier_ckpt={tmp_path / 'nope.ckpt'}", "trainer.max_steps=1"))
+    with pytest.raises(UserError, match="Inception|torch-fidelity"):
+        fit(tiny_cfg(run_dir, "task=dit", "task.fid_features=inception", "trainer.max_steps=1"))
+    with pytest.raises(UserError, match="variational-bound"):
+        fit(tiny_cfg(run_dir, "task=dit", "task.learn_sigma=true", "trainer.max_steps=1"))
+
+
+DIT_ARGS = ("task=dit", "data.batch_size=64", "optim.lr=2e-3", "trainer.max_steps=60", "trainer.log_every_steps=10",
+            "task.ema_decay=0.9", "task.sample_steps=5", "task.samples_per_class=2")
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("clf") / "run"
+    fit(tiny_cfg(run_dir, "trainer.max_epochs=2"))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_tiny_dit_run_lowers_the_loss_and_keeps_ema(run_dir, classifier_ckpt):
+    metrics = fit(tiny_cfg(run_dir, *DIT_ARGS, f"task.classifier_ckpt={classifier_ckpt}",
+                           "task.num_eval_samples=40"))
+    losses = [json.loads(line)["train/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert {"test/fid", "test/sample_acc", "test/fid_untrained", "test/sample_acc_untrained"} <= set(metrics)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert set(ckpt["ema"]) == {k[len("denoiser."):] for k in ckpt["model"]}
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"]["denoiser." + k]) for k in ckpt["ema"])
+    assert (run_dir / "samples.png").exists()
+
+    out = run_tool("sample", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=20", "steps=4",
+                   "sampler=dpm", f"out={run_dir / 'sampled'}", "device=cpu")
+    assert out.returncode == 0, out.stderr
+    saved = np.load(run_dir / "sampled" / "samples.npz")
+    assert saved["images"].shape == (20, 8, 8, 1) and saved["images"].dtype == np.uint8
+    assert saved["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    bad = run_tool("sample", f"ckpt={classifier_ckpt}")
+    assert bad.returncode == 2 and "not a dit checkpoint" in bad.stderr
+
+
+def test_dit_resume_restores_weights_and_ema_exactly(tmp_path, monkeypatch):
+    args = (*DIT_ARGS, "trainer.max_steps=16", "trainer.ckpt_every_steps=5", "data.limit_train=256")
+    fit(tiny_cfg(tmp_path / "straight", *args))
+
+    original = tasks.dit.DiTTask.on_train_step_end
+
+    def stop_at_12(self, module, step):
+        original(self, module, step)
+        if step == 12:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(tasks.dit.DiTTask, "on_train_step_end", stop_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_cfg(tmp_path / "resumed", *args))
+    monkeypatch.undo()
+    fit(tiny_cfg(tmp_path / "resumed", *args, "resume=auto"))
+    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
