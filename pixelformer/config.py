@@ -94,6 +94,7 @@ class TrainerCfg:
     max_steps: Optional[int] = None  # optimizer steps; overrides max_epochs
     accumulate_grad_batches: int = 1
     grad_clip: Optional[float] = 1.0  # max global grad norm; None turns clipping off
+    skip_nonfinite_steps: int = 0  # tolerate this many NaN/inf steps (update skipped) before stopping the run
     eval_every_epochs: Optional[int] = 10
     eval_every_steps: Optional[int] = None  # overrides eval_every_epochs
     ckpt_every_steps: Optional[int] = None  # extra checkpoints between evaluations
@@ -261,6 +262,8 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.trainer[key]
         if value is not None and value <= 0:
             problems.append(f"trainer.{key} must be positive (or null), got {value}")
+    if cfg.trainer.skip_nonfinite_steps < 0:
+        problems.append("trainer.skip_nonfinite_steps must be >= 0")
     if cfg.trainer.accumulate_grad_batches < 1:
         problems.append("trainer.accumulate_grad_batches must be >= 1")
     if cfg.trainer.devices < 1 or cfg.trainer.num_nodes < 1:

@@ -69,15 +69,19 @@ def _resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     return path
 
 
-def _prepare_run_dir(run_dir: Path, cfg: DictConfig, resume_step: Optional[int]) -> None:
+def _make_run_dir(run_dir: Path) -> None:
+    """Create the run directory and prove it writable before anything expensive starts."""
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to run directory {run_dir} ({e.strerror}): set run.dir to a writable "
                         f"path") from None
+
+
+def _prepare_run_dir(run_dir: Path, cfg: DictConfig, resume_step: Optional[int]) -> None:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -178,6 +182,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     task = get_task(cfg.task.name)
     run_dir = resolve_run_dir(cfg)
     resume_path = _resolve_resume(cfg, run_dir)
+    _make_run_dir(run_dir)
     loggers = build_loggers(cfg, run_dir, run_dir.name)
     fabric = build_fabric(cfg, loggers)
     fabric.launch()
@@ -228,7 +233,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         _load_for_resume(fabric, resume_path, state)
         progress = state["progress"]
         fabric.print(f"resumed from {resume_path} at step {progress['step']} (epoch {progress['epoch']})")
-    state["config"] = to_plain(cfg)
+    state["config"] = to_plain(cfg)  # the running config, not the one loaded from the checkpoint
     if fabric.is_global_zero:
         _prepare_run_dir(run_dir, cfg, progress["step"] if resume_path else None)
         for logger in fabric.loggers:
@@ -296,12 +301,19 @@ def fit(cfg: DictConfig) -> dict[str, float]:
             # Gradients are all-reduced by now, so every process sees the same norm and stops together.
             grad_norm = fabric.clip_gradients(module, optimizer, max_norm=max_norm, error_if_nonfinite=False)
             if not torch.isfinite(grad_norm):
+                progress["skipped_steps"] = progress.get("skipped_steps", 0) + 1
+                if progress["skipped_steps"] <= cfg.trainer.skip_nonfinite_steps:
+                    optimizer.zero_grad(set_to_none=True)  # drop this batch's update, keep going
+                    fabric.print(f"warning: non-finite loss or gradients at step {progress['step'] + 1}; update "
+                                 f"skipped ({progress['skipped_steps']}/{cfg.trainer.skip_nonfinite_steps} allowed)")
+                    sums, window_micro, micro = {}, 0, 0
+                    continue
                 last = ckpt_dir / "last.ckpt"
                 raise NonFiniteLossError(
                     f"non-finite loss or gradients at step {progress['step'] + 1} (loss {out['loss'].item():.4g}); "
                     f"the run stopped before applying that update. Last good checkpoint: "
-                    f"{last if last.exists() else 'none written yet'}. Lower optim.lr, set trainer.grad_clip, or use "
-                    f"trainer.precision=32-true, then resume=auto."
+                    f"{last if last.exists() else 'none written yet'}. Lower optim.lr, set trainer.grad_clip, use "
+                    f"trainer.precision=32-true or trainer.skip_nonfinite_steps=N, then resume=auto."
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -352,7 +364,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
-def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str]) -> tuple[dict[str, float], DictConfig]:
+def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str]) -> tuple[dict[str, float], DictConfig, Any]:
     """Evaluate a saved model on its test split; ``overrides`` change the saved config (e.g. ``data.img_size=16``,
     where a learned position embedding is resized to the new grid)."""
     path = Path(path).expanduser()
@@ -371,4 +383,4 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str]) -> tuple[
     for name, obj in task.extra_state(fabric, module).items():  # e.g. the EMA weights that evaluation uses
         if name in ckpt:
             obj.load_state_dict(ckpt[name])
-    return _evaluate(fabric, task, module, _eval_loaders(fabric, cfg, train_set, test_set), cfg), cfg
+    return _evaluate(fabric, task, module, _eval_loaders(fabric, cfg, train_set, test_set), cfg), cfg, info

@@ -135,3 +135,38 @@ def test_two_process_ddp_on_cpu(tmp_path):
     report = json.loads((tmp_path / "ddp" / "eval.json").read_text())
     assert report["step"] == 6 and report["metrics"]["test/acc1"] > 0
     assert read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")["progress"]["step"] == 6
+
+
+def test_a_bounded_number_of_non_finite_steps_can_be_skipped(run_dir, monkeypatch):
+    original = tasks.cls.Classifier.forward
+    calls = {"n": 0}
+
+    def two_bad_batches(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if self.training and calls["n"] in (4, 9):
+            out["loss"] = out["loss"] * float("inf")
+        return out
+    monkeypatch.setattr(tasks.cls.Classifier, "forward", two_bad_batches)
+    fit(tiny_cfg(run_dir, "trainer.max_steps=12", "trainer.skip_nonfinite_steps=2"))
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["progress"]["step"] == 12 and ckpt["progress"]["skipped_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_same_seed_same_metrics(tmp_path):
+    args = ("trainer.max_steps=15", "data.augment=crop_flip", "model.drop_rate=0.1", "run.seed=3")
+    assert fit(tiny_cfg(tmp_path / "a", *args)) == fit(tiny_cfg(tmp_path / "b", *args))
+    assert read_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")["config"]["run"]["seed"] == 3
+
+
+def test_image_size_the_patches_cannot_tile_is_refused_early(run_dir):
+    with pytest.raises(UserError, match="img_size 8 is not divisible by patch_size 3"):
+        fit(tiny_cfg(run_dir, "model=vit_mini", "model.patch_size=3"))
+
+
+def test_unwritable_run_dir_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="cannot write to run directory"):
+        fit(tiny_cfg(blocker / "run", "trainer.max_steps=1"))

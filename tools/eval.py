@@ -27,10 +27,10 @@ def main(argv: list[str]) -> int:
     from pixelformer.engine import evaluate_checkpoint
 
     ckpt = Path(own["ckpt"]).expanduser()
-    metrics, cfg = evaluate_checkpoint(ckpt, overrides)
+    metrics, cfg, info = evaluate_checkpoint(ckpt, overrides)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     out = Path(own.get("out", run_dir / "eval.json"))
-    report = {"checkpoint": str(ckpt), "data": cfg.data.name, "img_size": cfg.data.img_size, "metrics": metrics}
+    report = {"checkpoint": str(ckpt), "data": cfg.data.name, "img_size": info.img_size, "metrics": metrics}
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
