@@ -77,17 +77,23 @@ def test_resume_into_another_architecture_names_the_mismatch(run_dir):
     assert "backbone.blocks.0.attn.qkv.weight: checkpoint (96, 32) vs model (192, 64)" in message
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(run_dir, monkeypatch):
+def poison_loss(monkeypatch, is_bad, value: float) -> None:
+    """Multiply the training loss of the n-th forward call by ``value`` (nan/inf) whenever ``is_bad(n)``."""
     original = tasks.cls.Classifier.forward
     calls = {"n": 0}
 
     def poisoned(self, batch):
         out = original(self, batch)
-        calls["n"] += 1
-        if self.training and calls["n"] > 6:
-            out["loss"] = out["loss"] * float("nan")
+        if self.training:
+            calls["n"] += 1
+            if is_bad(calls["n"]):
+                out["loss"] = out["loss"] * value
         return out
     monkeypatch.setattr(tasks.cls.Classifier, "forward", poisoned)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(run_dir, monkeypatch):
+    poison_loss(monkeypatch, lambda n: n > 6, float("nan"))
     with pytest.raises(NonFiniteLossError, match="step 7") as info:
         fit(tiny_cfg(run_dir, "trainer.max_steps=20", "trainer.ckpt_every_steps=5"))
     assert "last.ckpt" in str(info.value)
@@ -138,16 +144,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
 
 
 def test_a_bounded_number_of_non_finite_steps_can_be_skipped(run_dir, monkeypatch):
-    original = tasks.cls.Classifier.forward
-    calls = {"n": 0}
-
-    def two_bad_batches(self, batch):
-        out = original(self, batch)
-        calls["n"] += 1
-        if self.training and calls["n"] in (4, 9):
-            out["loss"] = out["loss"] * float("inf")
-        return out
-    monkeypatch.setattr(tasks.cls.Classifier, "forward", two_bad_batches)
+    poison_loss(monkeypatch, lambda n: n in (4, 9), float("inf"))
     fit(tiny_cfg(run_dir, "trainer.max_steps=12", "trainer.skip_nonfinite_steps=2"))
     ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["progress"]["step"] == 12 and ckpt["progress"]["skipped_steps"] == 2
