@@ -39,7 +39,7 @@ class DiTTaskCfg(TaskCfg):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     label_dropout: float = 0.1  # probability of training a sample unconditionally (classifier-free guidance)
     learn_sigma: bool = False  # refused: diffusers has no variational-bound loss to train it
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # ramped up from (1 + step) / (10 + step) early in training
     sampler: Literal["ddpm", "ddim", "dpm"] = "ddim"
     sample_steps: int = 50
     cfg_scale: float = 4.0
@@ -130,7 +130,8 @@ class DiTTask(Task):
         return {"ema": self.ema}
 
     def on_train_step_end(self, module: nn.Module, step: int) -> None:
-        update_ema(self.ema, module.module.denoiser, self.ema_decay)
+        # Warm-up: early on the average would be dominated by the initial (zero-output) weights.
+        update_ema(self.ema, module.module.denoiser, min(self.ema_decay, (1 + step) / (10 + step)))
 
     def evaluate(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader],
                  cfg: DictConfig) -> dict[str, float]:
