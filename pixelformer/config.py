@@ -22,7 +22,7 @@ from .errors import UserError
 
 __all__ = [
     "CONFIG_DIR", "GROUPS", "Config", "DataCfg", "LoggerCfg", "ModelCfg", "OptimCfg", "RunCfg", "TaskCfg",
-    "TrainerCfg", "WandbCfg", "compose", "compose_saved", "group_choices", "to_plain",
+    "TrainerCfg", "WandbCfg", "compose", "compose_saved", "group_choices", "saved_run", "to_plain",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -233,6 +233,18 @@ def compose_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
         raise UserError(f"{', '.join(f'{g}=' for g in choices)}: a saved run's config can only be changed key by key "
                         f"(e.g. data.img_size=16, data.root=...), not by picking another group file")
     return _merge(get_task(task_name).config_cls, task_name, [OmegaConf.create(saved)], overrides)
+
+
+def saved_run(ckpt: dict[str, Any], overrides: list[str] = ()) -> tuple[DictConfig, Any]:
+    """The run config (with overrides) and the ``DataInfo`` stored in a checkpoint.
+
+    Checkpoints record the data's shape and normalisation; older ones are re-derived from the data config.
+    """
+    from .data import DataInfo, build_datasets
+
+    cfg = compose_saved(ckpt.get("config", {}), list(overrides))
+    info = DataInfo(**ckpt["data_info"]) if "data_info" in ckpt else build_datasets(cfg.data)[2]
+    return cfg, info
 
 
 def _merge(task_cls: type, task_name: str, layers: list[DictConfig], overrides: list[str]) -> DictConfig:

@@ -45,8 +45,7 @@ class ClassifierFeatures(nn.Module):
 def load_classifier(path: str | Path) -> ClassifierFeatures:
     """Load a ``cls`` checkpoint of this project as a :class:`ClassifierFeatures`."""
     from .checkpoint import check_state_dict, read_checkpoint
-    from .config import compose_saved
-    from .data import DataInfo, build_datasets
+    from .config import saved_run
     from .task import get_task
 
     path = Path(path).expanduser()
@@ -58,9 +57,7 @@ def load_classifier(path: str | Path) -> ClassifierFeatures:
     if config.get("task", {}).get("name") != "cls":
         raise UserError(f"{path} is not a classification checkpoint of this project (task "
                         f"{config.get('task', {}).get('name')!r}); FID features need one trained with task=cls")
-    cfg = compose_saved(config, [])
-    # Checkpoints record the data's shape and normalisation; older ones are re-derived from the data config.
-    info = DataInfo(**ckpt["data_info"]) if "data_info" in ckpt else build_datasets(cfg.data)[2]
+    cfg, info = saved_run(ckpt)
     module = get_task("cls").build_module(cfg, info)
     check_state_dict(module, ckpt["model"], str(path))
     module.load_state_dict(ckpt["model"])

@@ -197,13 +197,12 @@ class DiTTask(Task):
 def load_for_sampling(path: str | Path) -> tuple[DiT, DataInfo, dict]:
     """The EMA denoiser of a dit checkpoint, its data description and its training noise schedule."""
     from pixelformer.checkpoint import check_state_dict, read_checkpoint
-    from pixelformer.config import compose_saved
+    from pixelformer.config import saved_run
 
     ckpt = read_checkpoint(path)
     if ckpt.get("config", {}).get("task", {}).get("name") != "dit" or "ema" not in ckpt:
         raise UserError(f"{path} is not a dit checkpoint (no EMA denoiser in it)")
-    cfg = compose_saved(ckpt["config"], [])
-    info = DataInfo(**ckpt["data_info"])
+    cfg, info = saved_run(ckpt)
     denoiser = build_denoiser(cfg, info)
     check_state_dict(denoiser, ckpt["ema"], f"{path} (ema)")
     denoiser.load_state_dict(ckpt["ema"])

@@ -1,5 +1,4 @@
 """Run tracking: metrics.jsonl always, W&B offline without an account, and a failing logger never stops training."""
-import json
 import warnings
 
 import pytest

@@ -8,7 +8,7 @@ import tasks.cls
 from pixelformer import CheckpointError, UserError
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import NonFiniteLossError, fit
-from conftest import REPO, run_tool, tiny_cfg
+from conftest import run_tool, tiny_cfg
 
 
 def test_tiny_training_run_beats_chance(run_dir):
