@@ -103,6 +103,9 @@ class TrainerCfg:
     compile: bool = False  # torch.compile the task module
     grad_checkpointing: bool = False  # recompute block activations in backward
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    # CPU runs: "tuned" keeps freed tensor memory in the process (no page faults per step, see pixelformer/runtime.py);
+    # "system" leaves glibc malloc at its defaults.
+    cpu_allocator: Literal["tuned", "system"] = "tuned"
 
 
 @dataclass

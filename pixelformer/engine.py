@@ -30,6 +30,7 @@ from .data import build_datasets, build_loader
 from .errors import UserError
 from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
+from .runtime import tune_cpu_allocator
 from .task import Task, get_task
 
 __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "build_fabric", "evaluate_checkpoint", "fit", "resolve_run_dir"]
@@ -106,6 +107,8 @@ def _summarise(keys: list[str], shown: int = 6) -> str:
 # ------------------------------------------------------------------------------------------------- fabric
 def build_fabric(cfg: DictConfig, loggers: Optional[list] = None) -> Fabric:
     trainer = cfg.trainer
+    if trainer.cpu_allocator == "tuned" and trainer.accelerator in ("cpu", "auto") and not torch.cuda.is_available():
+        tune_cpu_allocator()  # before the first large tensor: see pixelformer/runtime.py
     strategy: Any = trainer.strategy
     if strategy == "fsdp":
         # One consolidated file per checkpoint, like every other strategy.
