@@ -66,6 +66,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 from pixelformer import create_backbone
 from pixelformer.layers import Attention
+from pixelformer.runtime import tune_cpu_allocator
 
 __all__ = [
     "BenchConfig", "TrainStep", "benchmark_config", "forward_flops", "train_flops_per_image", "matmul_peak",
@@ -171,20 +172,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# AdamW implementations: "fused" is what pixelformer's trainer uses (one kernel over all parameters), "for-loop" is
+# torch's default on CPU, "foreach" its default on CUDA (one kernel per op across parameters).
+ADAMW_KWARGS: dict[str, dict[str, bool]] = {
+    "fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False},
+}
+
+
 class TrainStep:
     """A callable running one training step (forward, cross-entropy, backward, AdamW) of ``model`` on a fixed batch.
 
-    The same class drives ours and timm's model, so both are timed by exactly the same code.
+    The same class drives ours and timm's model, so both are timed by exactly the same code, with the same AdamW.
     """
 
-    def __init__(self, model: nn.Module, batch: int, img: int, precision: str, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, batch: int, img: int, precision: str, device: torch.device,
+                 adamw: str = "fused", in_chans: int = IN_CHANS, num_classes: int = NUM_CLASSES) -> None:
         self.model = model
         self.precision = precision
         self.device = device
         gen = torch.Generator().manual_seed(1)
-        self.x = torch.randn(batch, IN_CHANS, img, img, generator=gen).to(device)
-        self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        self.x = torch.randn(batch, in_chans, img, img, generator=gen).to(device)
+        self.y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **ADAMW_KWARGS[adamw])
 
     def __call__(self) -> None:
         # Gradients are dropped first, so that a step starts holding only ``static_bytes`` and everything it
@@ -519,6 +528,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N); default: leave torch's default (all cores). On a machine shared "
                         "with other jobs, 1 thread can be several times faster than an oversubscribed 2")
+    p.add_argument("--system-allocator", action="store_true",
+                   help="leave glibc malloc at its defaults (default: tuned as the trainer does, for both models; "
+                        "see pixelformer/runtime.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-attention-check", action="store_true", help="skip the SDPA path / memory check")
     p.add_argument("--max-batch", action="store_true",
@@ -533,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     iters = args.iters or (3 if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator_tuned = device.type == "cpu" and not args.system_allocator and tune_cpu_allocator()
     configs = [c for c in default_configs(args.quick)
                if (args.precision == "both" or c.precision == args.precision)
                and (args.models is None or c.model in args.models)]
@@ -541,9 +554,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     meta: dict[str, Any] = {**environment(device), "quick": args.quick, "warmup": args.warmup, "iters": iters,
+                            "adamw": "fused", "cpu_allocator_tuned": allocator_tuned,
                             "loadavg_start": os.getloadavg()}
     print(f"# {meta['device_name']} ({device.type}, {meta['torch_threads']} threads), torch {meta['torch']}, "
           f"timm {meta['timm']}; load average {meta['loadavg_start'][0]:.2f} on {meta['cpu_count']} CPUs")
+    print(f"# both models: fused AdamW, same weights, same batch; CPU allocator "
+          f"{'tuned (as the trainer runs)' if allocator_tuned else 'system defaults'}")
     if device.type == "cpu" and meta["loadavg_start"][0] > (os.cpu_count() or 1) + 0.5:
         print("# WARNING: the machine is busy with other processes; absolute numbers are low and noisy "
               "(ours/timm stays fair: the two are interleaved)")

@@ -1,6 +1,7 @@
 """The throughput benchmark's core runs on a tiny model and counts FLOPs as documented (no timing thresholds)."""
 import importlib.util
 import math
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -39,3 +40,37 @@ def test_benchmark_row_on_tiny_model():
     assert bench.forward_flops(8, 1, 3, 32, 1, 100) == forward == 2_156_928
     assert math.isclose(row["train_gflop_per_img"], 3 * forward / 1e9)
     assert math.isclose(row["ours_tflop_s"], row["ours_img_s"] * 3 * forward / 1e12)
+
+
+def _load_switches():
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_switches", SCRIPT.parent / "switches.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_switches_worker_applies_each_switch():
+    sw = _load_switches()
+    shape = sw.Shape("pit_mini", img=8, batch=4, in_chans=1, num_classes=10)
+    spec = {"shape": asdict(shape), "device": "cpu", "warmup": 2, "iters": 2, "memory": True}
+    results = {}
+    for switches in (sw.Switches("baseline"), sw.Switches("ckpt", grad_checkpointing=True, adamw="for-loop"),
+                     sw.Switches("bf16", precision="bf16-mixed", adamw="foreach")):
+        results[switches.name] = sw.run_worker({**spec, "switches": asdict(switches)})
+    for result in results.values():
+        assert len(result["step_times"]) == 2 and result["first_step_s"] > 0 and result["peak_bytes"] > 0
+    # Recomputing blocks in backward holds fewer activations; bf16 activations are half the bytes (not timed).
+    assert results["ckpt"]["peak_bytes"] < results["baseline"]["peak_bytes"]
+    assert results["bf16"]["peak_bytes"] < results["baseline"]["peak_bytes"]
+
+
+def test_switches_subprocess_reports_errors_and_rows():
+    sw = _load_switches()
+    shape = sw.Shape("pit_mini", img=8, batch=2, in_chans=1, num_classes=10)
+    ok = sw.measure(shape, sw.Switches("baseline"), "cpu", warmup=2, iters=1, memory=False)
+    assert "error" not in ok and len(ok["step_times"]) == 1
+    bad = sw.measure(sw.Shape("no_such_model", 8, 2), sw.Switches("baseline"), "cpu", 2, 1, False)
+    assert "no_such_model" in bad["error"]
+    row = sw.summarise(shape, sw.Switches("baseline"), [ok, bad])
+    assert math.isclose(row["img_s"], 2 / ok["step_times"][0]) and row["error"] == ""
