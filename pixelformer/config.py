@@ -61,6 +61,9 @@ class DataCfg:
     batch_size: int = 128  # per device, per micro-batch
     eval_batch_size: Optional[int] = None  # None: 2 x batch_size
     num_workers: int = 0
+    # Hold the normalised images and labels on the training device and index batches there (no loader work per
+    # step): for small in-memory datasets (digits, CIFAR) without augmentation.
+    on_device: bool = False
     augment: Literal["none", "flip", "crop_flip", "rrc_flip", "mocov3", "randaugment"] = "none"
     rrc_scale_min: float = 0.2  # RandomResizedCrop lower scale for rrc_flip / mocov3 / randaugment
     limit_train: Optional[int] = None  # use only the first N training images (quick experiments, tests)
@@ -271,6 +274,9 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"data.eval_batch_size must be positive, got {cfg.data.eval_batch_size}")
     if cfg.data.img_size is not None and cfg.data.img_size <= 0:
         problems.append(f"data.img_size must be positive, got {cfg.data.img_size}")
+    if cfg.data.on_device and cfg.data.augment != "none":
+        problems.append(f"data.on_device=true holds fixed, un-augmented images on the device, but data.augment="
+                        f"{cfg.data.augment}: set data.augment=none or data.on_device=false")
     if cfg.trainer.max_steps is None and cfg.trainer.max_epochs is None:
         problems.append("set trainer.max_epochs or trainer.max_steps")
     for key in ("max_steps", "max_epochs", "eval_every_epochs", "eval_every_steps", "ckpt_every_steps"):

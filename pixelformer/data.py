@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from .errors import UserError
 
-__all__ = ["DATASETS", "DataInfo", "ShardedEpochSampler", "build_datasets", "build_loader"]
+__all__ = ["DATASETS", "DataInfo", "DeviceTensorLoader", "ShardedEpochSampler", "build_datasets", "build_loader"]
 
 
 @dataclass
@@ -55,6 +55,7 @@ class ImageTensorDataset(Dataset):
                  augment: Optional[Callable] = None) -> None:
         self.images, self.labels, self.normalize, self.augment = images, labels, normalize, augment
         self._ready: Optional[torch.Tensor] = None
+        self._on_device: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def ready(self) -> Optional[torch.Tensor]:
@@ -65,9 +66,20 @@ class ImageTensorDataset(Dataset):
 
     def without_augmentation(self) -> "ImageTensorDataset":
         """The same images, deterministic: for features of the training split (k-NN, linear probes)."""
+        if self.augment is None:
+            return self  # already deterministic; sharing it keeps one copy of its tensors (on the device too)
         plain = copy.copy(self)
-        plain.augment, plain._ready = None, None
+        plain.augment, plain._ready, plain._on_device = None, None, None
         return plain
+
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ready images and the labels on ``device``, copied there once (``data.on_device``)."""
+        if self.ready is None:
+            raise UserError("data.on_device=true needs the whole dataset in memory without augmentation (digits, "
+                            "cifar10 or cifar100 with data.augment=none); set data.on_device=false")
+        if self._on_device is None or self._on_device[0].device != torch.device(device):
+            self._on_device = (self.ready.to(device), self.labels.to(device))
+        return self._on_device
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -333,14 +345,45 @@ class ShardedEpochSampler(Sampler):
         return max(len(self._shard()) - self.skip, 0)
 
 
+class DeviceTensorLoader:
+    """Batches indexed out of images and labels that already live on the training device (``data.on_device``).
+
+    A drop-in for the DataLoader of :func:`build_loader`: the same ``sampler`` (so ``set_position``, sharding and
+    padding are unchanged), the same ``drop_last`` rule and ``len()``, and identical ``[images, labels]`` batches
+    in the same order, without per-sample ``__getitem__``, collation or host-to-device copies.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler: ShardedEpochSampler,
+                 drop_last: bool) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
+
+    def __len__(self) -> int:
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        # One small host-to-device copy of the epoch's order; each batch is then a gather on the device.
+        order = torch.tensor([index for _, index in self.sampler], dtype=torch.long).to(self.images.device)
+        end = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, end, self.batch_size):
+            batch = order[start: start + self.batch_size]
+            yield [self.images.index_select(0, batch), self.labels.index_select(0, batch)]
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, rank: int, world_size: int,
-                 num_workers: int) -> DataLoader:
+                 num_workers: int, device: Optional[torch.device] = None) -> DataLoader | DeviceTensorLoader:
+    """Batches of ``dataset`` in the sampler's order; with ``device``, a :class:`DeviceTensorLoader` whose batches
+    are already on that device (the dataset needs a ``ready`` tensor: in memory, no augmentation)."""
     sampler = ShardedEpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size,
                                   pad=train)
     per_rank = -(-len(dataset) // world_size)
+    drop_last = train and per_rank > batch_size
+    if device is not None:
+        return DeviceTensorLoader(*dataset.on_device(device), batch_size, sampler, drop_last)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        drop_last=train and per_rank > batch_size,
+        drop_last=drop_last,
         persistent_workers=False,
         # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
         generator=torch.Generator().manual_seed(seed),

@@ -47,6 +47,11 @@ class NonFiniteLossError(RuntimeError):
 def resolve_run_dir(cfg: DictConfig) -> Path:
     """Fill ``cfg.run.dir`` (default ``runs/<task>-<model>-<data>-<timestamp>``) identically on every process."""
     if cfg.run.dir is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if _RUN_DIR_ENV not in os.environ and world_size > 1:
+            # torchrun / `fabric run` start every process at once: separate timestamps would split the run.
+            raise UserError(f"this process is one of {world_size} started by an external launcher (torchrun, "
+                            f"fabric run, SLURM): set run.dir=<shared path> so that they all write one run")
         if _RUN_DIR_ENV not in os.environ:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             os.environ[_RUN_DIR_ENV] = f"runs/{cfg.task.name}-{cfg.model.name}-{cfg.data.name}-{stamp}"
@@ -128,9 +133,12 @@ def _rng_devices(fabric: Fabric) -> list:
 def _eval_loaders(fabric: Fabric, cfg: DictConfig, train_set, test_set) -> dict[str, Any]:
     """The test split and the un-augmented training split, sharded over processes, batches moved to the device."""
     batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    device = fabric.device if cfg.data.on_device else None
     loaders = {name: build_loader(ds, batch, False, cfg.run.seed, fabric.global_rank, fabric.world_size,
-                                  cfg.data.num_workers)
+                                  cfg.data.num_workers, device)
                for name, ds in (("test", test_set), ("train", train_set.without_augmentation()))}
+    if cfg.data.on_device:
+        return loaders  # their batches are on the device already
     return dict(zip(loaders, fabric.setup_dataloaders(*loaders.values(), use_distributed_sampler=False)))
 
 
@@ -208,7 +216,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     batch_size, accum = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
     train_loader = build_loader(train_set, batch_size, True, cfg.run.seed, fabric.global_rank, fabric.world_size,
-                                cfg.data.num_workers)
+                                cfg.data.num_workers, fabric.device if cfg.data.on_device else None)
     if len(train_loader) == 0:
         raise UserError(f"the training split has {len(train_set)} images, fewer than one batch per process")
     sampler = train_loader.sampler
@@ -223,7 +231,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     if cfg.trainer.compile:
         module = torch.compile(module)
     module, optimizer = fabric.setup(module, optimizer)
-    train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)
+    if not cfg.data.on_device:  # a DeviceTensorLoader's batches are on the device already
+        train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)
     eval_loaders = _eval_loaders(fabric, cfg, train_set, test_set)
 
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best": None}

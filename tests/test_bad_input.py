@@ -26,6 +26,8 @@ CATALOGUE = [
     ("argument without '='", ["lr"], "cannot parse argument 'lr'"),
     ("batch size 0", ["data.batch_size=0"], "data.batch_size must be positive"),
     ("negative step budget", ["trainer.max_steps=-1"], "trainer.max_steps must be positive"),
+    ("data on the device with augmentation", ["data.on_device=true", "data.augment=crop_flip"],
+     "set data.augment=none or data.on_device=false"),
     ("image size not divisible by the patch size", ["model=vit_mini", "model.patch_size=3"],
      "img_size 8 is not divisible by patch_size 3"),
     ("patch size on a pixel model", ["model=pit_tiny", "model.patch_size=2"], "use vit_tiny for patches"),

@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 
 from pixelformer import UserError
 from pixelformer.config import DataCfg
-from pixelformer.data import ShardedEpochSampler, build_datasets, build_loader
+from pixelformer.data import DeviceTensorLoader, ShardedEpochSampler, build_datasets, build_loader
 from conftest import write_fake_cifar
 
 
@@ -100,3 +100,48 @@ def test_loader_batches():
     loader = build_loader(train, 32, train=True, seed=0, rank=0, world_size=1, num_workers=0)
     batches = list(loader)
     assert len(batches) == 3 and batches[0][0].shape == (32, 1, 8, 8)  # drop_last on training batches
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def assert_same_batches(loader, on_device, epoch, skip=0):
+    for each in (loader, on_device):
+        each.sampler.set_position(epoch, skip)
+    assert len(on_device) == len(loader)
+    expected, got = list(loader), list(on_device)
+    assert len(got) == len(expected)
+    for (x, y), (dx, dy) in zip(expected, got):
+        assert (dx.dtype, dy.dtype, dx.shape, dy.shape) == (x.dtype, y.dtype, x.shape, y.shape)
+        assert torch.equal(dx.cpu(), x) and torch.equal(dy.cpu(), y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_device_loader_gives_the_dataloader_batches(device, world_size):
+    # 101 images: odd, so the 2-rank training shards are padded and the evaluation shards are uneven.
+    train, test, _ = build_datasets(data_cfg(name="digits", limit_train=101, limit_test=45))
+    for rank in range(world_size):  # each rank built on its own, as each process would
+        for dataset, batch_size, is_train in ((train, 16, True), (test, 20, False)):
+            args = (dataset, batch_size, is_train, 3, rank, world_size, 0)
+            loader, on_device = build_loader(*args), build_loader(*args, device=torch.device(device))
+            assert isinstance(on_device, DeviceTensorLoader) and on_device.drop_last == loader.drop_last
+            assert on_device.images.device.type == device
+            for epoch in range(3):
+                assert_same_batches(loader, on_device, epoch)
+            assert_same_batches(loader, on_device, 1, skip=2 * batch_size)  # mid-epoch resume
+    # the shards split the epoch between the ranks, as the DataLoader's do
+    shards = [build_loader(train, 16, True, 3, rank, 2, 0, device=torch.device(device)) for rank in range(2)]
+    seen = torch.cat([y for shard in shards for _, y in shard]).cpu()
+    assert len(seen) == 2 * 3 * 16 and not torch.equal(*[torch.cat([y for _, y in s]) for s in shards])
+
+
+def test_device_loader_needs_an_unaugmented_in_memory_dataset(tmp_path):
+    write_fake_cifar(tmp_path, 10)
+    train, test, _ = build_datasets(data_cfg(name="cifar10", root=str(tmp_path), augment="crop_flip"))
+    with pytest.raises(UserError, match="data.on_device=false"):
+        build_loader(train, 8, True, 0, 0, 1, 0, device=torch.device("cpu"))
+    # its deterministic copy (evaluation's training split) can be held on the device
+    plain = build_loader(train.without_augmentation(), 8, False, 0, 0, 1, 0, device=torch.device("cpu"))
+    assert len(plain) == 5 and next(iter(plain))[0].shape == (8, 3, 32, 32)
+    assert test.without_augmentation() is test  # already deterministic: one copy of its tensors

@@ -62,6 +62,43 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypa
     assert steps == sorted(set(steps))
 
 
+def test_on_device_data_gives_the_same_run(tmp_path, monkeypatch):
+    # Dropout draws from the global RNG and the run ends mid-epoch: any difference in batches or RNG use would show.
+    args = ("data.limit_train=256", "data.batch_size=32", "trainer.accumulate_grad_batches=2", "model.drop_rate=0.1",
+            "trainer.max_steps=10", "trainer.eval_every_steps=4")
+    loader = fit(tiny_cfg(tmp_path / "loader", *args))
+
+    def no_dataloader(*args, **kwargs):
+        raise AssertionError("data.on_device=true built a DataLoader")
+    monkeypatch.setattr("pixelformer.data.DataLoader", no_dataloader)  # training and evaluation both bypass it
+    on_device = fit(tiny_cfg(tmp_path / "on_device", *args, "data.on_device=true"))
+    assert on_device == loader
+    a = read_checkpoint(tmp_path / "loader" / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(tmp_path / "on_device" / "checkpoints" / "last.ckpt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert b["config"]["data"]["on_device"] is True
+
+
+def test_on_device_eval_loaders_give_the_same_batches(tmp_path):
+    # The training split for evaluation (MAE's k-NN bank) and the test split, on a CPU Fabric.
+    from lightning.fabric import Fabric
+    from pixelformer.data import DeviceTensorLoader, build_datasets
+    from pixelformer.engine import _eval_loaders
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    cfgs = [tiny_cfg(tmp_path, "data.limit_train=100", "data.batch_size=16", f"data.on_device={on}")
+            for on in ("false", "true")]
+    train_set, test_set, _ = build_datasets(cfgs[0].data)
+    loaders, on_device = (_eval_loaders(fabric, cfg, train_set, test_set) for cfg in cfgs)
+    assert all(isinstance(loader, DeviceTensorLoader) for loader in on_device.values())
+    for name in ("test", "train"):
+        expected, got = list(loaders[name]), list(on_device[name])
+        assert len(got) == len(expected) == len(on_device[name])
+        for (x, y), (dx, dy) in zip(expected, got):
+            assert torch.equal(x, dx) and torch.equal(y, dy)
+
+
 def test_existing_run_dir_needs_resume(run_dir):
     fit(tiny_cfg(run_dir, "trainer.max_steps=2"))
     with pytest.raises(UserError, match="resume=auto"):
