@@ -420,6 +420,54 @@ def attention_path_check(device: torch.device, dim: int = 192, num_heads: int = 
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- token scaling
+def token_scaling(device: torch.device, model: str = "pit_tiny", sizes: Sequence[int] = (16, 32, 48, 64),
+                  precisions: Sequence[str] = PRECISIONS,
+                  extrapolate: Sequence[int] = (28, 224)) -> list[dict[str, Any]]:
+    """Peak memory of one training step per image (batch 1) against the token count, fitted and extrapolated.
+
+    Activation memory of a transformer with a linear-memory attention kernel grows linearly with the tokens, so a
+    least-squares line through the measured sizes predicts larger inputs: ``extrapolate`` lists image sizes (28 px is
+    the paper's ImageNet PiT input, 224 px = 50,176 pixel tokens) whose rows are predictions, not measurements. FLOPs
+    are exact counts; at 224 px attention's 4 N^2 D dwarfs the 24 N D^2 of the linear layers.
+    """
+    rows: list[dict[str, Any]] = []
+    for precision in precisions:
+        measured: list[tuple[int, float]] = []
+        for img in sizes:
+            torch.manual_seed(0)
+            net = create_backbone(model, img_size=img, in_chans=IN_CHANS, num_classes=NUM_CLASSES).to(device).train()
+            step = TrainStep(net, 1, img, precision, device)
+            step()  # warm-up: optimizer state exists afterwards, as in every later step
+            peak = step.static_bytes() + transient_peak_bytes(step, device)
+            static = step.static_bytes()
+            measured.append((img * img, peak - static))
+            rows.append({"model": model, "precision": precision, "img": img, "tokens": img * img,
+                         "kind": "measured", "step_mib_per_image": peak / 2 ** 20,
+                         "activation_mib_per_image": (peak - static) / 2 ** 20,
+                         "train_tflop_per_image": train_flops_per_image(net, img) / 1e12})
+            del net, step
+            gc.collect()
+        # Least-squares line: activation bytes = a + b * tokens.
+        n = len(measured)
+        mean_t = sum(t for t, _ in measured) / n
+        mean_b = sum(b for _, b in measured) / n
+        slope = sum((t - mean_t) * (b - mean_b) for t, b in measured) / sum((t - mean_t) ** 2 for t, _ in measured)
+        intercept = mean_b - slope * mean_t
+        depth, width = len(create_backbone(model).blocks), create_backbone(model).embed_dim
+        for img in extrapolate:
+            tokens = img * img
+            act = intercept + slope * tokens
+            flops = 3 * forward_flops(img, 1, IN_CHANS, width, depth, NUM_CLASSES)
+            rows.append({"model": model, "precision": precision, "img": img, "tokens": tokens,
+                         "kind": "predicted", "step_mib_per_image": float("nan"),
+                         "activation_mib_per_image": act / 2 ** 20, "train_tflop_per_image": flops / 1e12})
+        for row in rows:
+            if row["precision"] == precision:
+                row["bytes_per_token_fit"] = slope
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ CUDA extras
 def max_batch_search(model: str, img: int, device: torch.device, precision: str = "bf16-mixed",
                      start: int = 8, limit: int = 1 << 16) -> dict[str, Any]:
@@ -468,6 +516,12 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [  # (key, header, format)
     ("ours_tflop_s", "TFLOP/s", "{:.4f}"), ("frac_peak", "frac peak", "{:.3f}"),
     ("ours_peak_mib", "ours MiB", "{:.0f}"), ("timm_peak_mib", "timm MiB", "{:.0f}"),
     ("loader_img_s", "loader img/s", "{:.0f}"), ("spread", "spread", "{:.2f}"),
+]
+SCALING_COLUMNS: list[tuple[str, str, str]] = [
+    ("model", "model", "{}"), ("precision", "precision", "{}"), ("img", "img", "{}"), ("tokens", "tokens", "{}"),
+    ("kind", "kind", "{}"), ("step_mib_per_image", "step MiB", "{:.0f}"),
+    ("activation_mib_per_image", "activation MiB", "{:.0f}"), ("bytes_per_token_fit", "fit bytes/token", "{:.0f}"),
+    ("train_tflop_per_image", "train TFLOP/img", "{:.3f}"),
 ]
 ATTENTION_COLUMNS: list[tuple[str, str, str]] = [
     ("precision", "precision", "{}"), ("backends", "SDPA restricted to", "{}"), ("tokens", "tokens", "{}"),
@@ -533,6 +587,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "see pixelformer/runtime.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-attention-check", action="store_true", help="skip the SDPA path / memory check")
+    p.add_argument("--no-scaling", action="store_true",
+                   help="skip the memory-vs-tokens fit (PiT-Tiny, batch 1, up to 4,096 tokens; quick: up to 2,304)")
     p.add_argument("--max-batch", action="store_true",
                    help="CUDA only: largest batch of PiT-Tiny/Small at 1,024 and 4,096 tokens (bf16-mixed)")
     return p.parse_args(argv)
@@ -579,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     attention = [] if args.no_attention_check else attention_path_check(device)
+    scaling = [] if args.no_scaling else token_scaling(device, sizes=(16, 32, 48) if args.quick else (16, 32, 48, 64))
     max_batch: list[dict[str, Any]] = []
     if args.max_batch:
         if device.type != "cuda":
@@ -597,6 +654,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if attention:
         print("\nSDPA path of our Attention (PiT-Tiny width 192, 3 heads, batch 4, fwd+bwd):")
         print(format_table(attention, ATTENTION_COLUMNS))
+    if scaling:
+        print("\nMemory of one training step per image vs tokens (PiT-Tiny, batch 1; 'predicted' rows extrapolate "
+              "the measured activation bytes linearly):")
+        print(format_table(scaling, SCALING_COLUMNS))
     if max_batch:
         print("\nLargest batch (CUDA):")
         print(format_table(max_batch, [(k, k, "{}" if k in ("model", "precision") else "{:.6g}")
@@ -605,11 +666,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "throughput_quick" if args.quick else "throughput"
-    result = {"meta": meta, "rows": rows, "attention": attention, "max_batch": max_batch}
+    result = {"meta": meta, "rows": rows, "attention": attention, "scaling": scaling, "max_batch": max_batch}
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     write_csv(args.out / f"{stem}.csv", rows)
     write_csv(args.out / f"{stem}_attention.csv", attention)
-    print(f"# wrote {args.out / stem}.json / .csv / _attention.csv")
+    write_csv(args.out / f"{stem}_scaling.csv", scaling)
+    print(f"# wrote {args.out / stem}.json / .csv / _attention.csv / _scaling.csv")
     return result
 
 

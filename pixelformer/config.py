@@ -274,6 +274,9 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"data.eval_batch_size must be positive, got {cfg.data.eval_batch_size}")
     if cfg.data.img_size is not None and cfg.data.img_size <= 0:
         problems.append(f"data.img_size must be positive, got {cfg.data.img_size}")
+    if cfg.data.on_device and cfg.data.name == "imagefolder":
+        problems.append("data.on_device=true needs the whole dataset in memory, but imagefolder decodes files as it "
+                        "goes: set data.on_device=false")
     if cfg.data.on_device and cfg.data.augment != "none":
         problems.append(f"data.on_device=true holds fixed, un-augmented images on the device, but data.augment="
                         f"{cfg.data.augment}: set data.augment=none or data.on_device=false")

@@ -28,6 +28,8 @@ CATALOGUE = [
     ("negative step budget", ["trainer.max_steps=-1"], "trainer.max_steps must be positive"),
     ("data on the device with augmentation", ["data.on_device=true", "data.augment=crop_flip"],
      "set data.augment=none or data.on_device=false"),
+    ("image folder on the device", ["data=imagefolder", "data.root={tmp}", "data.img_size=8", "data.on_device=true"],
+     "imagefolder decodes files as it goes"),
     ("image size not divisible by the patch size", ["model=vit_mini", "model.patch_size=3"],
      "img_size 8 is not divisible by patch_size 3"),
     ("patch size on a pixel model", ["model=pit_tiny", "model.patch_size=2"], "use vit_tiny for patches"),
@@ -66,6 +68,16 @@ def test_existing_run_and_corrupt_resume(tmp_path):
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="cannot read checkpoint .*last.ckpt"):
         fit(tiny_cfg(run_dir, "trainer.max_steps=2", "resume=auto"))
+
+
+def test_external_launcher_needs_a_shared_run_dir(tmp_path, monkeypatch):
+    # torchrun sets WORLD_SIZE in every process it starts; each would otherwise stamp its own default run.dir.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("PIXELFORMER_RUN_DIR", raising=False)
+    cfg = tiny_cfg(tmp_path / "unused", "trainer.max_steps=1")
+    cfg.run.dir = None
+    with pytest.raises(UserError, match="set run.dir=<shared path>"):
+        fit(cfg)
 
 
 def test_tools_print_the_message_without_a_traceback(tmp_path):
