@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python benchmarks/throughput.py            # every row, both precisions (CPU: ~10-15 min on 2 cores)
-    python benchmarks/throughput.py --quick    # PiT-Tiny and ViT-Tiny rows only, small batches (~2-3 min)
+    python benchmarks/throughput.py            # every row, both precisions (CPU: ~4 min on 2 idle cores)
+    python benchmarks/throughput.py --quick    # PiT-Tiny and ViT-Tiny rows only, small batches (~1 min)
     python benchmarks/throughput.py --max-batch   # CUDA only: also search the largest batch at 1,024 / 4,096 tokens
 
 One row per (model, image size, patch size, precision). A *training step* is forward + cross-entropy + backward +
@@ -321,6 +321,18 @@ def loader_throughput(img: int, batch: int, num_batches: int = 50, num_workers: 
     return seen / (time.perf_counter() - start)
 
 
+def paired_ratios(ours_times: Sequence[float], timm_times: Sequence[float]) -> dict[str, float]:
+    """ours/timm speed ratio per timed round (timm's step time / ours, steps taken back to back), summarised.
+
+    Pairing the i-th steps of the two models, which ran next to each other, cancels slow drift in machine load; the
+    spread of the per-round ratios (min, quartiles, max) says how far a single number can be trusted.
+    """
+    ratios = sorted(t / o for o, t in zip(ours_times, timm_times))
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"ratio_paired": statistics.median(ratios), "ratio_min": ratios[0], "ratio_q1": quartiles[0],
+            "ratio_q3": quartiles[-1], "ratio_max": ratios[-1]}
+
+
 # ------------------------------------------------------------------------------------------------- benchmarks
 def pick_batch(flops_per_image: int, device: torch.device, quick: bool) -> int:
     """Largest power of two whose step costs at most the device's FLOP target, clamped to its batch range."""
@@ -369,6 +381,7 @@ def benchmark_config(cfg: BenchConfig, device: torch.device, peaks: dict[str, fl
         "timm_peak_mib": peak_mem.get("timm", float("nan")) / 2 ** 20,
         "loader_img_s": loader_cache[key],
         "spread": spread, "ratio_best": min(times["timm"]) / min(times["ours"]),
+        **paired_ratios(times["ours"], times["timm"]),
         "ours_step_s": seconds["ours"], "timm_step_s": seconds["timm"],
         "ours_step_times": times["ours"], "timm_step_times": times["timm"], "weights_shared": shared,
         "depth": len(ours.blocks), "embed_dim": ours.embed_dim,
@@ -513,6 +526,7 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [  # (key, header, format)
     ("model", "model", "{}"), ("img", "img", "{}"), ("patch", "patch", "{}"), ("tokens", "tokens", "{}"),
     ("precision", "precision", "{}"), ("batch", "batch", "{}"),
     ("ours_img_s", "ours img/s", "{:.2f}"), ("timm_img_s", "timm img/s", "{:.2f}"), ("ratio", "ours/timm", "{:.3f}"),
+    ("ratio_q1", "paired q1", "{:.3f}"), ("ratio_q3", "paired q3", "{:.3f}"),
     ("ours_tflop_s", "TFLOP/s", "{:.4f}"), ("frac_peak", "frac peak", "{:.3f}"),
     ("ours_peak_mib", "ours MiB", "{:.0f}"), ("timm_peak_mib", "timm MiB", "{:.0f}"),
     ("loader_img_s", "loader img/s", "{:.0f}"), ("spread", "spread", "{:.2f}"),

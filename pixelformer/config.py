@@ -92,7 +92,8 @@ class TrainerCfg:
     devices: int = 1
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    # auto: bf16-mixed on bf16-capable GPUs, and on AMX CPUs for models >= 192 wide; else 32-true (see runtime.py)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
     max_epochs: Optional[int] = 100
     max_steps: Optional[int] = None  # optimizer steps; overrides max_epochs
     accumulate_grad_batches: int = 1

@@ -30,10 +30,11 @@ from .data import build_datasets, build_loader
 from .errors import UserError
 from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
-from .runtime import tune_cpu_allocator
+from .runtime import auto_precision, tune_cpu_allocator
 from .task import Task, get_task
 
-__all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "build_fabric", "evaluate_checkpoint", "fit", "resolve_run_dir"]
+__all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "build_fabric", "evaluate_checkpoint", "fit", "resolve_precision",
+           "resolve_run_dir"]
 
 CHECKPOINT_FORMAT = "pixelformer-checkpoint/1"
 _RUN_DIR_ENV = "PIXELFORMER_RUN_DIR"  # shares the run directory with processes that Fabric launches
@@ -110,8 +111,33 @@ def _summarise(keys: list[str], shown: int = 6) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- fabric
+def _model_width(cfg: DictConfig) -> int:
+    """The configured backbone's token width, read off a copy built on the meta device (no memory, no init)."""
+    from .models import create_backbone
+
+    overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
+    try:
+        with torch.device("meta"):
+            return int(create_backbone(cfg.model.name, **overrides).embed_dim)
+    except (ValueError, TypeError, KeyError):  # the real build reports the problem, with the data's sizes
+        return 0
+
+
+def resolve_precision(cfg: DictConfig) -> str:
+    """Replace ``trainer.precision=auto`` by what is fastest for this device and model (``runtime.auto_precision``).
+
+    The resolved value is what the run's saved config holds, so a resumed run keeps it.
+    """
+    trainer = cfg.trainer
+    if trainer.precision == "auto":
+        cuda = trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        trainer.precision = auto_precision("cuda" if cuda else "cpu", _model_width(cfg))
+    return trainer.precision
+
+
 def build_fabric(cfg: DictConfig, loggers: Optional[list] = None) -> Fabric:
     trainer = cfg.trainer
+    resolve_precision(cfg)
     if trainer.cpu_allocator == "tuned" and trainer.accelerator in ("cpu", "auto") and not torch.cuda.is_available():
         tune_cpu_allocator()  # before the first large tensor: see pixelformer/runtime.py
     strategy: Any = trainer.strategy
@@ -191,6 +217,7 @@ def _load_for_resume(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train ``cfg.task`` as configured; returns the final test metrics (also written to ``eval.json``)."""
     task = get_task(cfg.task.name)
+    resolve_precision(cfg)  # before the config is saved or logged: runs record what they ran with
     run_dir = resolve_run_dir(cfg)
     resume_path = _resolve_resume(cfg, run_dir)
     _make_run_dir(run_dir)

@@ -40,6 +40,19 @@ def test_benchmark_row_on_tiny_model():
     assert bench.forward_flops(8, 1, 3, 32, 1, 100) == forward == 2_156_928
     assert math.isclose(row["train_gflop_per_img"], 3 * forward / 1e9)
     assert math.isclose(row["ours_tflop_s"], row["ours_img_s"] * 3 * forward / 1e12)
+    assert row["ratio_min"] <= row["ratio_q1"] <= row["ratio_paired"] <= row["ratio_q3"] <= row["ratio_max"]
+
+
+def test_paired_ratios_pair_steps_taken_together():
+    bench = _load_benchmark()
+    # Load drifts 2x over the run; each round's two steps share it, so every paired ratio is timm/ours = 1.25.
+    ours = [1.0, 1.5, 2.0, 1.2]
+    timm = [1.25 * t for t in ours]
+    summary = bench.paired_ratios(ours, timm)
+    assert all(math.isclose(v, 1.25) for v in summary.values()), summary
+    summary = bench.paired_ratios([1.0, 1.0, 1.0, 1.0, 1.0], [0.8, 0.9, 1.0, 1.1, 1.2])
+    assert (summary["ratio_min"], summary["ratio_q1"], summary["ratio_paired"], summary["ratio_q3"],
+            summary["ratio_max"]) == (0.8, 0.9, 1.0, 1.1, 1.2)
 
 
 def _load_switches():

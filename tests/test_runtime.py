@@ -51,3 +51,25 @@ def test_system_setting_leaves_malloc_alone():
 def test_tuning_is_idempotent():
     first = tune_cpu_allocator()
     assert tune_cpu_allocator() == first
+
+
+def test_auto_precision_follows_the_measurements(monkeypatch):
+    import torch
+
+    from pixelformer.config import compose
+    from pixelformer.engine import resolve_precision
+    from pixelformer.runtime import BF16_MIN_WIDTH_CPU, auto_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert auto_precision("cpu", 64) == "32-true"  # narrow: bf16 measured at 0.52x fp32
+    assert auto_precision("cpu", BF16_MIN_WIDTH_CPU) == "bf16-mixed"  # 192 wide: 1.5x
+    assert auto_precision("mps", 768) == "32-true"
+    cfg = compose(["model=pit_tiny", "trainer.accelerator=cpu"])
+    assert cfg.trainer.precision == "auto" and resolve_precision(cfg) == "bf16-mixed" == cfg.trainer.precision
+    cfg = compose(["model=pit_tiny", "model.embed_dim=96", "model.num_heads=3", "trainer.accelerator=cpu"])
+    assert resolve_precision(cfg) == "32-true"
+    assert resolve_precision(compose(["trainer.accelerator=cpu"])) == "32-true"  # the default pit_mini, 64 wide
+    explicit = compose(["model=pit_tiny", "trainer.precision=32-true"])
+    assert resolve_precision(explicit) == "32-true"  # only "auto" is resolved
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert auto_precision("cpu", 768) == "32-true"  # CPUs without AMX are not measured: stay in fp32

@@ -9,6 +9,7 @@ Examples::
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def main(argv: list[str]) -> int:
     if show_only:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    print(OmegaConf.to_yaml(cfg), end="---\n")
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:  # once, not per process
+        print(OmegaConf.to_yaml(cfg), end="---\n")
     fit(cfg)
     return 0
 
