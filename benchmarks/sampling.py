@@ -36,7 +36,7 @@ def time_sampler(model: torch.nn.Module, config: dict, labels: torch.Tensor, sha
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=labels.device.type == "cuda"):
-            sample(model, config, labels, shape, steps, 4.0, sampler, null_label, generator)
+            sample(model, config, labels, shape, steps, 2.0, sampler, null_label, generator)
         if labels.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -68,7 +68,7 @@ def main() -> None:
     model = model.to(device).eval()
     labels = torch.arange(args.batch, device=device) % classes
     repeats = 1 if args.quick else args.repeats
-    print(f"denoiser: {name}; batch {args.batch}; guidance 4.0 (doubled batch); device {device}")
+    print(f"denoiser: {name}; batch {args.batch}; guidance 2.0 (doubled batch); device {device}")
     print(f"{'sampler':<8} {'steps':>5} {'images/s':>10} {'vs ddim-50':>11}")
     base = None
     for sampler, steps in SETTINGS:
