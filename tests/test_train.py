@@ -204,3 +204,17 @@ def test_unwritable_run_dir_is_refused(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(UserError, match="cannot write to run directory"):
         fit(tiny_cfg(blocker / "run", "trainer.max_steps=1"))
+
+
+def test_compiled_training_matches_eager_and_its_checkpoint_resumes_eagerly(tmp_path):
+    # trainer.compile wraps the task module in torch.compile; checkpoints must still hold plain parameter names.
+    common = ["trainer.max_steps=4", "trainer.eval_every_steps=4", "data.limit_train=128", "data.batch_size=32"]
+    fit(tiny_cfg(tmp_path / "compiled", *common, "trainer.compile=true"))
+    fit(tiny_cfg(tmp_path / "eager", *common))
+    compiled = read_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.ckpt")["model"]
+    eager = read_checkpoint(tmp_path / "eager" / "checkpoints" / "last.ckpt")["model"]
+    assert compiled.keys() == eager.keys() and not any("_orig_mod" in k for k in compiled)
+    for key in eager:  # inductor fuses and reorders float math: equal to rounding, not bit for bit
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+    fit(tiny_cfg(tmp_path / "compiled", *common, "trainer.max_steps=6", "resume=auto"))
+    assert read_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.ckpt")["progress"]["step"] == 6
