@@ -26,6 +26,7 @@ def test_benchmark_row_on_tiny_model():
     row = bench.benchmark_config(cfg, torch.device("cpu"), peaks, warmup=2, iters=2, memory=True)
 
     assert row["ours_img_s"] > 0 and row["timm_img_s"] > 0 and row["loader_img_s"] > 0
+    assert row["on_device_loader_img_s"] > 0
     assert row["weights_shared"]  # timm's VisionTransformer took our state dict key for key
     assert row["ours_peak_mib"] > 0 and row["timm_peak_mib"] > 0
     assert (row["tokens"], row["batch"], row["depth"], row["embed_dim"]) == (64, 2, 1, 32)
