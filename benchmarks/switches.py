@@ -4,7 +4,7 @@
 Run from the repository root::
 
     python benchmarks/switches.py            # PiT-Mini on digits-sized input + PiT-Tiny at 256 / 1,024 tokens
-    python benchmarks/switches.py --quick    # PiT-Mini 8 px and PiT-Tiny 16 px, one process per switch (~4 min on 2 idle cores)
+    python benchmarks/switches.py --quick    # PiT-Mini 8 px and PiT-Tiny 16 px, one process per switch (~2 min on 2 idle cores)
 
 Switches (the trainer config key in brackets), each against the baseline = the trainer's CPU defaults (fp32,
 eager, fused AdamW, tuned CPU allocator):
