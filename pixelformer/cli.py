@@ -36,6 +36,8 @@ def parse_kv(args: list[str], allowed: dict[str, str]) -> tuple[dict[str, str], 
 def run_main(main: Callable[[list[str]], int | None]) -> None:
     """Run ``main(argv)``; a :class:`UserError` prints ``error: ...`` (no traceback) and exits with status 2."""
     logging.basicConfig(level=os.environ.get("PIXELFORMER_LOG", "WARNING"))
+    # Lightning attaches its own stderr handler to "lightning"; propagating as well would print each line twice.
+    logging.getLogger("lightning").propagate = False
     warnings.filterwarnings("ignore", message=".*is tested and supported for lightning Fabric.*")
     try:
         code = main(sys.argv[1:])
