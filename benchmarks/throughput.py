@@ -324,9 +324,7 @@ def loader_throughput(img: int, batch: int, num_batches: int = 50, device: torch
                                  normalize=lambda x: x.float().div(255))
     loader = build_loader(dataset, batch, train=True, seed=0, rank=0, world_size=1, num_workers=0,
                           device=device if on_device else None)
-    if on_device:
-        dataset.on_device(device)  # the one-off copy is set-up, not per-epoch cost
-    synchronize(device)
+    synchronize(device)  # build_loader copied the dataset to the device for on_device: set-up, not epoch cost
     start = time.perf_counter()
     seen = 0
     for x, _ in loader:
@@ -467,22 +465,18 @@ def token_scaling(device: torch.device, model: str = "pit_tiny", sizes: Sequence
             net = create_backbone(model, img_size=img, in_chans=IN_CHANS, num_classes=NUM_CLASSES).to(device).train()
             step = TrainStep(net, 1, img, precision, device)
             step()  # warm-up: optimizer state exists afterwards, as in every later step
-            peak = step.static_bytes() + transient_peak_bytes(step, device)
             static = step.static_bytes()
-            measured.append((img * img, peak - static))
+            activations = transient_peak_bytes(step, device)
+            measured.append((img * img, activations))
             rows.append({"model": model, "precision": precision, "img": img, "tokens": img * img,
-                         "kind": "measured", "step_mib_per_image": peak / 2 ** 20,
-                         "activation_mib_per_image": (peak - static) / 2 ** 20,
+                         "kind": "measured", "step_mib_per_image": (static + activations) / 2 ** 20,
+                         "activation_mib_per_image": activations / 2 ** 20,
                          "train_tflop_per_image": train_flops_per_image(net, img) / 1e12})
+            depth, width = len(net.blocks), net.embed_dim
             del net, step
             gc.collect()
-        # Least-squares line: activation bytes = a + b * tokens.
-        n = len(measured)
-        mean_t = sum(t for t, _ in measured) / n
-        mean_b = sum(b for _, b in measured) / n
-        slope = sum((t - mean_t) * (b - mean_b) for t, b in measured) / sum((t - mean_t) ** 2 for t, _ in measured)
-        intercept = mean_b - slope * mean_t
-        depth, width = len(create_backbone(model).blocks), create_backbone(model).embed_dim
+        # Least-squares line: activation bytes = intercept + slope * tokens.
+        slope, intercept = statistics.linear_regression(*zip(*measured))
         for img in extrapolate:
             tokens = img * img
             act = intercept + slope * tokens

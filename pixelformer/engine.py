@@ -138,7 +138,8 @@ def resolve_precision(cfg: DictConfig) -> str:
 def build_fabric(cfg: DictConfig, loggers: Optional[list] = None) -> Fabric:
     trainer = cfg.trainer
     resolve_precision(cfg)
-    if trainer.cpu_allocator == "tuned" and trainer.accelerator in ("cpu", "auto") and not torch.cuda.is_available():
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if trainer.cpu_allocator == "tuned" and on_cpu:
         tune_cpu_allocator()  # before the first large tensor: see pixelformer/runtime.py
     strategy: Any = trainer.strategy
     if strategy == "fsdp":

@@ -9,7 +9,6 @@ Examples::
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(HELP + "\n" + groups_help())
         return 0
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
     from omegaconf import OmegaConf
 
     from pixelformer.config import compose
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     if show_only:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:  # once, not per process
+    if rank_zero_only.rank == 0:  # once, not per process (read from the launcher's environment)
         print(OmegaConf.to_yaml(cfg), end="---\n")
     fit(cfg)
     return 0
