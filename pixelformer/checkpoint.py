@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .layers.pos_embed import SINCOS_ATOL, is_sincos_table
 
 __all__ = [
     "capture_rng_state", "check_state_dict", "fsync_and_replace", "load_backbone_weights", "read_checkpoint",
@@ -63,7 +64,9 @@ def check_state_dict(module: nn.Module, saved: Mapping[str, torch.Tensor], sourc
                      resizable: tuple[str, ...] = ("pos_embed",)) -> None:
     """Raise a :class:`CheckpointError` listing missing, unexpected and mis-shaped keys, if there are any.
 
-    Keys ending in one of ``resizable`` may differ in shape (the model resizes them on load).
+    Keys ending in one of ``resizable`` may differ in shape (the model resizes them on load). A saved copy of a table
+    the model computes itself (a non-persistent buffer such as a sin-cos ``pos_embed``) passes when it equals the
+    model's and is an error naming the key when it differs; the models' load hooks apply the same rule.
     """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(saved))
@@ -73,19 +76,54 @@ def check_state_dict(module: nn.Module, saved: Mapping[str, torch.Tensor], sourc
         for k in sorted(set(expected) & set(saved))
         if hasattr(saved[k], "shape") and saved[k].shape != expected[k].shape and not k.endswith(resizable)
     ]
-    if not (missing or unexpected or mismatched):
+    tables = []
+    for key in list(unexpected):
+        own = _fixed_buffer(module, key)
+        if own is None:
+            continue
+        unexpected.remove(key)
+        value = saved[key]
+        if value.shape != own.shape or not torch.allclose(value.detach().float().cpu(), own.detach().float().cpu(),
+                                                          atol=SINCOS_ATOL, rtol=0):
+            tables.append(f"{key}: the checkpoint holds a position table {tuple(value.shape)} that differs from "
+                          f"this model's fixed sin-cos table {tuple(own.shape)}: set model.pos_embed=learned to load "
+                          f"it")
+    if not (missing or unexpected or mismatched or tables):
         return
 
     def show(title: str, items: list[str]) -> str:
         more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
         return f"\n  {title} ({len(items)}): " + ", ".join(items[:8]) + more if items else ""
 
+    def final_norm(keys: list[str]) -> bool:
+        return any(k == "norm.weight" or k.endswith(".norm.weight") for k in keys)
+
+    hints = []
+    if any(k.endswith("fc_norm.weight") for k in missing) and final_norm(unexpected):
+        hints.append("The checkpoint normalises every token before pooling (pool=mean before model.fc_norm existed, "
+                     "or model.fc_norm=false): pass model.fc_norm=false.")
+    if final_norm(missing) and any(k.endswith("fc_norm.weight") for k in unexpected):
+        hints.append("The checkpoint normalises after pooling (model.fc_norm=true): pass model.fc_norm=true.")
     raise CheckpointError(
         f"checkpoint {source} does not match the model (another architecture or config?)"
+        + "".join(f"\n  {t}" for t in tables)
         + show("shape mismatches", mismatched) + show("missing in checkpoint", missing)
         + show("unexpected in checkpoint", unexpected)
+        + "".join(f"\n  {h}" for h in hints)
         + "\n  Build the model with the checkpoint's config (tools/eval.py reads it from the checkpoint)."
     )
+
+
+def _fixed_buffer(module: nn.Module, key: str) -> torch.Tensor | None:
+    """The non-persistent buffer that ``key`` names in ``module`` (a table it computes itself), or None."""
+    path, _, name = key.rpartition(".")
+    try:
+        owner = module.get_submodule(path) if path else module
+    except AttributeError:
+        return None
+    if name in getattr(owner, "_non_persistent_buffers_set", ()):
+        return getattr(owner, name, None)
+    return None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -115,8 +153,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------- pretrained weights
 # Keys that a pretraining checkpoint may hold besides the encoder, and that fine-tuning drops on purpose.
-_DROPPED_PREFIXES = ("decoder_", "mask_token", "decoder.", "head.", "fc_norm.")
-_BACKBONE_ROOTS = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
+_DROPPED_PREFIXES = ("decoder_", "mask_token", "decoder.", "head.")
+_BACKBONE_ROOTS = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.", "fc_norm.")
 
 
 def _state_dict_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -143,23 +181,41 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[
     Accepts pixelformer checkpoints of any task (the encoder is found under its prefix, e.g. ``backbone.`` or
     ``model.encoder.``), the reference MAE format (``{"model": state_dict}`` with timm ViT names) and timm state
     dicts. Decoder weights, the mask token and a head whose shape does not fit are dropped; a learned position
-    embedding of another grid is resized. Anything else that does not fit is an error naming the keys, never a
-    silent ``strict=False``.
+    embedding of another grid is resized. A position table saved for a model that computes its own (sin-cos) must
+    equal that table, at the checkpoint's grid. A final ``norm`` gives way to a fresh ``fc_norm`` when the model
+    pools before normalising (MAE's fine-tuning with global pooling). Anything else that does not fit is an error
+    naming the keys, never a silent ``strict=False``.
 
     Returns:
-        ``{"loaded": [...], "dropped": [...], "reinitialised": [...]}``; keys relative to the backbone.
+        ``{"loaded": [...], "dropped": [...], "reinitialised": [...], "matched_fixed": [...]}``; keys relative to the
+        backbone. ``matched_fixed``: saved tables equal to the model's fixed one (kept, not loaded).
     """
     ckpt = read_checkpoint(path)
     state = _state_dict_of(ckpt)
     expected = backbone.state_dict()
     prefix = _backbone_prefix(state, set(expected))
     found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    loaded, dropped, problems = {}, [], []
+    loaded, dropped, matched_fixed, problems = {}, [], [], []
+    # MAE fine-tuning with global pooling: the pretrained encoder's final norm is dropped and fc_norm starts fresh.
+    norm_to_fc_norm = ("fc_norm.weight" in expected and "norm.weight" not in expected and "norm.weight" in found
+                       and "fc_norm.weight" not in found)
     for key, value in found.items():
         if key in expected and (value.shape == expected[key].shape or key == "pos_embed"):
             loaded[key] = value
-        elif key.startswith(_DROPPED_PREFIXES) or (key == "pos_embed" and "pos_embed" not in expected):
-            dropped.append(key)  # decoder / mask token / unfit head / a fixed table the model computes itself
+        elif key == "pos_embed":  # the model computes its table (sincos) or has none
+            problem = _fixed_table_problem(backbone, value, 1 if "cls_token" in found else 0)
+            if problem:
+                problems.append(problem)
+            else:
+                matched_fixed.append(key)
+        elif norm_to_fc_norm and key.startswith("norm."):
+            dropped.append(key)
+        elif key.startswith("fc_norm.") and key not in expected:
+            if key == "fc_norm.weight":  # one line for the pair
+                problems.append("fc_norm: the checkpoint normalises after pooling (timm's global_pool='avg', MAE's "
+                                "fine-tuned models): set model.pool=mean (or model.fc_norm=true)")
+        elif key.startswith(_DROPPED_PREFIXES):
+            dropped.append(key)  # decoder / mask token / unfit head
         elif key in expected:
             problems.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}")
         elif key.startswith(_BACKBONE_ROOTS):
@@ -170,16 +226,36 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[
     parent = prefix[: prefix[:-1].rfind(".") + 1] if prefix else ""
     dropped += [k[len(parent):] if k.startswith(parent) else k for k in state if not k.startswith(prefix)]
     reinitialised = sorted(k for k in expected if k not in loaded)
-    problems += [f"{k}: in the model but not in the checkpoint" for k in reinitialised if not k.startswith("head.")]
+    fresh = ("head.", "fc_norm.") if norm_to_fc_norm else ("head.",)
+    problems += [f"{k}: in the model but not in the checkpoint" for k in reinitialised if not k.startswith(fresh)]
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise CheckpointError(
             f"{path} does not fit the model's backbone (encoder keys found under prefix {prefix!r}):\n  "
             + "\n  ".join(problems[:10]) + more
             + "\n  Configure the model like the pretrained encoder (model.depth, model.embed_dim, model.patch_size, "
-              "model.pos_embed, model.pool / class_token)."
+              "model.pos_embed, model.pool / class_token / fc_norm)."
         )
     backbone.load_state_dict(loaded, strict=False)
     if any(k.startswith("head.") for k in reinitialised) and hasattr(backbone, "reset_classifier"):
         backbone.reset_classifier(backbone.num_classes)  # MAE fine-tuning: a fresh head with a tiny init
-    return {"loaded": sorted(loaded), "dropped": sorted(dropped), "reinitialised": reinitialised}
+    return {"loaded": sorted(loaded), "dropped": sorted(dropped), "reinitialised": reinitialised,
+            "matched_fixed": sorted(matched_fixed)}
+
+
+def _fixed_table_problem(backbone: nn.Module, table: torch.Tensor, num_prefix_tokens: int) -> str | None:
+    """Why a checkpoint's position table cannot go into a model without a learned one; None when it fits.
+
+    It fits a sin-cos model when it is the sin-cos table of its own grid (the model computes the same at any grid),
+    and a model without positions only when it is all zeros.
+    """
+    sincos = is_sincos_table(table, num_prefix_tokens)
+    if getattr(backbone, "pos_embed", None) is not None:
+        if sincos:
+            return None
+        return ("pos_embed: the checkpoint's position table is not the fixed sin-cos table this model computes "
+                "(model.pos_embed=sincos): set model.pos_embed=learned to load it")
+    if not sincos and not table.any():
+        return None
+    return (f"pos_embed: the checkpoint has a {'fixed sin-cos' if sincos else 'learned'} position table but the "
+            f"model has none (model.pos_embed=none): set model.pos_embed={'sincos' if sincos else 'learned'}")

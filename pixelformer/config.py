@@ -43,6 +43,10 @@ class ModelCfg:
     pos_embed: Optional[Literal["sincos", "learned", "none"]] = None
     pool: Optional[Literal["cls", "mean"]] = None
     class_token: Optional[bool] = None
+    # Normalise after pooling (timm's global_pool="avg", MAE fine-tuning) instead of every token before it;
+    # None: on for pool=mean, off for pool=cls. false keeps the norm-then-mean of earlier pool=mean runs.
+    fc_norm: Optional[bool] = None
+    norm_eps: Optional[float] = None  # LayerNorm epsilon; None: 1e-6 (timm's ViT, MAE, DiT); 1e-5 = PyTorch default
     depth: Optional[int] = None
     embed_dim: Optional[int] = None
     num_heads: Optional[int] = None

@@ -234,8 +234,11 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         module = task.build_module(cfg, info)
     if cfg.init_from and resume_path is None:
         report = task.init_from(module, cfg.init_from)
-        fabric.print(f"init_from {cfg.init_from}: loaded {len(report['loaded'])} tensors; dropped "
-                     f"{_summarise(report['dropped'])}; re-initialised {_summarise(report['reinitialised'])}")
+        fabric.print(f"init_from {cfg.init_from}: loaded {len(report['loaded'])} tensors"
+                     + "".join(f" from the {s}" for s in report.get("source", []))
+                     + f"; dropped {_summarise(report['dropped'])}"
+                     + f"; re-initialised {_summarise(report['reinitialised'])}"
+                     + "".join(f"; {k} equals the model's fixed table (kept)" for k in report.get("matched_fixed", [])))
     if cfg.trainer.grad_checkpointing:
         for sub in module.modules():
             if hasattr(sub, "set_grad_checkpointing"):

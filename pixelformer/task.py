@@ -70,6 +70,9 @@ class Task:
         """Initialise from pretrained weights (``init_from=``): by default the encoder, ``module.backbone``."""
         from .checkpoint import load_backbone_weights
 
+        if not isinstance(getattr(module, "backbone", None), nn.Module):
+            raise UserError(f"init_from={path}: task {self.name} has no encoder to initialise and does not support "
+                            f"init_from; drop it to train from scratch")
         return load_backbone_weights(module.backbone, path)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,13 @@ class ClsTaskCfg(TaskCfg):
     label_smoothing: float = 0.0
 
 
-def build_backbone(cfg: DictConfig, data: DataInfo, num_classes: int = 0) -> nn.Module:
-    """The configured backbone sized for ``data``; model errors (e.g. a size the patches cannot tile) are the user's."""
+def build_backbone(cfg: DictConfig, data: DataInfo, num_classes: int = 0, **defaults: Any) -> nn.Module:
+    """The configured backbone sized for ``data``; model errors (e.g. a size the patches cannot tile) are the user's.
+
+    ``defaults`` replace the registered defaults of model keys that the config leaves unset (``None``).
+    """
     overrides = {k: v for k, v in cfg.model.items() if k != "name"}
+    overrides.update({k: v for k, v in defaults.items() if overrides.get(k) is None})
     try:
         return create_backbone(cfg.model.name, img_size=data.img_size, in_chans=data.in_chans,
                                num_classes=num_classes, **overrides)

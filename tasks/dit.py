@@ -14,7 +14,7 @@ import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import TaskCfg
 from pixelformer.data import DataInfo
 from pixelformer.diffusion import build_train_scheduler, sample, update_ema
-from pixelformer.errors import UserError
+from pixelformer.errors import CheckpointError, UserError
+from pixelformer.layers import is_sincos_table, resize_pos_embed
 from pixelformer.metrics import ClassifierFeatures, build_fid, load_classifier
 from pixelformer.models import DiT, create_dit
 from pixelformer.task import Task, register_task
@@ -78,7 +80,7 @@ class DiffusionTrainer(nn.Module):
 
 def build_denoiser(cfg: DictConfig, data: DataInfo) -> DiT:
     model = cfg.model
-    unsupported = [k for k in ("pool", "class_token", "drop_rate", "attn_drop_rate", "drop_path_rate")
+    unsupported = [k for k in ("pool", "class_token", "fc_norm", "drop_rate", "attn_drop_rate", "drop_path_rate")
                    if model.get(k) is not None]
     if unsupported:
         raise UserError(f"model.{unsupported[0]} has no meaning for the dit denoiser; remove it")
@@ -88,10 +90,79 @@ def build_denoiser(cfg: DictConfig, data: DataInfo) -> DiT:
         return create_dit(model.name, img_size=data.img_size, in_chans=data.in_chans, num_classes=data.num_classes,
                           patch_size=model.patch_size, depth=model.depth, embed_dim=model.embed_dim,
                           num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, pos_embed=model.pos_embed,
-                          class_dropout_prob=cfg.task.label_dropout)
+                          norm_eps=model.norm_eps, class_dropout_prob=cfg.task.label_dropout)
     except ValueError as e:
         raise UserError(f"cannot build a DiT {model.name} for {data.name} ({data.img_size}x{data.img_size}x"
                         f"{data.in_chans}): {e}") from None
+
+
+_LABEL_TABLE = "y_embedder.embedding_table.weight"
+
+
+def denoiser_state(ckpt: dict[str, Any], path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The denoiser weights in a checkpoint and where they came from; refuses checkpoints that hold no DiT.
+
+    A pixelformer dit checkpoint gives its EMA weights when it has them (what evaluation and sampling use), else
+    its training weights; a plain DiT state dict (reference key names, optionally under ``ema`` or ``model``) is
+    taken as it is.
+    """
+    config = ckpt.get("config")
+    task = config.get("task", {}).get("name") if isinstance(config, dict) else None
+    if task == "dit":
+        if isinstance(ckpt.get("ema"), dict):
+            return ckpt["ema"], "EMA weights"
+        model = ckpt.get("model", {})
+        return {k[len("denoiser."):]: v for k, v in model.items() if k.startswith("denoiser.")}, "training weights"
+    state = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    if task is None and "t_embedder.mlp.0.weight" in state and "x_embedder.proj.weight" in state:
+        return state, "DiT weights"
+    what = f"a {task} checkpoint" if task else "not a DiT checkpoint (no t_embedder / x_embedder keys)"
+    raise CheckpointError(f"init_from={path} is {what}: a dit denoiser starts only from a dit checkpoint (a task=dit "
+                          f"run's, or a DiT state dict), since an encoder has no adaLN timestep/label conditioning "
+                          f"layers; drop init_from to train from scratch")
+
+
+def load_denoiser_weights(denoiser: DiT, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """Load ``state`` into ``denoiser`` key for key and shape for shape, and report what happened.
+
+    Allowed differences: the label table of another number of classes (re-initialised), a learned position table of
+    another grid (resized), a saved fixed table equal to the model's sin-cos one (kept), and a learned table the
+    checkpoint lacks (it starts from the sin-cos table, as DiT's learned tables do). Anything else is an error.
+    """
+    expected = denoiser.state_dict()
+    loaded, reinitialised, matched, problems = {}, [], [], []
+    for key, value in state.items():
+        want = expected.get(key)
+        if want is not None and value.shape == want.shape:
+            loaded[key] = value
+        elif want is not None and key == _LABEL_TABLE and value.shape[1:] == want.shape[1:]:
+            reinitialised.append(key)  # another number of classes: the rows mean other labels
+        elif want is not None and key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want.shape[-1]:
+            loaded[key] = resize_pos_embed(value, denoiser.x_embedder.grid_size, 0)
+        elif want is not None:
+            problems.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want.shape)}")
+        elif key == "pos_embed" and value.shape[-1] == denoiser.pos_embed.shape[-1] and is_sincos_table(value, 0):
+            matched.append(key)
+        elif key == "pos_embed":
+            problems.append("pos_embed: the checkpoint's position table is not the fixed sin-cos table this model "
+                            "computes (model.pos_embed=sincos): set model.pos_embed=learned to load it")
+        else:
+            problems.append(f"{key}: in the checkpoint but not in the model")
+    for key in sorted(set(expected) - set(state)):
+        if key == "pos_embed":
+            reinitialised.append(key)
+        else:
+            problems.append(f"{key}: in the model but not in the checkpoint")
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(
+            f"the checkpoint's {source} do not fit this dit denoiser:\n  " + "\n  ".join(problems[:10]) + more
+            + "\n  Configure the model like the checkpoint's (model=<its size>, model.depth, model.embed_dim, "
+              "model.num_heads, model.patch_size, model.pos_embed) on data with the same channels."
+        )
+    denoiser.load_state_dict(loaded, strict=False)
+    return {"loaded": sorted(loaded), "dropped": [], "reinitialised": sorted(reinitialised),
+            "matched_fixed": matched, "source": [source]}
 
 
 @register_task
@@ -123,6 +194,11 @@ class DiTTask(Task):
         self.scheduler_config = dict(scheduler.config)
         self.ema_decay = t.ema_decay
         return DiffusionTrainer(build_denoiser(cfg, data), scheduler, data.mean, data.std)
+
+    def init_from(self, module: nn.Module, path: str) -> dict[str, list[str]]:
+        """Start the denoiser (and so its EMA) from another DiT's weights; see :func:`load_denoiser_weights`."""
+        state, source = denoiser_state(read_checkpoint(path), path)
+        return load_denoiser_weights(module.denoiser, state, source)
 
     def extra_state(self, fabric: Fabric, module: nn.Module) -> dict[str, nn.Module]:
         if self.ema is None:  # DiT's recipe: the EMA starts as an exact copy
@@ -196,7 +272,7 @@ class DiTTask(Task):
 
 def load_for_sampling(path: str | Path) -> tuple[DiT, DataInfo, dict]:
     """The EMA denoiser of a dit checkpoint, its data description and its training noise schedule."""
-    from pixelformer.checkpoint import check_state_dict, read_checkpoint
+    from pixelformer.checkpoint import check_state_dict
     from pixelformer.config import saved_run
 
     ckpt = read_checkpoint(path)

@@ -39,6 +39,13 @@ class MAETaskCfg(TaskCfg):
     num_vis: int = 8  # test images in the reconstruction picture
 
 
+def build_encoder(cfg: DictConfig, data: DataInfo) -> nn.Module:
+    """The encoder to pretrain. MAE's pretraining encoder ends with a norm on every token whatever the pooling, so
+    ``model.fc_norm`` defaults to false here (fine-tuning with ``pool=mean`` then drops that norm and starts a fresh
+    ``fc_norm``, MAE's recipe)."""
+    return build_backbone(cfg, data, num_classes=0, fc_norm=False)
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over masked tokens only: (B, N, P) predictions and targets, (B, N) mask with 1 = masked."""
     per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
@@ -72,11 +79,13 @@ class MAEPretrainer(nn.Module):
 
 
 def encoder_features(fabric: Fabric, encoder: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled, L2-normalised encoder features and labels of a whole (sharded) split, gathered on every process."""
+    """Pooled (and ``fc_norm``-ed, where the encoder has one), L2-normalised features and labels of a whole
+    (sharded) split, gathered on every process."""
     feats, labels = [], []
     for images, y in loader:
         with fabric.autocast():
-            feats.append(F.normalize(encoder.pool_tokens(encoder.forward_features(images)).float(), dim=-1))
+            feats.append(F.normalize(encoder.forward_head(encoder.forward_features(images), pre_logits=True).float(),
+                                     dim=-1))
         labels.append(y)
     return _gather(fabric, torch.cat(feats)), _gather(fabric, torch.cat(labels))
 
@@ -120,7 +129,7 @@ class MAETask(Task):
         t = cfg.task
         if not 0 <= t.mask_ratio < 1:
             raise UserError(f"task.mask_ratio must be in [0, 1), got {t.mask_ratio}")
-        encoder = build_backbone(cfg, data, num_classes=0)
+        encoder = build_encoder(cfg, data)
         if t.norm_pix_loss and encoder.patch_embed.patch_size ** 2 * data.in_chans == 1:
             raise UserError("task.norm_pix_loss=true normalises each token by its own mean and variance, but a 1x1 "
                             "patch of a 1-channel image holds a single value (the target would be all zeros): keep "
@@ -141,7 +150,7 @@ class MAETask(Task):
         if cfg.task.knn_random_baseline:
             if self._random_baseline is None:  # the same architecture, freshly initialised: computed once
                 torch.manual_seed(cfg.run.seed)
-                fresh = fabric.to_device(build_backbone(cfg, self.info, num_classes=0)).eval()
+                fresh = fabric.to_device(build_encoder(cfg, self.info)).eval()
                 self._random_baseline = self._knn(fabric, fresh, loaders, cfg)
             metrics["test/knn_acc_random_init"] = self._random_baseline
         return metrics

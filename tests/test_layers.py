@@ -68,9 +68,9 @@ def test_sincos_table():
     assert table.shape == (1, 17, 16)
     assert torch.equal(table[0, 0], torch.zeros(16))  # CLS slot
     grid = table[0, 1:].reshape(4, 4, 16)
-    # first half encodes the row, second half the column
-    assert torch.allclose(grid[1, 0, :8], grid[1, 3, :8]) and not torch.allclose(grid[0, 0, :8], grid[1, 0, :8])
-    assert torch.allclose(grid[0, 2, 8:], grid[3, 2, 8:]) and not torch.allclose(grid[0, 0, 8:], grid[0, 1, 8:])
+    # first half encodes the column, second half the row (MAE's and DiT's layout)
+    assert torch.allclose(grid[0, 1, :8], grid[3, 1, :8]) and not torch.allclose(grid[0, 0, :8], grid[0, 1, :8])
+    assert torch.allclose(grid[2, 0, 8:], grid[2, 3, 8:]) and not torch.allclose(grid[0, 0, 8:], grid[1, 0, 8:])
     assert len({tuple(v.tolist()) for v in table[0, 1:]}) == 16  # every position distinct
 
 

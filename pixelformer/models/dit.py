@@ -17,7 +17,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from ..layers import Attention, PatchEmbed, build_sincos_2d_pos_embed
+from ..layers import Attention, PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table
 from .vision_transformer import FAMILY_PATCH_SIZE, MODEL_SIZES
 
 __all__ = ["DiT", "DiTBlock", "LabelEmbedder", "TimestepEmbedder", "create_dit"]
@@ -74,11 +74,11 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Pre-norm transformer block whose norms are modulated (adaLN-Zero) by the conditioning vector."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=lambda: nn.GELU("tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -92,9 +92,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated norm and a linear map from each token to its patch of output values."""
 
-    def __init__(self, dim: int, patch_size: int, out_chans: int) -> None:
+    def __init__(self, dim: int, patch_size: int, out_chans: int, norm_eps: float = 1e-6) -> None:
         super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_chans)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
@@ -114,15 +114,19 @@ class DiT(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio: Transformer size.
         class_dropout_prob: Label dropout in training (classifier-free guidance).
         learn_sigma: Also output a variance channel per input channel (output has 2 x in_chans channels).
-        pos_embed: ``sincos`` (DiT's fixed table) or ``learned``.
+        pos_embed: ``sincos`` (DiT's fixed table) or ``learned`` (starting from that table).
+        norm_eps: LayerNorm epsilon (DiT's is 1e-6).
     """
 
     def __init__(self, img_size: int = 32, patch_size: int = 1, in_chans: int = 3, num_classes: int = 10,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 class_dropout_prob: float = 0.1, learn_sigma: bool = False, pos_embed: str = "sincos") -> None:
+                 class_dropout_prob: float = 0.1, learn_sigma: bool = False, pos_embed: str = "sincos",
+                 norm_eps: float = 1e-6) -> None:
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"DiT pos_embed must be sincos or learned, got {pos_embed!r}")
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {norm_eps}")
         self.in_chans, self.num_classes = in_chans, num_classes
         self.out_chans = 2 * in_chans if learn_sigma else in_chans
         self.x_embedder = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -133,8 +137,8 @@ class DiT(nn.Module):
             self.pos_embed = nn.Parameter(table.clone())
         else:
             self.register_buffer("pos_embed", table, persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(embed_dim, patch_size, self.out_chans)
+        self.blocks = nn.ModuleList([DiTBlock(embed_dim, num_heads, mlp_ratio, norm_eps) for _ in range(depth)])
+        self.final_layer = FinalLayer(embed_dim, patch_size, self.out_chans, norm_eps)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -167,6 +171,12 @@ class DiT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        load_fixed_table(self, "pos_embed", state_dict, prefix, error_msgs)  # checked, never dropped unseen
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 def create_dit(backbone: str, **overrides: Any) -> DiT:

@@ -14,7 +14,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from ..layers import Block, build_sincos_2d_pos_embed
+from ..layers import Block, build_sincos_2d_pos_embed, load_fixed_table
 from .vision_transformer import VisionTransformer
 
 __all__ = ["MaskedAutoencoder", "random_masking"]
@@ -56,20 +56,23 @@ class MaskedAutoencoder(nn.Module):
         decoder_depth: Decoder blocks.
         decoder_heads: Decoder attention heads.
         mlp_ratio: Decoder MLP ratio.
+        norm_eps: LayerNorm epsilon of the decoder; ``None`` takes the encoder's (MAE uses one norm layer for both).
     """
 
     def __init__(self, encoder: VisionTransformer, decoder_dim: int = 128, decoder_depth: int = 2,
-                 decoder_heads: int = 4, mlp_ratio: float = 4.0) -> None:
+                 decoder_heads: int = 4, mlp_ratio: float = 4.0, norm_eps: float | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         embed = encoder.patch_embed
         self.num_prefix_tokens = encoder.num_prefix_tokens
+        norm_eps = getattr(encoder, "norm_eps", 1e-6) if norm_eps is None else norm_eps
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         table = build_sincos_2d_pos_embed(decoder_dim, embed.grid_size, self.num_prefix_tokens)
         self.register_buffer("decoder_pos_embed", table, persistent=False)
-        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio, norm_eps=norm_eps)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=norm_eps)
         self.decoder_pred = nn.Linear(decoder_dim, embed.patch_size ** 2 * embed.in_chans)
         self._init_decoder()
 
@@ -84,6 +87,12 @@ class MaskedAutoencoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        load_fixed_table(self, "decoder_pos_embed", state_dict, prefix, error_msgs)  # checked, never dropped unseen
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C): the reconstruction target of each token."""

@@ -17,7 +17,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import Block, PatchEmbed, build_sincos_2d_pos_embed, resize_pos_embed
+from ..layers import Block, PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table, resize_pos_embed
 from ._registry import register_backbone
 
 __all__ = ["VisionTransformer", "MODEL_SIZES"]
@@ -44,6 +44,11 @@ class VisionTransformer(nn.Module):
         pos_embed: ``learned`` (trainable, resized on a resolution change), ``sincos`` (fixed 2D table) or ``none``.
         pool: ``cls`` (CLS token) or ``mean`` (average of the patch tokens).
         class_token: Whether to prepend a CLS token; defaults to ``pool == "cls"``.
+        fc_norm: Normalise after pooling (``fc_norm``) instead of normalising every token before it (``norm``), as
+            timm's ``global_pool="avg"`` and MAE's fine-tuned models do. ``None`` follows timm's rule: on for
+            ``pool="mean"``, off for ``pool="cls"``. ``False`` with ``pool="mean"`` averages normalised tokens.
+        norm_eps: LayerNorm epsilon of every norm (1e-6 in timm's ViT; checkpoints built with PyTorch's default
+            1e-5 need 1e-5 to reproduce their features).
         drop_rate: Dropout after the position embedding, in the MLPs and before the head.
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, increasing linearly to this value over the blocks.
@@ -63,6 +68,8 @@ class VisionTransformer(nn.Module):
             pos_embed: PosEmbedKind = "learned",
             pool: PoolKind = "cls",
             class_token: bool | None = None,
+            fc_norm: bool | None = None,
+            norm_eps: float = 1e-6,
             drop_rate: float = 0.0,
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
@@ -76,9 +83,13 @@ class VisionTransformer(nn.Module):
             class_token = pool == "cls"
         if pool == "cls" and not class_token:
             raise ValueError("pool='cls' needs class_token=True: use pool='mean' for a model without a CLS token")
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {norm_eps}")
+        use_fc_norm = pool == "mean" if fc_norm is None else fc_norm
         self.num_classes = num_classes
         self.pos_embed_kind = pos_embed
         self.pool = pool
+        self.norm_eps = norm_eps
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
         self.grad_checkpointing = False
@@ -98,10 +109,12 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # plain floats: buildable on meta
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i])
+                  drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)
         ])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        # timm's layout: one of the two is a LayerNorm, the other an Identity (no parameters, no checkpoint keys).
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -146,7 +159,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the blocks and the final norm on already-embedded tokens (B, T, D) -> (B, T, D)."""
+        """Run the blocks and the final norm (none with ``fc_norm``) on embedded tokens (B, T, D) -> (B, T, D)."""
         x = self.pos_drop(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -156,7 +169,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, prefix + N, D) normalised tokens."""
+        """(B, C, H, W) -> (B, prefix + N, D) tokens, normalised unless the model normalises after pooling."""
         return self.forward_tokens(self.prepend_prefix(self.embed_patches(x)))
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +179,8 @@ class VisionTransformer(nn.Module):
         return x[:, self.num_prefix_tokens:].mean(dim=1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.pool_tokens(x))
+        """(B, prefix + N, D) tokens -> logits (B, num_classes), or the pooled, normalised features (B, D)."""
+        x = self.head_drop(self.fc_norm(self.pool_tokens(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +228,10 @@ class VisionTransformer(nn.Module):
             table = build_sincos_2d_pos_embed(self.embed_dim, grid, self.num_prefix_tokens).to(self.pos_embed)
             self.register_buffer("pos_embed", table, persistent=False)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        # A saved copy of a fixed table is checked against the model's, never dropped unseen.
+        load_fixed_table(self, "pos_embed", state_dict, prefix, error_msgs)
         # A learned position embedding saved at another resolution is resized on load, so a checkpoint trained at
         # one image size can be evaluated or fine-tuned at another.
         key = prefix + "pos_embed"
@@ -224,7 +241,8 @@ class VisionTransformer(nn.Module):
                 grid = self.patch_embed.grid_size
                 _logger.info("resizing pos_embed %s -> %s", tuple(saved.shape), tuple(self.pos_embed.shape))
                 state_dict[key] = resize_pos_embed(saved, grid, self.num_prefix_tokens)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 # ---------------------------------------------------------------------------------------------- registered sizes
