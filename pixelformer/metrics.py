@@ -22,14 +22,15 @@ class ClassifierFeatures(nn.Module):
     """A trained classifier seen as a feature extractor for images in [0, 1] (normalised internally).
 
     ``forward`` returns the pooled pre-logit features (what the Fréchet distance compares); ``logits`` the class
-    scores.
+    scores. Always float32, whatever precision the classifier was trained or loaded in (e.g. inside a bf16-true
+    run's ``init_module``), so that features do not depend on the run that measures them.
     """
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
-        self.backbone = backbone.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.backbone = backbone.float().eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.num_features = backbone.num_features
 
     def _tokens(self, images01: torch.Tensor) -> torch.Tensor:
@@ -65,14 +66,20 @@ def load_classifier(path: str | Path) -> ClassifierFeatures:
 
 
 def build_fid(features: str, classifier: Optional[ClassifierFeatures], inception_weights: Optional[str],
-              image_shape: tuple[int, int, int]):
-    """A torchmetrics ``FrechetInceptionDistance`` on classifier features, or on Inception-v3 from a local file."""
+              image_shape: tuple[int, int, int], reset_real_features: bool = True):
+    """A torchmetrics ``FrechetInceptionDistance`` on classifier features, or on Inception-v3 from a local file.
+
+    It keeps running sums of the features (mean and covariance), so feeding it one batch of images (B, C, H, W) in
+    [0, 1] at a time bounds memory by the batch, not the split. ``reset_real_features=False``: ``reset()`` drops
+    only the generated images' statistics, so one pass over the real images serves several sets of samples.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if features == "classifier":
         if classifier is None:
             raise UserError("FID on classifier features needs task.classifier_ckpt=<cls checkpoint>")
-        return FrechetInceptionDistance(feature=classifier, normalize=True, input_img_size=image_shape)
+        return FrechetInceptionDistance(feature=classifier, normalize=True, input_img_size=image_shape,
+                                        reset_real_features=reset_real_features)
     if features != "inception":
         raise UserError(f"unknown FID features {features!r}: use classifier or inception")
     try:
@@ -85,5 +92,5 @@ def build_fid(features: str, classifier: Optional[ClassifierFeatures], inception
         raise UserError(f"Inception weights not found at {inception_weights!r}: download "
                         f"weights-inception-2015-12-05-6726825d.pth once and pass task.inception_weights=<path>; "
                         f"nothing is downloaded at run time")
-    return FrechetInceptionDistance(feature=2048, normalize=True,
+    return FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=reset_real_features,
                                     feature_extractor_weights_path=str(Path(inception_weights).expanduser()))

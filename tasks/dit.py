@@ -10,11 +10,12 @@ diffusers provides no variational-bound loss, so the variance is not learned her
 """
 from __future__ import annotations
 
-import copy
+import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import TaskCfg
 from pixelformer.data import DataInfo
-from pixelformer.diffusion import build_train_scheduler, sample, update_ema
+from pixelformer.diffusion import build_train_scheduler, ema_copy, sample, update_ema
 from pixelformer.errors import CheckpointError, UserError
 from pixelformer.layers import is_sincos_table, resize_pos_embed
 from pixelformer.metrics import ClassifierFeatures, build_fid, load_classifier
@@ -76,6 +77,36 @@ class DiffusionTrainer(nn.Module):
         xt = self.scheduler.add_noise(x0, noise, t)
         pred = self.denoiser(xt, t, labels)
         return {"loss": F.mse_loss(pred[:, : x0.shape[1]].float(), noise)}
+
+
+def check_task_config(t: DictConfig) -> None:
+    """Refuse bad ``task.*`` values before training starts, one line each, naming the key, the value and the fix."""
+    if not 0 <= t.label_dropout < 1:
+        raise UserError(f"task.label_dropout must be in [0, 1), got {t.label_dropout}: it is the probability of "
+                        f"dropping a label in training (DiT uses 0.1)")
+    if not math.isfinite(t.cfg_scale):
+        raise UserError(f"task.cfg_scale must be a finite number, got {t.cfg_scale}: 1.0 turns guidance off, "
+                        f"larger values strengthen it (configs/task/dit.yaml uses 2.0)")
+    if t.label_dropout == 0 and t.cfg_scale != 1:  # guidance mixes in the null class, which only label dropout trains
+        raise UserError(f"task.label_dropout=0 with task.cfg_scale={t.cfg_scale}: guidance would use the null-class "
+                        f"embedding, which label dropout never trained; set task.label_dropout>0 (DiT uses 0.1) or "
+                        f"task.cfg_scale=1.0")
+    if t.num_train_timesteps <= 0:
+        raise UserError(f"task.num_train_timesteps must be positive, got {t.num_train_timesteps} (DiT uses 1000)")
+    if t.sample_steps <= 0:
+        raise UserError(f"task.sample_steps must be positive, got {t.sample_steps} (e.g. 50)")
+    if t.sample_steps > t.num_train_timesteps:
+        raise UserError(f"task.sample_steps={t.sample_steps} exceeds task.num_train_timesteps="
+                        f"{t.num_train_timesteps}: a sampler cannot take more steps than the training schedule has; "
+                        f"set task.sample_steps<={t.num_train_timesteps}")
+    if not 0 <= t.ema_decay <= 1:
+        raise UserError(f"task.ema_decay must be in [0, 1], got {t.ema_decay} (DiT uses 0.9999)")
+    if t.num_eval_samples < 2:
+        raise UserError(f"task.num_eval_samples must be at least 2 (the Fréchet distance needs two samples), got "
+                        f"{t.num_eval_samples}")
+    if t.samples_per_class <= 0:
+        raise UserError(f"task.samples_per_class must be positive, got {t.samples_per_class} (columns of "
+                        f"samples.png)")
 
 
 def build_denoiser(cfg: DictConfig, data: DataInfo) -> DiT:
@@ -184,6 +215,7 @@ class DiTTask(Task):
         if t.learn_sigma:
             raise UserError("task.learn_sigma=true needs a variational-bound loss, which diffusers does not provide; "
                             "train epsilon only (learn_sigma=false)")
+        check_task_config(t)
         self.info = data
         if t.classifier_ckpt is not None:
             self.classifier = load_classifier(t.classifier_ckpt)  # fails early, before any training
@@ -201,8 +233,8 @@ class DiTTask(Task):
         return load_denoiser_weights(module.denoiser, state, source)
 
     def extra_state(self, fabric: Fabric, module: nn.Module) -> dict[str, nn.Module]:
-        if self.ema is None:  # DiT's recipe: the EMA starts as an exact copy
-            self.ema = copy.deepcopy(module.module.denoiser).requires_grad_(False).eval()
+        if self.ema is None:  # DiT's recipe: the EMA starts as an exact copy (kept in float32, see ema_copy)
+            self.ema = ema_copy(module.module.denoiser)
         return {"ema": self.ema}
 
     def on_train_step_end(self, module: nn.Module, step: int) -> None:
@@ -221,39 +253,66 @@ class DiTTask(Task):
             return metrics
         if fabric.world_size > 1:
             warnings.warn("sample metrics are computed on rank 0's samples only", stacklevel=2)
-        real = torch.cat([module.module.to_unit_range(images) for images, _ in loaders["test"]])
-        metrics.update(self.sample_metrics(fabric, self.ema, real, cfg, ""))
+        fid = self.real_image_fid(fabric, loaders["test"], cfg)
+        metrics.update(self.sample_metrics(fabric, self.ema, fid, cfg, ""))
         if cfg.task.untrained_baseline:
             if self._baseline is None:
                 torch.manual_seed(cfg.run.seed)
                 fresh = fabric.to_device(build_denoiser(cfg, self.info)).eval()
-                self._baseline = self.sample_metrics(fabric, fresh, real, cfg, "_untrained")
+                self._baseline = self.sample_metrics(fabric, fresh, fid, cfg, "_untrained")
             metrics.update(self._baseline)
         return metrics
 
-    def sample_metrics(self, fabric: Fabric, denoiser: nn.Module, real: torch.Tensor, cfg: DictConfig,
-                       suffix: str) -> dict[str, float]:
-        """FID between samples and real test images, and the classifier's accuracy on the samples."""
+    def real_image_fid(self, fabric: Fabric, loader: DataLoader, cfg: DictConfig):
+        """A Fréchet-distance metric holding the feature statistics of the real test images, fed batch by batch."""
         t = cfg.task
-        labels = torch.arange(t.num_eval_samples, device=fabric.device) % self.info.num_classes
-        fake = self.generate(fabric, denoiser, labels, cfg)
+        shape = (self.info.in_chans, self.info.img_size, self.info.img_size)
+        fid = fabric.to_device(build_fid(t.fid_features, fabric.to_device(self.classifier), t.inception_weights,
+                                         shape, reset_real_features=False))
+        mean = torch.tensor(self.info.mean, device=fabric.device, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.info.std, device=fabric.device, dtype=torch.float32).view(1, -1, 1, 1)
+        for images, _ in loader:  # dataset-normalised -> [0, 1], in float32 whatever the training precision
+            fid.update((images.float() * std + mean).clamp(0, 1), real=True)
+        return fid
+
+    def sample_metrics(self, fabric: Fabric, denoiser: nn.Module, fid, cfg: DictConfig,
+                       suffix: str) -> dict[str, float]:
+        """FID between samples and the real images already in ``fid``, and the classifier's accuracy on the samples.
+
+        Samples are generated, scored and dropped one chunk at a time: memory does not grow with
+        ``task.num_eval_samples``.
+        """
+        t = cfg.task
+        fid.reset()  # drops the previous samples' statistics, keeps the real images' (reset_real_features=False)
         classifier = fabric.to_device(self.classifier)
-        fid = fabric.to_device(build_fid(t.fid_features, classifier, t.inception_weights, tuple(real.shape[1:])))
-        fid.update((real + 1) / 2, real=True)
-        fid.update((fake + 1) / 2, real=False)
-        accuracy = (classifier.logits((fake + 1) / 2).argmax(dim=1) == labels).float().mean().item() * 100
-        return {f"test/fid{suffix}": float(fid.compute()), f"test/sample_acc{suffix}": accuracy}
+        labels = torch.arange(t.num_eval_samples, device=fabric.device) % self.info.num_classes
+        correct = 0
+        for chunk, fake in self.generate_chunks(fabric, denoiser, labels, cfg):
+            fake01 = (fake + 1) / 2
+            fid.update(fake01, real=False)
+            correct += int((classifier.logits(fake01).argmax(dim=1) == chunk).sum())
+        return {f"test/fid{suffix}": float(fid.compute()), f"test/sample_acc{suffix}": 100.0 * correct / len(labels)}
 
     def generate(self, fabric: Fabric, denoiser: nn.Module, labels: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+        """Images in [-1, 1], (len(labels), C, H, W): all chunks of :meth:`generate_chunks` (for small sets)."""
+        return torch.cat([images for _, images in self.generate_chunks(fabric, denoiser, labels, cfg)])
+
+    def generate_chunks(self, fabric: Fabric, denoiser: nn.Module, labels: torch.Tensor,
+                        cfg: DictConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(labels, images)`` chunks of at most the eval batch size, images float32 in [-1, 1], (B, C, H, W).
+
+        One generator over all chunks: the samples depend on ``task.seed`` and the eval batch size. The denoiser
+        runs in eval mode (no label dropout) whatever mode it is in, and is put back afterwards.
+        """
         t = cfg.task
         generator = torch.Generator(fabric.device).manual_seed(t.seed)
         shape = (self.info.in_chans, self.info.img_size, self.info.img_size)
-        outs = []
-        for chunk in labels.split(256):
-            with fabric.autocast():
-                outs.append(sample(denoiser, self.scheduler_config, chunk, shape, t.sample_steps,
-                                   t.cfg_scale, t.sampler, self.info.num_classes, generator).float())
-        return torch.cat(outs)
+        with _eval_mode(denoiser):
+            for chunk in labels.split(eval_batch_size(cfg)):
+                with sampling_precision(fabric.device, cfg.trainer.precision):
+                    images = sample(denoiser, self.scheduler_config, chunk, shape, t.sample_steps, t.cfg_scale,
+                                    t.sampler, self.info.num_classes, generator).float()
+                yield chunk, images
 
     def visualize(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader], cfg: DictConfig,
                   out_dir: Path, step: int) -> list[Path]:
@@ -270,8 +329,38 @@ class DiTTask(Task):
         return [path]
 
 
-def load_for_sampling(path: str | Path) -> tuple[DiT, DataInfo, dict]:
-    """The EMA denoiser of a dit checkpoint, its data description and its training noise schedule."""
+def eval_batch_size(cfg: DictConfig) -> int:
+    """The engine's evaluation batch (``data.eval_batch_size``, default twice the training batch)."""
+    return cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+
+
+_HALF = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16,
+         "16-mixed": torch.float16}
+
+
+def sampling_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to the run's half type around a float32 denoiser (the EMA), or nothing for 32-bit runs.
+
+    Not ``fabric.autocast()``: under bf16-true that switches the default dtype instead, which a float32 EMA cannot
+    take; autocast gives the same half-precision matmuls with float32 weights and inputs.
+    """
+    dtype = _HALF.get(str(precision))
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tuple[DiT, DataInfo, dict]:
+    """The EMA denoiser of a dit checkpoint (float32, eval mode), its data description and its training noise
+    schedule. With ``cfg_scale``, refuses guidance that the checkpoint's training (no label dropout) cannot support."""
     from pixelformer.checkpoint import check_state_dict
     from pixelformer.config import saved_run
 
@@ -279,6 +368,10 @@ def load_for_sampling(path: str | Path) -> tuple[DiT, DataInfo, dict]:
     if ckpt.get("config", {}).get("task", {}).get("name") != "dit" or "ema" not in ckpt:
         raise UserError(f"{path} is not a dit checkpoint (no EMA denoiser in it)")
     cfg, info = saved_run(ckpt)
+    if cfg_scale is not None and cfg.task.label_dropout == 0 and cfg_scale != 1:
+        raise UserError(f"{path} was trained with task.label_dropout=0, so its null-class embedding is untrained and "
+                        f"cfg_scale={cfg_scale} would guide with it: sample with cfg_scale=1.0, or train with "
+                        f"task.label_dropout>0 (DiT uses 0.1)")
     denoiser = build_denoiser(cfg, info)
     check_state_dict(denoiser, ckpt["ema"], f"{path} (ema)")
     denoiser.load_state_dict(ckpt["ema"])

@@ -7,6 +7,7 @@ is refused for single-value tokens and not advised for pixels; it stays useful f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +80,15 @@ class MAEPretrainer(nn.Module):
 
 
 def encoder_features(fabric: Fabric, encoder: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled (and ``fc_norm``-ed, where the encoder has one), L2-normalised features and labels of a whole
-    (sharded) split, gathered on every process."""
+    """Pooled (and ``fc_norm``-ed, where the encoder has one), L2-normalised float32 features (N, D) and labels (N,)
+    of a whole (sharded) split, gathered on every process. The encoder sees one loader batch at a time; only the
+    (N, D) features are kept."""
+    dtype = next(encoder.parameters()).dtype  # bf16-true converts the weights, not the loader's float32 images
     feats, labels = [], []
     for images, y in loader:
         with fabric.autocast():
-            feats.append(F.normalize(encoder.forward_head(encoder.forward_features(images), pre_logits=True).float(),
-                                     dim=-1))
+            tokens = encoder.forward_features(images.to(dtype))
+            feats.append(F.normalize(encoder.forward_head(tokens, pre_logits=True).float(), dim=-1))
         labels.append(y)
     return _gather(fabric, torch.cat(feats)), _gather(fabric, torch.cat(labels))
 
@@ -100,18 +103,50 @@ def _gather(fabric: Fabric, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[i, : int(n)] for i, n in enumerate(sizes)])
 
 
+#: Similarities computed at once by :func:`knn_accuracy` (test rows x training images): 256 MiB in float32.
+KNN_BLOCK_ELEMENTS = 2 ** 26
+
+
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int, temperature: float, num_classes: int) -> float:
-    """Weighted k-NN on cosine similarity (the DINO protocol): top-1 accuracy in percent."""
+    """Weighted k-NN on cosine similarity (the DINO protocol): top-1 accuracy in percent.
+
+    Features (N, D) are L2-normalised. Test images are taken in blocks whose (rows, N_train) similarity matrix
+    holds at most ``KNN_BLOCK_ELEMENTS`` values, so memory does not grow with the test split.
+    """
     k = min(k, len(train_feats))
+    rows = max(1, min(1024, KNN_BLOCK_ELEMENTS // max(len(train_feats), 1)))
     correct = 0
-    for start in range(0, len(test_feats), 1024):
-        sims, idx = (test_feats[start:start + 1024] @ train_feats.T).topk(k, dim=1)
+    for start in range(0, len(test_feats), rows):
+        sims, idx = (test_feats[start:start + rows] @ train_feats.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
         votes = torch.zeros(len(idx), num_classes, device=sims.device)
         votes.scatter_add_(1, train_labels[idx], weights)
-        correct += (votes.argmax(dim=1) == test_labels[start:start + 1024]).sum().item()
+        correct += (votes.argmax(dim=1) == test_labels[start:start + rows]).sum().item()
     return 100.0 * correct / max(len(test_feats), 1)
+
+
+def check_task_config(t: DictConfig) -> None:
+    """Refuse bad ``task.*`` values before training starts, one line each, naming the key, the value and the fix."""
+    if not 0 <= t.mask_ratio < 1:
+        raise UserError(f"task.mask_ratio must be in [0, 1), got {t.mask_ratio}")
+    if t.decoder_dim <= 0 or t.decoder_dim % 4:
+        raise UserError(f"task.decoder_dim must be a positive multiple of 4 (its sin-cos position table has four "
+                        f"parts), got {t.decoder_dim} (MAE's default here: 128)")
+    if t.decoder_depth <= 0:
+        raise UserError(f"task.decoder_depth must be positive, got {t.decoder_depth}: without decoder blocks a "
+                        f"masked token never sees the visible ones (MAE's default here: 2)")
+    if t.decoder_heads <= 0 or t.decoder_dim % t.decoder_heads:
+        divisors = [h for h in range(1, min(t.decoder_dim, 16) + 1) if t.decoder_dim % h == 0]
+        raise UserError(f"task.decoder_heads={t.decoder_heads} does not divide task.decoder_dim={t.decoder_dim}: "
+                        f"use one of {', '.join(map(str, divisors))}")
+    if t.knn_k <= 0:
+        raise UserError(f"task.knn_k must be positive, got {t.knn_k} (the DINO protocol uses 20)")
+    if not (t.knn_temperature > 0 and math.isfinite(t.knn_temperature)):
+        raise UserError(f"task.knn_temperature must be a positive number, got {t.knn_temperature} (the DINO "
+                        f"protocol uses 0.07)")
+    if t.num_vis <= 0:
+        raise UserError(f"task.num_vis must be positive, got {t.num_vis} (test images in reconstructions.png)")
 
 
 @register_task
@@ -127,8 +162,7 @@ class MAETask(Task):
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
         self.info = data
         t = cfg.task
-        if not 0 <= t.mask_ratio < 1:
-            raise UserError(f"task.mask_ratio must be in [0, 1), got {t.mask_ratio}")
+        check_task_config(t)
         encoder = build_encoder(cfg, data)
         if t.norm_pix_loss and encoder.patch_embed.patch_size ** 2 * data.in_chans == 1:
             raise UserError("task.norm_pix_loss=true normalises each token by its own mean and variance, but a 1x1 "
@@ -166,12 +200,17 @@ class MAETask(Task):
         """``reconstructions.png``: rows of originals, masked inputs, and reconstructions with visible pixels."""
         from torchvision.utils import save_image
 
-        images, _ = next(iter(loaders["test"]))
-        images = images[: cfg.task.num_vis]
-        torch.manual_seed(cfg.run.seed)
-        with torch.no_grad():
-            out = module((images, None))
         model = module.model
+        images, _ = next(iter(loaders["test"]))
+        images = images[: cfg.task.num_vis].float()
+        torch.manual_seed(cfg.run.seed)
+        was_training = module.training
+        module.eval()  # the same picture whatever mode the caller left the module in (drop path, dropout)
+        try:
+            with torch.no_grad():
+                out = module((images.to(next(module.parameters()).dtype), None))
+        finally:
+            module.train(was_training)
         pred, mask = out["pred"].float(), out["mask"].unsqueeze(-1)
         if module.norm_pix_loss:  # back from per-token normalised values to pixels
             target = model.patchify(images)

@@ -4,8 +4,8 @@
     python tools/sample.py ckpt=runs/<run>/checkpoints/last.ckpt num_samples=64 cfg_scale=4 steps=50 sampler=ddim
 
 Writes ``samples.png`` (one row per class) and ``samples.npz`` (``images`` uint8 N x H x W x C, ``labels``) into
-``out=`` (default: the run directory). Options: ``sampler=ddim|dpm|ddpm``, ``seed=0``, ``device=cpu|cuda``,
-``class=K`` (only class K).
+``out=`` (default: the run directory). Options: ``sampler=ddim|dpm|ddpm``, ``seed=0``, ``device=cpu|cuda|cuda:N``,
+``class=K`` (only class K), ``batch_size=256`` (samples generated at once: bounds memory; the samples depend on it).
 """
 from __future__ import annotations
 
@@ -19,7 +19,41 @@ from pixelformer.cli import parse_kv, run_main  # noqa: E402
 from pixelformer.errors import UserError  # noqa: E402
 
 OPTIONS = {"ckpt": "", "num_samples": "64", "cfg_scale": "4.0", "steps": "50", "sampler": "ddim", "seed": "0",
-           "out": "", "device": "", "class": ""}
+           "out": "", "device": "", "class": "", "batch_size": "256"}
+
+
+def _int(opts: dict[str, str], key: str, minimum: int | None = None) -> int:
+    try:
+        value = int(opts[key])
+    except ValueError:
+        raise UserError(f"{key}={opts[key]} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise UserError(f"{key}={value} must be at least {minimum}")
+    return value
+
+
+def _device(name: str):
+    """``device=`` as a torch device that exists on this machine (default: cuda if available, else cpu)."""
+    import torch
+
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device={name} but CUDA is not available on this machine: use device=cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device={name} but this machine has {count} CUDA device(s): use cuda:0 to "
+                            f"cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={name} but MPS is not available on this machine: use device=cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={name}: sampling runs on cpu, cuda or mps")
+    return device
 
 
 def main(argv: list[str]) -> int:
@@ -32,13 +66,16 @@ def main(argv: list[str]) -> int:
     if "ckpt" not in own:
         raise UserError("tools/sample.py needs ckpt=PATH (a dit checkpoint)")
     opts = {**OPTIONS, **own}
+    num_samples, steps = _int(opts, "num_samples", 1), _int(opts, "steps", 1)
+    seed, batch_size = _int(opts, "seed"), _int(opts, "batch_size", 1)
+    class_id = _int(opts, "class") if opts["class"] else None
     try:
-        num_samples, steps, seed = int(opts["num_samples"]), int(opts["steps"]), int(opts["seed"])
         cfg_scale = float(opts["cfg_scale"])
-    except ValueError as e:
-        raise UserError(f"bad number: {e}") from None
-    if num_samples < 1 or steps < 1:
-        raise UserError("num_samples and steps must be positive")
+    except ValueError:
+        raise UserError(f"cfg_scale={opts['cfg_scale']} is not a number") from None
+    if not math.isfinite(cfg_scale):
+        raise UserError(f"cfg_scale={opts['cfg_scale']} must be a finite number: 1.0 turns guidance off, larger "
+                        f"values strengthen it")
 
     import numpy as np
     import torch
@@ -49,20 +86,27 @@ def main(argv: list[str]) -> int:
 
     if opts["sampler"] not in SAMPLERS:
         raise UserError(f"sampler={opts['sampler']}: choose one of {', '.join(SAMPLERS)}")
-    device = torch.device(opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(opts["device"])
     ckpt = Path(opts["ckpt"]).expanduser()
-    denoiser, info, schedule = load_for_sampling(ckpt)
+    denoiser, info, schedule = load_for_sampling(ckpt, cfg_scale=cfg_scale)
+    if steps > schedule["num_train_timesteps"]:
+        raise UserError(f"steps={steps} exceeds the {schedule['num_train_timesteps']} timesteps this checkpoint was "
+                        f"trained with: use steps<={schedule['num_train_timesteps']} (e.g. 50)")
+    if class_id is not None and not 0 <= class_id < info.num_classes:  # num_classes itself is the null class
+        raise UserError(f"class={class_id} is outside this checkpoint's classes: use 0 to {info.num_classes - 1}, "
+                        f"or leave class= out for one row per class")
     denoiser = denoiser.to(device)
-    if opts["class"]:
-        labels = torch.full((num_samples,), int(opts["class"]), device=device)
+    if class_id is not None:
+        labels = torch.full((num_samples,), class_id, device=device)
         per_row = min(num_samples, 8)
     else:  # one row per class
         per_row = math.ceil(num_samples / info.num_classes)
         labels = torch.arange(info.num_classes, device=device).repeat_interleave(per_row)[:num_samples]
     generator = torch.Generator(device).manual_seed(seed)
-    images = sample(denoiser, schedule, labels, (info.in_chans, info.img_size, info.img_size), steps, cfg_scale,
-                    opts["sampler"], info.num_classes, generator)
-    images01 = ((images + 1) / 2).cpu()
+    shape = (info.in_chans, info.img_size, info.img_size)
+    images01 = torch.cat([((sample(denoiser, schedule, chunk, shape, steps, cfg_scale, opts["sampler"],
+                                   info.num_classes, generator) + 1) / 2).cpu()
+                          for chunk in labels.split(batch_size)])  # one chunk on the device at a time
     out_dir = Path(opts["out"]) if opts["out"] else (ckpt.parent.parent if ckpt.parent.name == "checkpoints"
                                                       else ckpt.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
