@@ -11,6 +11,7 @@ checkpoint; a run directory has one writer at a time (``pixelformer.rundir``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from .checkpoint import (capture_rng_state, check_state_dict, fsync_and_replace,
                          restore_rng_state)
 from .config import compose_saved, to_plain
 from .data import build_datasets, build_loader
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDirLock, check_resume_config, peek_checkpoint, resolve_resume
@@ -189,12 +190,30 @@ def _rng_devices(fabric: Fabric) -> list:
     return [fabric.device] if fabric.device.type == "cuda" else []
 
 
+def _ignore_stop_signals(inner: Optional[Any], worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if inner is not None:
+        inner(worker_id)
+
+
+def _leave_signals_to_main(loader: Any) -> Any:
+    """Make ``loader``'s worker processes ignore SIGTERM/SIGINT: the main process stops them once it has saved.
+
+    SLURM signals every process of a job and a terminal every process of its group; a worker ended by the signal
+    would make the main process fail (torch's SIGCHLD handler) before it saves.
+    """
+    if getattr(loader, "num_workers", 0) > 0:
+        loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+    return loader
+
+
 def _eval_loaders(fabric: Fabric, cfg: DictConfig, train_set, test_set) -> dict[str, Any]:
     """The test split and the un-augmented training split, sharded over processes, batches moved to the device."""
     batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
     device = fabric.device if cfg.data.on_device else None
-    loaders = {name: build_loader(ds, batch, False, cfg.run.seed, fabric.global_rank, fabric.world_size,
-                                  cfg.data.num_workers, device)
+    loaders = {name: _leave_signals_to_main(build_loader(ds, batch, False, cfg.run.seed, fabric.global_rank,
+                                                         fabric.world_size, cfg.data.num_workers, device))
                for name, ds in (("test", test_set), ("train", train_set.without_augmentation()))}
     if cfg.data.on_device:
         return loaders  # their batches are on the device already
@@ -255,9 +274,12 @@ def _restore_best(resumed: Path, ckpt_dir: Path, progress: Mapping[str, Any]) ->
     best = ckpt_dir / "best.ckpt"
     if progress.get("best_step") != progress["step"] or (best.exists() and best.samefile(resumed)):
         return
-    if best.exists() and (peek_checkpoint(best).get("progress") or {}).get("step") == progress["step"]:
-        return
-    _copy_atomic(resumed, best)
+    try:
+        held = (peek_checkpoint(best).get("progress") or {}).get("step") if best.exists() else None
+    except CheckpointError:
+        held = None  # unreadable: replaced
+    if held != progress["step"]:
+        _copy_atomic(resumed, best)
 
 
 def _load_for_resume(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
@@ -441,8 +463,9 @@ def _train(fabric: Fabric, cfg: DictConfig, task: Task, run_dir: Path, resume_pa
     optimizer = build_optimizer(module, cfg.optim, fabric.device)
 
     batch_size, accum = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
-    train_loader = build_loader(train_set, batch_size, True, cfg.run.seed, fabric.global_rank, fabric.world_size,
-                                cfg.data.num_workers, fabric.device if cfg.data.on_device else None)
+    train_loader = _leave_signals_to_main(build_loader(train_set, batch_size, True, cfg.run.seed, fabric.global_rank,
+                                                       fabric.world_size, cfg.data.num_workers,
+                                                       fabric.device if cfg.data.on_device else None))
     if len(train_loader) == 0:
         raise UserError(f"the training split has {len(train_set)} images, fewer than one batch per process")
     sampler = train_loader.sampler

@@ -205,9 +205,10 @@ SIGNAL_ARGS = [*QUIET, *TINY_MODEL, *FAST, "trainer.precision=32-true", "trainer
 
 
 def train_process(*args):
+    # A session of its own, so that a signal can go to its whole process group, as SLURM and terminals send it.
     return subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), *args], cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for_records(proc, run_dir, timeout=120):
@@ -221,9 +222,9 @@ def wait_for_records(proc, run_dir, timeout=120):
 
 def test_sigterm_saves_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     run_dir = tmp_path / "stopped"
-    proc = train_process(*SIGNAL_ARGS, f"run.dir={run_dir}")
+    proc = train_process(*SIGNAL_ARGS, "data.num_workers=1", f"run.dir={run_dir}")
     wait_for_records(proc, run_dir)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the loader's worker gets it too, and must leave the stop to the trainer
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out[-3000:]
     step = ckpt_step(run_dir / "checkpoints" / "last.ckpt")
