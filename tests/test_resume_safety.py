@@ -136,6 +136,20 @@ def test_a_run_without_last_ckpt_is_not_overwritten(tmp_path):
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 1
 
 
+def test_the_suggested_fix_continues_from_best(run_dir):
+    args = (*FAST, "trainer.max_steps=4", "trainer.eval_every_steps=2")
+    fit(tiny_cfg(run_dir, *args))
+    best = run_dir / "checkpoints" / "best.ckpt"
+    best_step = ckpt_step(best)
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(UserError, match=f"pass resume={best}"):
+        fit(tiny_cfg(run_dir, *args, "resume=auto"))
+    fit(tiny_cfg(run_dir, *args, f"resume={best}"))
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 4
+    steps = [r["step"] for r in records(run_dir) if "train/loss" in r]
+    assert steps == sorted(set(steps)) and best_step in (2, 4)
+
+
 # ------------------------------------------------------------------------------------------ 5. one writer
 HOLD_LOCK = """
 import sys, time
