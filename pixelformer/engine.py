@@ -574,6 +574,7 @@ def _train(fabric: Fabric, cfg: DictConfig, task: Task, run_dir: Path, resume_pa
     images_per_step = batch_size * accum * fabric.world_size
     bar = tqdm(total=total_steps, initial=progress["step"], desc="train", dynamic_ncols=True,
                disable=not (fabric.is_global_zero and cfg.trainer.progress_bar))
+    window.start = time.perf_counter()  # throughput counts training, not the set-up
     module.train()
     while progress["step"] < total_steps:
         start = progress["batches_in_epoch"]  # > 0 only when resuming in the middle of an epoch

@@ -31,25 +31,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["RESUMABLE_KEYS", "RunDirLock", "check_resume_config", "compose_for_resume", "peek_checkpoint",
            "resolve_resume", "resume_source"]
 
-#: Config keys that may differ between a checkpoint and the config that resumes it (a trailing dot: a section).
-#: They say where and how the run is carried out, not what it computes, or they act only from the next step on:
-#:
-#: * ``resume``, ``init_from`` (ignored on resume), ``run.dir``, ``logger.*``;
-#: * ``trainer.progress_bar``, ``trainer.log_every_steps``, ``trainer.eval_every_steps``,
-#:   ``trainer.eval_every_epochs``, ``trainer.ckpt_every_steps``;
-#: * ``trainer.max_steps`` and ``trainer.max_epochs``, as long as the run gets longer (``engine.fit`` checks it;
-#:   the learning-rate schedule is stretched to the new length from the resumed step on);
-#: * ``trainer.grad_clip`` and ``trainer.skip_nonfinite_steps`` (e.g. to get past a NaN stop);
-#: * ``trainer.accelerator``, ``trainer.strategy``, ``trainer.precision``, ``trainer.compile``,
-#:   ``trainer.grad_checkpointing``, ``trainer.deterministic``, ``trainer.cpu_allocator``, ``optim.fused``:
-#:   the same computation, up to rounding;
-#: * ``data.root``, ``data.download``, ``data.num_workers``, ``data.on_device`` (identical batches),
-#:   ``data.eval_batch_size``.
-#:
-#: Everything else is refused: ``task.*``, ``model.*``, ``optim.*`` (the scheduler restores its saved base learning
-#: rates, so a new ``optim.lr`` would not be used), ``run.seed``, and the keys that fix the batches and where an
-#: interrupted epoch resumes (``data.name``, ``data.batch_size``, ``data.limit_*``, ``data.augment``,
-#: ``trainer.devices``, ``trainer.num_nodes``, ``trainer.accumulate_grad_batches``, ...).
+# Config keys that a resume may change (a trailing dot: a whole section); check_resume_config says why.
 RESUMABLE_KEYS: tuple[str, ...] = (
     "resume", "init_from", "run.dir", "logger.",
     "trainer.progress_bar", "trainer.log_every_steps", "trainer.eval_every_steps", "trainer.eval_every_epochs",
@@ -98,19 +80,21 @@ def resume_source(cfg: DictConfig) -> Optional[Path]:
 
 
 def _recorded(run_dir: Path) -> tuple[bool, bool]:
-    """Whether ``metrics.jsonl`` holds training records, and whether the directory holds evaluation results."""
-    train = evaluated = (run_dir / "eval.json").exists()
+    """Whether ``run_dir`` holds any metrics, and whether it holds evaluation results (which every run follows
+    with a checkpoint, so they mean that a checkpoint was lost)."""
+    evaluated = (run_dir / "eval.json").exists()
+    logged = False
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         for line in metrics.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except ValueError:
+            except ValueError:  # a line cut short by a kill
                 continue
             if isinstance(record, dict):
-                train = True
-                evaluated = evaluated or "train/loss" not in record  # every evaluation is followed by a checkpoint
-    return train, evaluated
+                logged = True
+                evaluated = evaluated or "train/loss" not in record
+    return logged or evaluated, evaluated
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
@@ -132,11 +116,11 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     if best.exists():
         raise UserError(f"run directory {run_dir} holds {best} but no last.ckpt: pass resume={best} to continue "
                         f"from the best checkpoint, or choose a new run.dir (starting over would overwrite it)")
-    trained, evaluated = _recorded(run_dir)
+    logged, evaluated = _recorded(run_dir)
     if evaluated:
         raise UserError(f"run directory {run_dir} holds a run's results (metrics.jsonl, eval.json) but no "
                         f"checkpoint to continue it from: choose a new run.dir, or delete {run_dir} to start over")
-    if trained and cfg.resume is None:
+    if logged and cfg.resume is None:
         raise UserError(f"run directory {run_dir} holds a run that stopped before its first checkpoint "
                         f"(metrics.jsonl): pass resume=auto to start it again from step 0, or choose a new run.dir")
     return None  # resume=auto with nothing saved yet: start at step 0 (the same steps are logged again)
@@ -144,7 +128,29 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
 
 # ------------------------------------------------------------------------------------------------ config
 def check_resume_config(saved: Mapping[str, Any], cfg: DictConfig, source: Path) -> None:
-    """Refuse a resume whose config differs from the checkpoint's ``saved`` one outside :data:`RESUMABLE_KEYS`."""
+    """Refuse a resume whose config differs from the checkpoint's ``saved`` one outside :data:`RESUMABLE_KEYS`.
+
+    A resumed run keeps its recipe. The keys that may change say where and how the run is carried out, not what it
+    computes, or act only from the next step on:
+
+    * ``resume``, ``init_from`` (ignored on resume), ``run.dir``, ``logger.*``;
+    * ``trainer.progress_bar``, ``trainer.log_every_steps``, ``trainer.eval_every_steps``,
+      ``trainer.eval_every_epochs``, ``trainer.ckpt_every_steps``;
+    * ``trainer.max_steps`` and ``trainer.max_epochs``, as long as the run gets longer (``engine.fit`` checks that;
+      the learning-rate schedule is stretched to the new length from the resumed step on);
+    * ``trainer.grad_clip`` and ``trainer.skip_nonfinite_steps`` (e.g. to get past a NaN stop);
+    * ``trainer.accelerator``, ``trainer.strategy``, ``trainer.precision``, ``trainer.compile``,
+      ``trainer.grad_checkpointing``, ``trainer.deterministic``, ``trainer.cpu_allocator``, ``optim.fused``: the
+      same computation, up to rounding;
+    * ``data.root``, ``data.download``, ``data.num_workers``, ``data.on_device`` (identical batches),
+      ``data.eval_batch_size``.
+
+    Everything else is refused, each changed key named with its old and new value: ``task.*``, ``model.*``,
+    ``optim.*`` (the scheduler restores its saved base learning rates, so a new ``optim.lr`` would not be used),
+    ``run.seed``, and the keys that fix the batches and where an interrupted epoch resumes (``data.name``,
+    ``data.batch_size``, ``data.limit_*``, ``data.augment``, ``trainer.devices``, ``trainer.num_nodes``,
+    ``trainer.accumulate_grad_batches``, ...).
+    """
     old, new = _flatten(saved), _flatten(to_plain(cfg))
     changed = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not _resumable(k)]
     if changed:
@@ -215,7 +221,10 @@ class RunDirLock:
         """Raise a :class:`UserError` if another process holds the lock (a shared probe: callers never collide)."""
         if fcntl is None or not self.path.exists():
             return
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # unreadable: the acquisition after launch decides
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
