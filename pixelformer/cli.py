@@ -34,7 +34,8 @@ def parse_kv(args: list[str], allowed: dict[str, str]) -> tuple[dict[str, str], 
 
 
 def run_main(main: Callable[[list[str]], int | None]) -> None:
-    """Run ``main(argv)``; a :class:`UserError` prints ``error: ...`` (no traceback) and exits with status 2."""
+    """Run ``main(argv)``; a :class:`UserError` prints ``error: ...`` (no traceback) and exits with status 2, an
+    interrupted run exits with 128 + its signal's number."""
     logging.basicConfig(level=os.environ.get("PIXELFORMER_LOG", "WARNING"))
     # Lightning attaches its own stderr handler to "lightning"; propagating as well would print each line twice.
     logging.getLogger("lightning").propagate = False
@@ -44,7 +45,10 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: resume with resume=auto run.dir=<the run directory>", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        # pixelformer.engine.TrainingInterrupted has saved a checkpoint, printed how to resume, and carries the exit
+        # status of its signal; a bare Ctrl-C elsewhere stops without saving anything.
+        if not hasattr(e, "exit_code"):
+            print("interrupted", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 130))
     sys.exit(code or 0)

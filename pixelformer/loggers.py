@@ -1,7 +1,8 @@
 """Run tracking: a local ``metrics.jsonl`` that is always written, and W&B (online, offline or disabled).
 
 Tracking must never take training down: a W&B logger that fails (no network, no API key, a crash in the service)
-warns once and is switched off, and the run carries on with the local file.
+warns once and is switched off, and the run carries on with the local file; a ``metrics.jsonl`` that cannot be
+written (read-only or full disk) warns once too, and training carries on with its checkpoints.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class JSONLLogger(Logger):
     def __init__(self, run_dir: str | os.PathLike) -> None:
         super().__init__()
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.failed = False  # set by the first write that fails; nothing is written after it
 
     @property
     def name(self) -> str:
@@ -41,8 +43,16 @@ class JSONLLogger(Logger):
         for key, value in metrics.items():
             value = float(value)
             record[key] = value if math.isfinite(value) else str(value)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.failed:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            self.failed = True
+            warnings.warn(f"cannot write {self.path} ({e.strerror or e}): metrics are no longer recorded locally "
+                          f"(W&B still gets them if it is on); training continues and checkpoints are still "
+                          f"written", stacklevel=2)
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
