@@ -30,7 +30,7 @@ from .data import build_datasets, build_loader
 from .errors import UserError
 from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
-from .runtime import auto_precision, tune_cpu_allocator
+from .runtime import auto_precision, check_fits_memory, tune_cpu_allocator
 from .task import Task, get_task
 
 __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "build_fabric", "evaluate_checkpoint", "fit", "resolve_precision",
@@ -230,6 +230,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     fabric.seed_everything(cfg.run.seed, verbose=False)
 
     train_set, test_set, info = build_datasets(cfg.data)
+    check_fits_memory(cfg, info, fabric.device)
     with fabric.init_module():
         module = task.build_module(cfg, info)
     if cfg.init_from and resume_path is None:
