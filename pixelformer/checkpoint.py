@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,14 +51,31 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disallowed globals, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: it is truncated, corrupted or not a torch checkpoint of plain data "
-            f"({type(e).__name__}: {reason[:200]})"
-        ) from None
+        raise CheckpointError(_load_failure(path, e)) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict of state")
     return ckpt
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused ``path``, with torch's own detail.
+
+    torch's message for a disallowed global spans many lines and suggests ``weights_only=False``, which would run the
+    file's code; only the name of the global is kept.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch bolds part of its message with terminal codes
+    # "Unsupported global: GLOBAL m.f" (not allow-listed), or "unsupported GLOBAL m.f whose module m is blocked"
+    found = re.search(r"Unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+ whose module [\w.]+ is blocked"
+                      r"|GLOBAL [\w.]+", text)
+    if found:
+        return (f"cannot read checkpoint {path}: it stores a Python object ({found.group(0)}), and checkpoints are "
+                f"read weights-only (tensors and plain containers) so that no code in a file ever runs: use one "
+                f"written by tools/train.py, or re-save a trusted file's state dict with plain types")
+    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = detail.group(1).strip() if detail else (lines[0] if lines else "")
+    return (f"cannot read checkpoint {path}: it is truncated, corrupted or not a torch checkpoint of plain data "
+            f"({type(error).__name__}{': ' + reason[:200] if reason else ''})")
 
 
 def check_state_dict(module: nn.Module, saved: Mapping[str, torch.Tensor], source: str,

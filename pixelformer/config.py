@@ -7,10 +7,17 @@ A run's config is composed as ``schema < configs/<group>/<choice>.yaml for each 
 ``group=choice`` picks a YAML file of a group (``configs/model/`` may also name any registered backbone);
 ``a.b=value`` sets one key. A misspelt key or a badly typed value is an error naming the key and the closest valid
 one, because every section is a structured (dataclass) config.
+
+Interpolation: the YAML files and the command line may use OmegaConf's ``${...}``, e.g.
+``run.dir=${oc.env:SCRATCH}/runs/a`` or ``data.root=${oc.env:HOME}/data``: they come from the user, whose shell can
+read the same variables. Configs stored in checkpoints are saved resolved and read back literally
+(:func:`compose_saved`): a ``${...}`` in a checkpoint from elsewhere stays plain text and is never expanded.
 """
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -22,7 +29,8 @@ from .errors import UserError
 
 __all__ = [
     "CONFIG_DIR", "GROUPS", "Config", "DataCfg", "LoggerCfg", "ModelCfg", "OptimCfg", "RunCfg", "TaskCfg",
-    "TrainerCfg", "WandbCfg", "compose", "compose_saved", "group_choices", "saved_run", "to_plain",
+    "TrainerCfg", "WandbCfg", "check_accumulation", "compose", "compose_saved", "group_choices", "saved_run",
+    "to_plain",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -92,7 +100,7 @@ class OptimCfg:
 
 @dataclass
 class TrainerCfg:
-    accelerator: str = "auto"  # cpu | gpu | cuda | mps | auto
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "auto"
     devices: int = 1
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -114,6 +122,9 @@ class TrainerCfg:
     # CPU runs: "tuned" keeps freed tensor memory in the process (no page faults per step, see pixelformer/runtime.py);
     # "system" leaves glibc malloc at its defaults.
     cpu_allocator: Literal["tuned", "system"] = "tuned"
+    # Refuse a run whose estimated training memory exceeds what the device has, before building the model
+    # (pixelformer/runtime.py check_fits_memory; the estimate errs low, so only hopeless runs are refused).
+    memory_check: bool = True
 
 
 @dataclass
@@ -232,7 +243,12 @@ def compose(args: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
 
 
 def compose_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
-    """Rebuild a run's config from the plain dict stored in its checkpoint, plus ``key=value`` overrides."""
+    """Rebuild a run's config from the plain dict stored in its checkpoint, plus ``key=value`` overrides.
+
+    The stored values are taken literally: a string holding ``${...}`` stays that string, so a checkpoint from
+    elsewhere cannot make the tools read environment variables or other keys through interpolation. The overrides,
+    which the user types, are interpolated as on the command line of ``compose``.
+    """
     from .task import get_task
 
     try:
@@ -243,7 +259,22 @@ def compose_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
     if choices:
         raise UserError(f"{', '.join(f'{g}=' for g in choices)}: a saved run's config can only be changed key by key "
                         f"(e.g. data.img_size=16, data.root=...), not by picking another group file")
-    return _merge(get_task(task_name).config_cls, task_name, [OmegaConf.create(saved)], overrides)
+    return _merge(get_task(task_name).config_cls, task_name, [OmegaConf.create(_literal(saved))], overrides)
+
+
+def _literal(value: Any) -> Any:
+    """``value`` with every string escaped so that OmegaConf reads it verbatim: ``${...}`` is not interpolated.
+
+    OmegaConf unescapes ``\\${`` to ``${`` and ``\\\\`` to ``\\`` in front of an interpolation, so a run of k
+    backslashes before ``${`` becomes 2k backslashes and an escaped ``\\${``.
+    """
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_literal(v) for v in value]
+    return value
 
 
 def saved_run(ckpt: dict[str, Any], overrides: list[str] = ()) -> tuple[DictConfig, Any]:
@@ -270,41 +301,110 @@ def _merge(task_cls: type, task_name: str, layers: list[DictConfig], overrides: 
     return cfg
 
 
+def _in_range(value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> bool:
+    """Whether ``value`` lies in the interval; NaN never does (every comparison with it is False)."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    return above and below
+
+
 def validate(cfg: DictConfig) -> None:
-    """Checks that the schema's types cannot express; each message says what to change."""
+    """Checks that the schema's types cannot express; each message names the key, its value and what to change.
+
+    Conditions are written so that NaN fails them (``not x >= 0`` rather than ``x < 0``).
+    """
     problems = []
-    if cfg.data.batch_size <= 0:
-        problems.append(f"data.batch_size must be positive, got {cfg.data.batch_size}")
-    if cfg.data.eval_batch_size is not None and cfg.data.eval_batch_size <= 0:
-        problems.append(f"data.eval_batch_size must be positive, got {cfg.data.eval_batch_size}")
-    if cfg.data.img_size is not None and cfg.data.img_size <= 0:
-        problems.append(f"data.img_size must be positive, got {cfg.data.img_size}")
-    if cfg.data.on_device and cfg.data.name == "imagefolder":
+    data, trainer, optim, model = cfg.data, cfg.trainer, cfg.optim, cfg.model
+    if data.batch_size <= 0:
+        problems.append(f"data.batch_size must be positive, got {data.batch_size}")
+    if data.eval_batch_size is not None and data.eval_batch_size <= 0:
+        problems.append(f"data.eval_batch_size must be positive, got {data.eval_batch_size}")
+    if data.img_size is not None and data.img_size <= 0:
+        problems.append(f"data.img_size must be positive, got {data.img_size}")
+    for key in ("limit_train", "limit_test"):
+        if data[key] is not None and data[key] <= 0:
+            problems.append(f"data.{key} must be a positive number of images (or null for all), got {data[key]}")
+    if data.num_workers < 0:
+        problems.append(f"data.num_workers must be >= 0 (0 loads in the training process), got {data.num_workers}")
+    if not _in_range(data.rrc_scale_min, 0, 1, low_open=True, high_open=False):
+        problems.append(f"data.rrc_scale_min must be in (0, 1] (the smallest crop's share of the image), got "
+                        f"{data.rrc_scale_min}")
+    if data.on_device and data.name == "imagefolder":
         problems.append("data.on_device=true needs the whole dataset in memory, but imagefolder decodes files as it "
                         "goes: set data.on_device=false")
-    if cfg.data.on_device and cfg.data.augment != "none":
+    if data.on_device and data.augment != "none":
         problems.append(f"data.on_device=true holds fixed, un-augmented images on the device, but data.augment="
-                        f"{cfg.data.augment}: set data.augment=none or data.on_device=false")
-    if cfg.trainer.max_steps is None and cfg.trainer.max_epochs is None:
+                        f"{data.augment}: set data.augment=none or data.on_device=false")
+
+    for key in ("depth", "embed_dim", "num_heads", "patch_size"):
+        if model[key] is not None and model[key] <= 0:
+            problems.append(f"model.{key} must be positive (or null for the model's default), got {model[key]}")
+    if model.mlp_ratio is not None and not (model.mlp_ratio > 0 and math.isfinite(model.mlp_ratio)):
+        problems.append(f"model.mlp_ratio must be positive (or null for the model's default), got {model.mlp_ratio}")
+    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        if model[key] is not None and not _in_range(model[key], 0, 1):
+            problems.append(f"model.{key} must be in [0, 1) (a probability; 0 turns it off), got {model[key]}")
+
+    if trainer.max_steps is None and trainer.max_epochs is None:
         problems.append("set trainer.max_epochs or trainer.max_steps")
     for key in ("max_steps", "max_epochs", "eval_every_epochs", "eval_every_steps", "ckpt_every_steps"):
-        value = cfg.trainer[key]
+        value = trainer[key]
         if value is not None and value <= 0:
             problems.append(f"trainer.{key} must be positive (or null), got {value}")
-    if cfg.trainer.skip_nonfinite_steps < 0:
+    if trainer.log_every_steps <= 0:
+        problems.append(f"trainer.log_every_steps must be positive, got {trainer.log_every_steps}")
+    if trainer.skip_nonfinite_steps < 0:
         problems.append("trainer.skip_nonfinite_steps must be >= 0")
-    if cfg.trainer.accumulate_grad_batches < 1:
+    if trainer.accumulate_grad_batches < 1:
         problems.append("trainer.accumulate_grad_batches must be >= 1")
-    if cfg.trainer.devices < 1 or cfg.trainer.num_nodes < 1:
+    if trainer.devices < 1 or trainer.num_nodes < 1:
         problems.append("trainer.devices and trainer.num_nodes must be >= 1")
-    if cfg.optim.lr <= 0:
-        problems.append(f"optim.lr must be positive, got {cfg.optim.lr}")
-    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
-        problems.append(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
-    if len(cfg.optim.betas) != 2:
-        problems.append(f"optim.betas needs two values, got {list(cfg.optim.betas)}")
+    # A max norm of 0 zeroes every gradient and a negative one flips their sign (gradient ascent).
+    if trainer.grad_clip is not None and not (trainer.grad_clip > 0 and math.isfinite(trainer.grad_clip)):
+        problems.append(f"trainer.grad_clip must be a positive max gradient norm (null turns clipping off), got "
+                        f"{trainer.grad_clip}")
+
+    lr_ok = optim.lr > 0 and math.isfinite(optim.lr)
+    if not lr_ok:
+        problems.append(f"optim.lr must be a positive, finite number, got {optim.lr}")
+    if not (optim.weight_decay >= 0 and math.isfinite(optim.weight_decay)):
+        problems.append(f"optim.weight_decay must be >= 0 (0 turns it off), got {optim.weight_decay}")
+    if lr_ok and not _in_range(optim.min_lr, 0, optim.lr, high_open=False):
+        problems.append(f"optim.min_lr must be in [0, optim.lr={optim.lr}] (the floor of the cosine decay), got "
+                        f"{optim.min_lr}")
+    if optim.warmup_steps is not None and optim.warmup_steps < 0:
+        problems.append(f"optim.warmup_steps must be >= 0 (or null to use optim.warmup_epochs), got "
+                        f"{optim.warmup_steps}")
+    if not (optim.warmup_epochs >= 0 and math.isfinite(optim.warmup_epochs)):
+        problems.append(f"optim.warmup_epochs must be >= 0, got {optim.warmup_epochs}")
+    if optim.layer_decay is not None and not 0 < optim.layer_decay <= 1:
+        problems.append(f"optim.layer_decay must be in (0, 1], got {optim.layer_decay}")
+    if len(optim.betas) != 2:
+        problems.append(f"optim.betas needs two values, got {list(optim.betas)}")
+    elif not all(_in_range(b, 0, 1) for b in optim.betas):
+        problems.append(f"optim.betas must both be in [0, 1) (AdamW's decay rates, e.g. [0.9, 0.999]), got "
+                        f"{list(optim.betas)}")
+    if not _in_range(optim.momentum, 0, 1):
+        problems.append(f"optim.momentum must be in [0, 1) (e.g. 0.9), got {optim.momentum}")
+
+    if not 0 <= cfg.run.seed < 2 ** 32:
+        problems.append(f"run.seed must be in [0, 2**32 - 1] (what numpy accepts), got {cfg.run.seed}")
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def check_accumulation(cfg: DictConfig, batches_per_epoch: int, num_images: int) -> None:
+    """Refuse ``trainer.accumulate_grad_batches`` above the number of batches in an epoch.
+
+    The loop steps at the end of every epoch, so such a step would sum fewer micro-batches than configured while
+    each loss is still divided by the configured count: smaller gradients and a silently lower learning rate.
+    Called by the training loop once the loader's length is known.
+    """
+    accum = cfg.trainer.accumulate_grad_batches
+    if accum > batches_per_epoch:
+        raise UserError(f"trainer.accumulate_grad_batches={accum} is more than the {batches_per_epoch} batches of an "
+                        f"epoch ({num_images} training images, data.batch_size={cfg.data.batch_size} per process): "
+                        f"set it to at most {batches_per_epoch} or lower data.batch_size")
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

@@ -4,6 +4,11 @@ Datasets: ``digits`` (scikit-learn's 8x8 digits, shipped with the package: the d
 ``cifar100`` (the python-pickle format torchvision downloads, read from ``data.root``) and ``imagefolder``
 (``root/train/<class>/*.png`` and ``root/val/<class>/*`` or ``root/test/<class>/*``).
 
+Data from elsewhere is checked before training: CIFAR pickles are read by an unpickler that builds numpy arrays
+and plain containers only (a crafted file cannot run code) and their shapes and labels are validated; an image
+folder needs at least two classes, and every file a run reads is opened once at start (unreadable ones are named and
+the folder refused, not skipped).
+
 Augmentation randomness is a pure function of (run seed, epoch, sample index): the sampler hands each sample its own
 seed. A run resumed in the middle of an epoch therefore sees exactly the batches and crops that the uninterrupted run
 saw, whatever the number of workers or processes, and data loading never draws from the global RNG that dropout and
@@ -12,6 +17,7 @@ masking use.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,8 +129,40 @@ class ImageFileDataset(ImageTensorDataset):
         ])
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[self.indices[index]]
+        try:
+            image, label = self.folder[self.indices[index]]
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for data that the start-up check passed
+            path = self.folder.samples[self.indices[index]][0]
+            raise UserError(f"cannot decode image {path} ({type(e).__name__}: {e}): remove or replace it, then "
+                            f"resume=auto") from None
         return self.decode(image), label
+
+    def check_files(self, where: Path) -> None:
+        """Open every file this dataset will read and refuse the folder, naming the files, if any is not an image.
+
+        PIL reads each header and ``verify()``-s the file (PNG checksums; a JPEG's header only), about 0.1-1 ms per
+        file, on a few threads: far cheaper than decoding, and it catches non-image, empty and most broken files
+        before training starts. A file that fails only when fully decoded stops the run in :meth:`load`, named.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from PIL import Image
+
+        def unreadable(path: str) -> bool:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                return False
+            except Exception:  # noqa: BLE001 - PIL raises many types for broken files
+                return True
+
+        paths = [self.folder.samples[i][0] for i in self.indices]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            bad = [path for path, broken in zip(paths, pool.map(unreadable, paths, chunksize=64)) if broken]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise UserError(f"imagefolder {where}: {len(bad)} of {len(paths)} files are not readable images: "
+                            f"{', '.join(bad[:3])}{more}; remove or replace them")
 
 
 def _digits(cfg: DictConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -165,19 +203,108 @@ def _cifar(cfg: DictConfig, train: bool, num_classes: int) -> tuple[torch.Tensor
             f"folder (from https://www.cs.toronto.edu/~kriz/) under data.root={cfg.root}, or add data.download=true "
             f"(needs internet)"
         )
-    # Read the pickles directly (torchvision's md5 check would reject re-packed or test files).
+    # Read the pickles directly (torchvision's md5 check would reject re-packed or test files), through an unpickler
+    # that builds numpy arrays and plain containers only: a crafted file cannot run code.
     label_key = "labels" if num_classes == 10 else "fine_labels"
     data, labels = [], []
     for name in files:
-        with open(folder / name, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        data.append(torch.as_tensor(entry["data"], dtype=torch.uint8))
-        labels.extend(entry[label_key])
-    with open(folder / meta_file, "rb") as f:
-        meta = pickle.load(f, encoding="latin1")
-    names = meta["label_names" if num_classes == 10 else "fine_label_names"]
+        images, batch_labels = _cifar_batch(folder / name, label_key, num_classes, cfg.name)
+        data.append(images)
+        labels.append(batch_labels)
+    names = _cifar_names(folder / meta_file, "label_names" if num_classes == 10 else "fine_label_names", num_classes,
+                         cfg.name)
     images = torch.cat(data).reshape(-1, 3, 32, 32)  # stored channel-major per image
-    return images, torch.tensor(labels, dtype=torch.long), list(names)
+    return images, torch.cat(labels), names
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR's python files hold (dicts, lists, strings, numbers, numpy arrays) and nothing else.
+
+    ``pickle.load`` calls any importable function a file names, so a crafted dataset folder could run code; here
+    every global outside numpy's array and scalar reconstruction is refused.
+    """
+
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="latin1")  # the original files were written by Python 2's cPickle
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        allowed = _allowed_globals()
+        if (module, name) not in allowed:
+            raise UserError(f"refusing to read {self.path}: its pickle calls {module}.{name}, which a CIFAR data file "
+                            f"never contains (only numpy arrays, lists, dicts, strings and numbers are read, so a "
+                            f"data file cannot run code): use the original files from "
+                            f"https://www.cs.toronto.edu/~kriz/")
+        return allowed[(module, name)]
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """The globals that numpy arrays and scalars pickle with: ``numpy.core`` (numpy 1 and Python 2) or
+    ``numpy._core`` (numpy 2) spellings, resolved from whichever this numpy has."""
+    import codecs
+
+    import numpy as np
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
+    }
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        if hasattr(numeric, "_frombuffer"):  # arrays in protocol-5 pickles
+            allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+def _read_pickle(path: Path) -> object:
+    try:
+        with open(path, "rb") as f:
+            return _DataUnpickler(f, path).load()
+    except UserError:
+        raise
+    except Exception as e:  # truncated or foreign files: EOFError, UnpicklingError, ValueError, ...
+        raise UserError(f"cannot read {path}: not a CIFAR python-pickle file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}): replace it with the original file") from None
+
+
+def _cifar_batch(path: Path, label_key: str, num_classes: int, dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CIFAR batch file's uint8 (N, 3072) pixels and labels, checked: one line naming the file if wrong."""
+    import numpy as np
+
+    entry = _read_pickle(path)
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        found = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise UserError(f"{path} is not a {dataset} batch: expected a dict with 'data' and '{label_key}', found "
+                        f"{found}")
+    data = entry["data"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path}: 'data' must be an N x 3072 uint8 array (32x32x3 images), found {found}")
+    try:
+        labels = np.asarray(entry[label_key])
+    except (ValueError, TypeError):
+        labels = np.asarray([])  # ragged or otherwise not a flat list: reported below
+    if labels.ndim != 1 or len(labels) != len(data) or (len(labels) and labels.dtype.kind not in "iu"):
+        raise UserError(f"{path}: '{label_key}' must be a list of {len(data)} integer labels (one per image), found "
+                        f"{labels.dtype} values of shape {labels.shape}")
+    if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
+        raise UserError(f"{path}: '{label_key}' holds labels from {labels.min()} to {labels.max()}, outside "
+                        f"[0, {num_classes}) for {dataset}")
+    if not (data.flags.writeable and data.flags.c_contiguous):  # protocol-5 arrays share the file's bytes
+        data = np.array(data, order="C")
+    return torch.from_numpy(data), torch.from_numpy(labels.astype(np.int64))
+
+
+def _cifar_names(path: Path, key: str, num_classes: int, dataset: str) -> list[str]:
+    meta = _read_pickle(path)
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path} is not {dataset}'s meta file: expected '{key}', a list of {num_classes} class names")
+    return names
 
 
 @dataclass
@@ -254,6 +381,7 @@ def build_datasets(cfg: DictConfig) -> tuple[ImageTensorDataset, ImageTensorData
     x_test, y_test = x_test[: cfg.limit_test], y_test[: cfg.limit_test]
     size = cfg.img_size or spec.native_size
     if size != x_train.shape[-1]:
+        _check_resize_fits(cfg, len(x_train) + len(x_test), x_train.shape[1], spec.native_size)
         x_train, x_test = _resize_uint8(x_train, size), _resize_uint8(x_test, size)
     if spec.mean is None:
         pixels = x_train.float().div(255.0).transpose(0, 1).reshape(x_train.shape[1], -1)
@@ -265,6 +393,22 @@ def build_datasets(cfg: DictConfig) -> tuple[ImageTensorDataset, ImageTensorData
     train = ImageTensorDataset(x_train, y_train, normalize, build_train_transform(cfg, info))
     test = ImageTensorDataset(x_test, y_test, normalize)
     return train, test, info
+
+
+def _check_resize_fits(cfg: DictConfig, count: int, channels: int, native: int) -> None:
+    """Refuse a ``data.img_size`` whose resized in-memory dataset cannot fit in this machine's memory.
+
+    Counts 5 bytes per pixel: the uint8 images and their float32 normalised copy, which is also less than the
+    float32 temporaries of resizing the training split (most of the images) take at once.
+    """
+    from . import runtime
+
+    needed = count * channels * cfg.img_size ** 2 * 5
+    available = runtime.available_memory(torch.device("cpu"))
+    if available is not None and needed > available:
+        raise UserError(f"data.img_size={cfg.img_size} resizes the {count:,} {cfg.name} images ({native}x{native} "
+                        f"native) to {cfg.img_size}x{cfg.img_size}, about {runtime.format_bytes(needed)} in memory, "
+                        f"but {runtime.format_bytes(available)} is available: choose a smaller data.img_size")
 
 
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -291,12 +435,18 @@ def _build_imagefolder(cfg: DictConfig, spec: _Spec) -> tuple[ImageTensorDataset
         raise UserError(f"imagefolder {root}: {e}") from None
     if train_folder.classes != test_folder.classes:
         raise UserError(f"imagefolder {root}: train/ and {test_dir.name}/ have different class folders")
+    if len(train_folder.classes) < 2:
+        # One label for every image: accuracy would read 100 % whatever the model learns.
+        raise UserError(f"imagefolder {root}: train/ has {len(train_folder.classes)} class folder "
+                        f"({', '.join(train_folder.classes)}); put the images in at least 2 class sub-folders")
     info = DataInfo(cfg.name, len(train_folder.classes), spec.in_chans, cfg.img_size, spec.mean, spec.std,
                     list(train_folder.classes))
     normalize = _Normalize(spec.mean, spec.std)
     train = ImageFileDataset(train_folder, cfg.img_size, info.in_chans, normalize, build_train_transform(cfg, info),
                              cfg.limit_train)
     test = ImageFileDataset(test_folder, cfg.img_size, info.in_chans, normalize, limit=cfg.limit_test)
+    train.check_files(root / "train")
+    test.check_files(test_dir)
     return train, test, info
 
 

@@ -34,13 +34,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (capture_rng_state, check_state_dict, fsync_and_replace, read_checkpoint,
                          restore_rng_state)
-from .config import compose_saved, to_plain
+from .config import check_accumulation, compose_saved, to_plain
 from .data import build_datasets, build_loader
 from .errors import CheckpointError, UserError
 from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDirLock, check_resume_config, peek_checkpoint, resolve_resume
-from .runtime import auto_precision, tune_cpu_allocator
+from .runtime import auto_precision, check_fits_memory, tune_cpu_allocator
 from .task import Task, get_task
 
 __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "TrainingInterrupted", "build_fabric", "evaluate_checkpoint",
@@ -450,6 +450,7 @@ def _train(fabric: Fabric, cfg: DictConfig, task: Task, run_dir: Path, resume_pa
     fabric.seed_everything(cfg.run.seed, verbose=False)
 
     train_set, test_set, info = build_datasets(cfg.data)
+    check_fits_memory(cfg, info, fabric.device)
     with fabric.init_module():
         module = task.build_module(cfg, info)
     if cfg.init_from and resume_path is None:
@@ -473,6 +474,7 @@ def _train(fabric: Fabric, cfg: DictConfig, task: Task, run_dir: Path, resume_pa
         raise UserError(f"the training split has {len(train_set)} images, fewer than one batch per process")
     sampler = train_loader.sampler
     batches_per_epoch = len(train_loader)
+    check_accumulation(cfg, batches_per_epoch, len(train_set))
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total_steps = _planned_steps(cfg.trainer, steps_per_epoch)
     if saved is not None:

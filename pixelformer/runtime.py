@@ -1,4 +1,4 @@
-"""Process-level settings that make training faster: the CPU allocator, and the precision ``auto`` picks.
+"""Process-level settings: the CPU allocator, the precision ``auto`` picks, and a check that a run fits in memory.
 
 PyTorch's CPU allocator hands large tensors straight to glibc ``malloc``. With glibc's defaults, big blocks are
 ``mmap``-ed fresh and returned to the kernel when freed, and the heap is trimmed, so every training step page-faults
@@ -13,9 +13,25 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
-__all__ = ["tune_cpu_allocator", "cpu_allocator_tuned", "auto_precision", "BF16_MIN_WIDTH_CPU"]
+import torch
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from .data import DataInfo
+
+__all__ = [
+    "BF16_MIN_WIDTH_CPU", "MemoryEstimate", "auto_precision", "available_memory", "check_fits_memory",
+    "cpu_allocator_tuned", "estimate_training_memory", "format_bytes", "tune_cpu_allocator",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -78,11 +94,176 @@ def auto_precision(device_type: str, embed_dim: int) -> str:
     * CPU: ``bf16-mixed`` when the CPU has AMX tiles and the model is at least ``BF16_MIN_WIDTH_CPU`` wide (measured
       faster), else ``32-true`` (measured faster for narrow models; CPUs without AMX are not measured).
     """
-    import torch
-
     if device_type == "cuda":
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     if device_type == "cpu":
         amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
         return "bf16-mixed" if amx and embed_dim >= BF16_MIN_WIDTH_CPU else "32-true"
     return "32-true"
+
+
+# ------------------------------------------------------------------------------------------------ memory check
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one training process needs, in bytes (see :func:`estimate_training_memory`)."""
+    params: int  # number of backbone parameters
+    tokens: int  # tokens per image, prefix tokens included
+    weights: int  # parameters + optimizer state: alive all the time
+    gradients: int
+    activations: int  # stored for the backward pass of one micro-batch
+
+    @property
+    def total(self) -> int:
+        """The peak of a step: backward frees the activations as it allocates the gradients, so the peak holds the
+        weights and the larger of the two (all activations at the end of forward, all gradients at the end of
+        backward)."""
+        return self.weights + max(self.activations, self.gradients)
+
+
+# Elements of activation per token and block of a pre-norm block in training, in units of the width D: the inputs
+# of norm1, qkv, the attention output and proj (D each), q/k/v (3D), norm2's input and output (2D): 8D, plus the
+# MLP's hidden layer before and after GELU (2 x mlp_ratio x D). For PiT-Tiny (D=192, mlp_ratio 4, 12 blocks) in
+# fp32: (8 + 8) x 192 x 12 x 4 B = 147 KB per token, against the 149 KB that throughput.py measured (README,
+# "Memory and tokens"). The fused attention kernel keeps memory linear in tokens (per head, one log-sum-exp value).
+_BLOCK_ACTIVATIONS = 8
+
+
+def _bytes_per_element(precision: str) -> tuple[int, int]:
+    """(parameter bytes, activation bytes) for a Fabric precision; mixed precision counts its activations as 16-bit
+    (measured: 86 KB per token against fp32's 149, so 2 bytes is a lower bound)."""
+    if precision == "bf16-true":
+        return 2, 2
+    if precision in ("bf16-mixed", "16-mixed"):
+        return 4, 2
+    return 4, 4
+
+
+def estimate_training_memory(cfg: DictConfig, info: "DataInfo") -> Optional[MemoryEstimate]:
+    """An estimate, from below, of the peak memory of one process training ``cfg.model`` on ``info``'s images.
+
+    Counts the backbone's parameters (built on the meta device: no memory, no initialisation), the optimizer's state
+    (AdamW: 2 values per parameter, SGD with momentum: 1), the gradients, and the activations that backward needs:
+    ``batch x tokens x depth x D x (8 + 2 x mlp_ratio)`` elements (with ``trainer.grad_checkpointing``, each block's
+    input plus one block's worth), plus ``batch x heads x tokens² x depth x 2`` when attention dropout forces the
+    unfused kernel. Measured on CPU for PiT-Tiny, it is 0.86-0.98x the real peak (tests/test_bad_input.py). What a
+    task adds (an MAE decoder, DiT's conditioning and EMA copy) is not counted, so the estimate errs low. Returns
+    None where the model cannot be built (its own build then reports why).
+    """
+    from .models import create_backbone
+
+    overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
+    try:
+        with torch.device("meta"):
+            backbone = create_backbone(cfg.model.name, img_size=info.img_size, in_chans=info.in_chans,
+                                       num_classes=info.num_classes, **overrides)
+    except Exception:  # noqa: BLE001 - any build problem is reported, with context, by the task's real build
+        return None
+    if not hasattr(backbone, "blocks") or not hasattr(backbone, "patch_embed"):
+        return None
+    params = sum(p.numel() for p in backbone.parameters())
+    param_bytes, act_bytes = _bytes_per_element(cfg.trainer.precision)
+    optimizer_states = 2 if cfg.optim.name == "adamw" else int(cfg.optim.momentum > 0)
+    weights, gradients = params * param_bytes * (1 + optimizer_states), params * param_bytes
+    if cfg.trainer.strategy == "fsdp":  # parameters, gradients and optimizer state are sharded over processes
+        shards = cfg.trainer.devices * cfg.trainer.num_nodes
+        weights, gradients = weights // shards, gradients // shards
+    tokens = backbone.patch_embed.num_patches + getattr(backbone, "num_prefix_tokens", 0)
+    depth, width = len(backbone.blocks), backbone.embed_dim
+    if depth == 0:
+        return MemoryEstimate(params, tokens, weights, gradients, 0)
+    block = backbone.blocks[0]
+    per_block = width * (_BLOCK_ACTIVATIONS + 2 * block.mlp.fc1.out_features / width)
+    stored = width * depth + per_block if cfg.trainer.grad_checkpointing else per_block * depth
+    if (cfg.model.attn_drop_rate or 0) > 0:  # the math kernel stores the attention matrix (and its dropout)
+        attention = block.attn.num_heads * tokens * 2
+        stored += attention if cfg.trainer.grad_checkpointing else attention * depth
+    activations = int(cfg.data.batch_size * tokens * stored * act_bytes)
+    return MemoryEstimate(params, tokens, weights, gradients, activations)
+
+
+def _cgroup_available() -> Optional[int]:
+    """Memory left under this process's cgroup limit (containers), not counting reclaimable page cache."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        if (root / "memory.max").is_file():  # cgroup v2
+            limit_text, stat_file, used_key = (root / "memory.max").read_text().strip(), root / "memory.stat", "anon"
+        elif (root / "memory" / "memory.limit_in_bytes").is_file():  # cgroup v1
+            limit_text = (root / "memory" / "memory.limit_in_bytes").read_text().strip()
+            stat_file, used_key = root / "memory" / "memory.stat", "total_rss"
+        else:
+            return None
+        if limit_text == "max" or int(limit_text) >= 2 ** 60:
+            return None
+        stat = dict(line.split() for line in stat_file.read_text().splitlines() if len(line.split()) == 2)
+        return max(int(limit_text) - int(stat.get(used_key, 0)), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes that a new allocation can still get on ``device``, or None where that is not known.
+
+    CPU: ``MemAvailable`` of /proc/meminfo, or less under a cgroup limit. CUDA: the device's free memory plus what
+    PyTorch's caching allocator holds unused.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.MULTILINE)
+    if not found:
+        return None
+    available = int(found.group(1)) * 1024
+    limit = _cgroup_available()
+    return min(available, limit) if limit is not None else available
+
+
+def format_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'; binary units up to TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def check_fits_memory(cfg: DictConfig, info: "DataInfo", device: torch.device) -> Optional[MemoryEstimate]:
+    """Refuse, before the model is built, a run whose estimated training memory exceeds what ``device`` has.
+
+    The estimate errs low (:func:`estimate_training_memory`), so a refused run would certainly run out of memory;
+    one that passes may still. On CPU, the ``trainer.devices`` processes of this machine share its memory.
+    ``trainer.memory_check=false`` skips the check. Returns the estimate (None where skipped or unknown).
+    """
+    if not cfg.trainer.get("memory_check", True):
+        return None
+    estimate = estimate_training_memory(cfg, info)
+    available = available_memory(torch.device(device))
+    if estimate is None or available is None:
+        return None
+    processes = cfg.trainer.devices if torch.device(device).type == "cpu" else 1
+    needed = estimate.total * processes
+    if needed <= available:
+        return estimate
+    per_process = f" per process, x{processes} processes" if processes > 1 else ""
+    peak = "activations" if estimate.activations >= estimate.gradients else "gradients"
+    if (estimate.weights + estimate.gradients) * processes > available:
+        fixes = "use a smaller model (its weights, gradients and optimizer state alone do not fit)"
+    else:
+        options = ["lower data.batch_size", "use a smaller data.img_size or model"]
+        if not cfg.trainer.grad_checkpointing:
+            options.append("set trainer.grad_checkpointing=true")
+        if cfg.trainer.precision == "32-true":
+            options.append("set trainer.precision=bf16-mixed")
+        fixes = ", ".join(options[:-1]) + " or " + options[-1]
+    raise UserError(
+        f"model {cfg.model.name} ({estimate.params / 1e6:.1f} M parameters) on {info.img_size}x{info.img_size} "
+        f"images ({estimate.tokens:,} tokens) at data.batch_size={cfg.data.batch_size} in {cfg.trainer.precision} "
+        f"needs about {format_bytes(needed)} to train ({format_bytes(estimate.weights)} of weights and optimizer "
+        f"state + {format_bytes(max(estimate.activations, estimate.gradients))} of {peak}{per_process}), but "
+        f"{device} has {format_bytes(available)} available: {fixes} (trainer.memory_check=false skips this check)"
+    )

@@ -1,18 +1,91 @@
 """The catalogue of user mistakes in docs/bad-input.md: each one fails early with a message naming the problem and
 the fix (a UserError, printed without a traceback by the tools)."""
+import importlib.util
+import json
+import pickle
+import sys
+import time
+
+import numpy as np
 import pytest
 import torch
 
 from pixelformer import UserError
-from pixelformer.config import compose
+from pixelformer.config import check_accumulation, compose
 from pixelformer.engine import fit
-from conftest import run_tool, tiny_cfg
+from conftest import REPO, run_tool, tiny_cfg, write_fake_cifar
 
 
 def reference_checkpoint_3ch(path):
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     vit = TimmViT(img_size=8, patch_size=1, in_chans=3, num_classes=0, embed_dim=32, depth=1, num_heads=2)
     torch.save({"model": vit.state_dict()}, path)
+
+
+def image_folder(root, classes=("a", "b"), per_class=2):
+    """root/{train,val}/<class>/<i>.png, small solid images."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (10, 10), (60 * c, 20 * i, 90)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def corrupt_image_folder(root):
+    image_folder(root)
+    (root / "train" / "b" / "broken.png").write_bytes(b"not an image at all")
+
+
+def rewrite_cifar_batch(path, **changes):
+    entry = pickle.loads(path.read_bytes())
+    entry.update(changes)
+    path.write_bytes(pickle.dumps(entry))
+
+
+def cifar_wrong_shape(root):
+    folder = write_fake_cifar(root / "cifar", 10)
+    rewrite_cifar_batch(folder / "data_batch_2", data=np.zeros((8, 1024), np.uint8))
+
+
+def cifar_labels_out_of_range(root):
+    folder = write_fake_cifar(root / "cifar", 100)
+    rewrite_cifar_batch(folder / "train", fine_labels=[100] + [0] * 39)
+
+
+def cifar_label_count(root):
+    folder = write_fake_cifar(root / "cifar", 10)
+    rewrite_cifar_batch(folder / "test_batch", labels=[1, 2, 3])
+
+
+class RunsCode:
+    """Pickles as a call of os.system, which unpickling would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def cifar_with_code(root):
+    folder = write_fake_cifar(root / "cifar", 10)
+    rewrite_cifar_batch(folder / "data_batch_1", labels=RunsCode(root / "ran"))
+
+
+# Files that a catalogue case needs in its temporary directory, by mistake.
+SETUP = {
+    "one-class image folder": lambda tmp: image_folder(tmp / "oneclass", classes=("only",)),
+    "class folder without images": lambda tmp: (image_folder(tmp / "noimages"),
+                                                [f.unlink() for f in (tmp / "noimages" / "val" / "b").iterdir()]),
+    "corrupt file in an image folder": lambda tmp: corrupt_image_folder(tmp / "corrupt"),
+    "CIFAR images of the wrong shape": cifar_wrong_shape,
+    "CIFAR labels out of range": cifar_labels_out_of_range,
+    "CIFAR labels and images of different lengths": cifar_label_count,
+    "CIFAR file that would run code": cifar_with_code,
+}
 
 
 CATALOGUE = [
@@ -45,6 +118,53 @@ CATALOGUE = [
     ("FID classifier checkpoint missing", ["task=dit", "task.classifier_ckpt={tmp}/none.ckpt"], "not found"),
     ("learned sigma without a VLB loss", ["task=dit", "task.learn_sigma=true"], "variational-bound"),
     ("positions switched off for DiT", ["task=dit", "model.pos_embed=none"], "needs positions"),
+    ("depth 0", ["model.depth=0"], "model.depth must be positive (or null for the model's default), got 0"),
+    ("MLP ratio 0", ["model.mlp_ratio=0"], "model.mlp_ratio must be positive"),
+    ("zero attention heads", ["model.num_heads=0"], "model.num_heads must be positive"),
+    ("negative width", ["model.embed_dim=-32"], "model.embed_dim must be positive"),
+    ("patch size 0", ["model=vit_mini", "model.patch_size=0"], "model.patch_size must be positive"),
+    ("dropout of 1", ["model.drop_rate=1.0"], "model.drop_rate must be in [0, 1)"),
+    ("attention dropout above 1", ["model.attn_drop_rate=1.5"], "model.attn_drop_rate must be in [0, 1)"),
+    ("negative drop path", ["model.drop_path_rate=-0.1"], "model.drop_path_rate must be in [0, 1)"),
+    ("negative gradient clip", ["trainer.grad_clip=-1"], "trainer.grad_clip must be a positive max gradient norm"),
+    ("gradient clip 0", ["trainer.grad_clip=0"], "(null turns clipping off), got 0.0"),
+    ("log every 0 steps", ["trainer.log_every_steps=0"], "trainer.log_every_steps must be positive"),
+    ("limit_train 0", ["data.limit_train=0"], "data.limit_train must be a positive number of images"),
+    ("negative limit_test", ["data.limit_test=-5"], "data.limit_test must be a positive number of images"),
+    ("negative weight decay", ["optim.weight_decay=-0.05"], "optim.weight_decay must be >= 0"),
+    ("negative warmup steps", ["optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0"),
+    ("negative warmup epochs", ["optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0"),
+    ("min_lr above lr", ["optim.lr=1e-4", "optim.min_lr=1e-3"], "optim.min_lr must be in [0, optim.lr=0.0001]"),
+    ("negative min_lr", ["optim.min_lr=-1e-6"], "optim.min_lr must be in [0, optim.lr="),
+    ("learning rate NaN", ["optim.lr=nan"], "optim.lr must be a positive, finite number, got nan"),
+    ("learning rate inf", ["optim.lr=inf"], "optim.lr must be a positive, finite number, got inf"),
+    ("Adam beta of 1", ["optim.betas=[0.9,1.0]"], "optim.betas must both be in [0, 1)"),
+    ("SGD momentum of 1", ["optim.name=sgd", "optim.momentum=1.0"], "optim.momentum must be in [0, 1)"),
+    ("negative seed", ["run.seed=-1"], "run.seed must be in [0, 2**32 - 1]"),
+    ("negative loader workers", ["data.num_workers=-1"], "data.num_workers must be >= 0"),
+    ("unsupported accelerator", ["trainer.accelerator=tpu"], "expected one of ['cpu', 'gpu', 'cuda', 'mps', 'auto']"),
+    ("crop scale 0", ["data.augment=rrc_flip", "data.rrc_scale_min=0"], "data.rrc_scale_min must be in (0, 1]"),
+    ("one-class image folder", ["data=imagefolder", "data.root={tmp}/oneclass", "data.img_size=8"],
+     "train/ has 1 class folder (only); put the images in at least 2 class sub-folders"),
+    ("class folder without images", ["data=imagefolder", "data.root={tmp}/noimages", "data.img_size=8"],
+     "Found no valid file for the classes b"),
+    ("corrupt file in an image folder", ["data=imagefolder", "data.root={tmp}/corrupt", "data.img_size=8"],
+     "1 of 5 files are not readable images: {tmp}/corrupt/train/b/broken.png; remove or replace them"),
+    ("CIFAR images of the wrong shape", ["data=cifar10", "data.root={tmp}/cifar"],
+     "data_batch_2: 'data' must be an N x 3072 uint8 array (32x32x3 images), found uint8 array of shape (8, 1024)"),
+    ("CIFAR labels out of range", ["data=cifar100", "data.root={tmp}/cifar"],
+     "'fine_labels' holds labels from 0 to 100, outside [0, 100)"),
+    ("CIFAR labels and images of different lengths", ["data=cifar10", "data.root={tmp}/cifar"],
+     "test_batch: 'labels' must be a list of 20 integer labels"),
+    ("CIFAR file that would run code", ["data=cifar10", "data.root={tmp}/cifar"],
+     "data_batch_1: its pickle calls posix.system"),
+    ("image size beyond the machine's memory", ["data.img_size=100000"],
+     "data.img_size=100000 resizes the 1,797 digits images (8x8 native) to 100000x100000"),
+    ("model too big for the machine's memory",
+     ["model=pit_huge", "model.depth=null", "model.embed_dim=null", "model.num_heads=null", "data.img_size=128"],
+     "M parameters) on 128x128 images (16,385 tokens) at data.batch_size=64 in 32-true needs about"),
+    ("gradient accumulation longer than an epoch", ["data.batch_size=128", "trainer.accumulate_grad_batches=20"],
+     "trainer.accumulate_grad_batches=20 is more than the 11 batches of an epoch"),
 ]
 
 
@@ -52,7 +172,10 @@ CATALOGUE = [
 def test_catalogue(mistake, args, needle, tmp_path):
     (tmp_path / "file").write_text("a file, not a directory")
     reference_checkpoint_3ch(tmp_path / "rgb.pth")
+    if mistake in SETUP:
+        SETUP[mistake](tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    needle = needle.replace("{tmp}", str(tmp_path))
     with pytest.raises(UserError) as info:
         if not any(a.startswith("run.dir=") for a in args):
             args.append(f"run.dir={tmp_path / 'run'}")
@@ -87,3 +210,141 @@ def test_tools_print_the_message_without_a_traceback(tmp_path):
         assert out.returncode == 2, (tool, out.stderr[-2000:])
         assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert compose(["data.batch_size=3"]).data.batch_size == 3
+
+
+# ------------------------------------------------------------------------------------------------ memory check
+def test_too_big_a_model_is_refused_quickly_with_the_estimate(tmp_path, monkeypatch):
+    from pixelformer import runtime
+    from pixelformer.data import DataInfo
+
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 16 * 2 ** 30)  # the same on every machine
+    cfg = tiny_cfg(tmp_path / "run", "model=pit_huge", "model.depth=null", "model.embed_dim=null",
+                   "model.num_heads=null", "data.img_size=32", "trainer.max_steps=1")
+    start = time.perf_counter()
+    with pytest.raises(UserError) as info:
+        fit(cfg)
+    assert time.perf_counter() - start < 30  # it took 4 minutes to die of memory before
+    estimate = runtime.estimate_training_memory(cfg, DataInfo("digits", 10, 1, 32, (0.5,), (0.25,)))
+    # 632 M parameters x (weight + 2 AdamW moments) x 4 bytes, and as much again for the gradients
+    assert estimate.params == sum(p.numel() for p in _meta_pit_huge(32).parameters())
+    assert estimate.weights == estimate.params * 12 and estimate.gradients == estimate.params * 4
+    message = str(info.value)
+    assert f"needs about {runtime.format_bytes(estimate.total)}" in message and "but cpu has 16.0 GiB" in message
+    assert "trainer.memory_check=false skips this check" in message and "\n" not in message
+    # the same run with the check switched off is not refused by it (checked without building the huge model)
+    cfg.trainer.memory_check = False
+    assert runtime.check_fits_memory(cfg, DataInfo("digits", 10, 1, 32, (0.5,), (0.25,)), torch.device("cpu")) \
+        is None
+
+
+def _meta_pit_huge(img_size):
+    from pixelformer.models import create_backbone
+    with torch.device("meta"):
+        return create_backbone("pit_huge", img_size=img_size, in_chans=1, num_classes=10)
+
+
+def test_the_default_run_passes_the_memory_check(tmp_path):
+    from pixelformer.data import build_datasets
+    from pixelformer.runtime import available_memory, check_fits_memory
+
+    cfg = compose(["trainer.accelerator=cpu", "trainer.precision=32-true"])  # pit_mini on digits, batch 64
+    info = build_datasets(cfg.data)[2]
+    estimate = check_fits_memory(cfg, info, torch.device("cpu"))
+    assert estimate is not None and estimate.total < 256 * 2 ** 20 < available_memory(torch.device("cpu"))
+
+
+def test_activation_estimate_matches_the_measured_pit_tiny_figure():
+    # README "Memory and tokens": a PiT-Tiny training step measured 149 KB of activations per token in fp32, ~86 KB
+    # in bf16-mixed (the estimate takes 2 bytes, a lower bound); checkpointing measured 2.7-3.2x less.
+    from pixelformer.data import DataInfo
+    from pixelformer.runtime import estimate_training_memory
+
+    info = DataInfo("x", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
+    per_token = {}
+    for name, extra in (("fp32", []), ("bf16", ["trainer.precision=bf16-mixed"]),
+                        ("ckpt", ["trainer.grad_checkpointing=true"])):
+        cfg = compose(["model=pit_tiny", "data.batch_size=1", "trainer.precision=32-true", *extra])
+        estimate = estimate_training_memory(cfg, info)
+        assert estimate.tokens == 32 * 32 + 1
+        per_token[name] = estimate.activations / estimate.tokens
+    assert per_token["fp32"] == pytest.approx(149e3, rel=0.02)
+    assert 0.5 * 86e3 < per_token["bf16"] <= 86e3
+    assert per_token["ckpt"] < per_token["fp32"] / 2.7
+    # attention dropout forces the math kernel, whose N x N matrices make memory quadratic in tokens
+    cfg = compose(["model=pit_tiny", "data.batch_size=1", "trainer.precision=32-true", "model.attn_drop_rate=0.1"])
+    assert estimate_training_memory(cfg, info).activations > 1.5 * per_token["fp32"] * 1025
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_memory_estimate_is_a_lower_bound_of_a_measured_step(device, monkeypatch):
+    # One training step of PiT-Tiny (257 tokens, batch 4), measured like benchmarks/throughput.py does: the state
+    # that lives across steps plus the step's peak of live tensor bytes. The estimate must stay close to it and not
+    # above it (measured on CPU: 0.98x fp32, 0.86x with checkpointing, 0.86x bf16-mixed), so that the check refuses
+    # only runs that cannot fit.
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_throughput", REPO / "benchmarks" / "throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    from pixelformer.data import DataInfo
+    from pixelformer.models import create_backbone
+    from pixelformer.runtime import estimate_training_memory
+
+    info = DataInfo("x", 10, 3, 16, (0.5,) * 3, (0.25,) * 3)
+    for precision, checkpointing in (("32-true", False), ("32-true", True), ("bf16-mixed", False)):
+        cfg = compose(["model=pit_tiny", "data.batch_size=4", f"trainer.precision={precision}",
+                       f"trainer.grad_checkpointing={str(checkpointing).lower()}"])
+        estimate = estimate_training_memory(cfg, info)
+        torch.manual_seed(0)
+        model = create_backbone("pit_tiny", img_size=16, in_chans=3, num_classes=10).to(device)
+        model.set_grad_checkpointing(checkpointing)
+        step = bench.TrainStep(model, 4, 16, "fp32" if precision == "32-true" else precision, torch.device(device),
+                               in_chans=3, num_classes=10)
+        step()  # the optimizer's moments exist from the first step on
+        measured = step.static_bytes() + bench.transient_peak_bytes(step, torch.device(device))
+        assert 0.4 * measured < estimate.total < 1.1 * measured, (precision, checkpointing, estimate, measured)
+
+
+def test_accumulation_longer_than_an_epoch_is_refused():
+    # digits: 1,437 training images, batch 128 -> 11 full batches per epoch; the loop steps at each epoch's end,
+    # so accumulating 20 would sum 11 micro-batches divided by 20 (a silently smaller learning rate).
+    cfg = compose(["data.batch_size=128", "trainer.accumulate_grad_batches=20"])
+    with pytest.raises(UserError, match=r"trainer.accumulate_grad_batches=20 is more than the 11 batches of an epoch "
+                                        r"\(1437 training images, data.batch_size=128 per process\): set it to at "
+                                        r"most 11"):
+        check_accumulation(cfg, 11, 1437)
+    cfg.trainer.accumulate_grad_batches = 11
+    check_accumulation(cfg, 11, 1437)
+
+
+# ------------------------------------------------------------------------------------------------ data files
+def test_truncated_jpeg_is_named_when_decoded(tmp_path):
+    # A header check passes a JPEG cut short; decoding it then stops with the file's name, not a worker traceback.
+    from PIL import Image
+    from pixelformer.data import build_datasets
+
+    image_folder(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "train" / "a" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    cfg = compose(["data=imagefolder", f"data.root={tmp_path}", "data.img_size=8", "data.augment=none"])
+    train, _, _ = build_datasets(cfg.data)
+    files = [path for path, _ in train.folder.samples]
+    with pytest.raises(UserError, match=r"cannot decode image .*cut\.jpg \(OSError: image file is truncated"):
+        train.load(files.index(str(tmp_path / "train" / "a" / "cut.jpg")))
+
+
+# ------------------------------------------------------------------------------------------------ tools
+def test_eval_out_into_a_missing_folder_is_created(tmp_path):
+    run_dir = tmp_path / "run"
+    fit(tiny_cfg(run_dir, "trainer.max_steps=1"))
+    spec = importlib.util.spec_from_file_location("eval_tool", REPO / "tools" / "eval.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "reports" / "new" / "eval.json"
+    assert tool.main([f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={out}"]) == 0
+    assert json.loads(out.read_text())["data"] == "digits"
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=r"out=.*file/eval.json: cannot create its folder .*file \(File exists\)"):
+        tool.main([f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'file' / 'eval.json'}"])

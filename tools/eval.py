@@ -3,7 +3,8 @@
 
 The model and data are rebuilt from the config stored in the checkpoint; ``key=value`` changes it, e.g.
 ``data.img_size=16`` (a learned position embedding is resized to the new grid) or ``data.root=/elsewhere``.
-Writes ``eval.json`` into the run directory (or ``out=``) and prints the metrics.
+Writes ``eval.json`` into the run directory (or ``out=``, whose folder is created if missing) and prints
+the metrics.
 """
 from __future__ import annotations
 
@@ -27,11 +28,22 @@ def main(argv: list[str]) -> int:
     from pixelformer.engine import evaluate_checkpoint
 
     ckpt = Path(own["ckpt"]).expanduser()
-    metrics, cfg, info = evaluate_checkpoint(ckpt, overrides)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    out = Path(own.get("out", run_dir / "eval.json"))
+    out = Path(own["out"]).expanduser() if "out" in own else run_dir / "eval.json"
+    if "out" in own and ckpt.is_file():  # before evaluating, which takes a while: create a missing folder
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"out={own['out']}: cannot create its folder {out.parent} ({e.strerror}): pass a "
+                            f"writable path") from None
+        if out.is_dir():
+            raise UserError(f"out={own['out']} is a directory: pass a file path, e.g. out={out / 'eval.json'}")
+    metrics, cfg, info = evaluate_checkpoint(ckpt, overrides)
     report = {"checkpoint": str(ckpt), "data": cfg.data.name, "img_size": info.img_size, "metrics": metrics}
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}): pass a writable out=PATH") from None
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0
