@@ -165,6 +165,9 @@ CATALOGUE = [
      "M parameters) on 128x128 images (16,385 tokens) at data.batch_size=64 in 32-true needs about"),
     ("gradient accumulation longer than an epoch", ["data.batch_size=128", "trainer.accumulate_grad_batches=20"],
      "trainer.accumulate_grad_batches=20 is more than the 11 batches of an epoch"),
+    ("resume from a missing file", ["resume={tmp}/nope.ckpt"], "resume={tmp}/nope.ckpt: no such checkpoint file"),
+    ("resume from a file that is not a training checkpoint", ["resume={tmp}/rgb.pth"],
+     "{tmp}/rgb.pth is not a pixelformer training checkpoint (format None), so a run cannot be resumed from it"),
 ]
 
 
