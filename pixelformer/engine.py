@@ -10,10 +10,12 @@ checkpoint; a run directory has one writer at a time (``pixelformer.rundir``).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -120,6 +122,14 @@ def _prepare_run_dir(run_dir: Path, cfg: DictConfig, resume_step: Optional[int],
     ``final_again``: the checkpoint is the final one but the run did not finish (no ``eval.json``), so its final
     evaluation runs again and its earlier record is dropped.
     """
+    try:
+        _write_run_files(run_dir, cfg, resume_step, final_again)
+    except OSError as e:  # at start nothing is lost yet: stop with the file's name rather than train unrecorded
+        raise UserError(f"cannot write {e.filename or run_dir} ({e.strerror}): make it a writable file, or choose "
+                        f"another run.dir") from None
+
+
+def _write_run_files(run_dir: Path, cfg: DictConfig, resume_step: Optional[int], final_again: bool) -> None:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -190,11 +200,23 @@ def _rng_devices(fabric: Fabric) -> list:
     return [fabric.device] if fabric.device.type == "cuda" else []
 
 
+_WORKER_EXIT_HOOK = False
+
+
 def _ignore_stop_signals(inner: Optional[Any], worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if inner is not None:
         inner(worker_id)
+
+
+def _kill_workers_at_exit() -> None:
+    # multiprocessing's own exit hook ends daemonic children with SIGTERM and then waits for them: a worker that
+    # ignores SIGTERM (below) and was not shut down by its loader (e.g. the run died of a worker's error) would make
+    # the interpreter wait for ever. Registered after that hook, this one runs first.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def _leave_signals_to_main(loader: Any) -> Any:
@@ -203,8 +225,12 @@ def _leave_signals_to_main(loader: Any) -> Any:
     SLURM signals every process of a job and a terminal every process of its group; a worker ended by the signal
     would make the main process fail (torch's SIGCHLD handler) before it saves.
     """
+    global _WORKER_EXIT_HOOK
     if getattr(loader, "num_workers", 0) > 0:
         loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+        if not _WORKER_EXIT_HOOK:
+            atexit.register(_kill_workers_at_exit)
+            _WORKER_EXIT_HOOK = True
     return loader
 
 

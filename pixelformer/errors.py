@@ -1,8 +1,24 @@
 """Errors that are the user's to fix: the command-line tools print their message without a traceback."""
+from __future__ import annotations
+
+import re
+
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
 
 class UserError(Exception):
-    """A mistake in configuration, data or checkpoints, with a message that names the problem and the fix."""
+    """A mistake in configuration, data or checkpoints, with a message that names the problem and the fix.
+
+    Raised in a DataLoader worker, it is re-created in the main process from torch's text ("Caught UserError in
+    DataLoader worker process 0. Original Traceback ..."); only the message itself is kept.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        text = str(message)
+        if _WORKER_TRACEBACK in text:
+            last = text.rstrip().splitlines()[-1]
+            text = re.sub(r"^[\w.]*Error: ", "", last)
+        super().__init__(text)
 
 
 class CheckpointError(UserError):

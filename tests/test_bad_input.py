@@ -13,7 +13,7 @@ import torch
 from pixelformer import UserError
 from pixelformer.config import check_accumulation, compose
 from pixelformer.engine import fit
-from conftest import REPO, run_tool, tiny_cfg, write_fake_cifar
+from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg, write_fake_cifar
 
 
 def reference_checkpoint_3ch(path):
@@ -351,3 +351,22 @@ def test_eval_out_into_a_missing_folder_is_created(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(UserError, match=r"out=.*file/eval.json: cannot create its folder .*file \(File exists\)"):
         tool.main([f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'file' / 'eval.json'}"])
+
+
+def test_a_bad_image_in_a_loader_worker_ends_the_run_without_hanging(tmp_path):
+    # Loader workers ignore SIGTERM (the trainer stops them once it has saved); at interpreter exit multiprocessing
+    # terminates daemonic workers with SIGTERM and then waits for them, which hung for ever after a worker's error.
+    from PIL import Image
+
+    image_folder(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    for name in ("cut1.jpg", "cut2.jpg"):
+        (tmp_path / "train" / "a" / name).write_bytes(data[: len(data) // 2])
+    result = run_tool("train", "data=imagefolder", f"data.root={tmp_path}", "data.img_size=8", "data.num_workers=1",
+                      "data.batch_size=2", "trainer.max_steps=4", f"run.dir={tmp_path / 'run'}", *QUIET,
+                      *TINY_MODEL, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "worker process" not in result.stderr, result.stderr[-2000:]
+    assert "error: cannot decode image" in result.stderr and "image file is truncated" in result.stderr

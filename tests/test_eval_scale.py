@@ -355,6 +355,9 @@ SAMPLE_MISTAKES = [
     (["batch_size=0"], "batch_size=0 must be at least 1"),
     (["device=banana"], "device=banana is not a device: use cpu, cuda or cuda:N"),
     (["device=meta"], "device=meta: sampling runs on cpu, cuda or mps"),
+    (["num_samples=2.5"], "num_samples=2.5 is not an integer"),
+    (["sampler=euler"], "sampler=euler: choose one of ddpm, ddim, dpm"),
+    (["cfg=2"], "unknown argument(s) cfg=2; options: ckpt="),
     ([f"device=cuda:{torch.cuda.device_count()}"] if torch.cuda.is_available() else ["device=cuda"],
      "CUDA device(s)" if torch.cuda.is_available() else "device=cuda but CUDA is not available on this machine"),
 ]
@@ -382,3 +385,8 @@ def test_sampling_tool_generates_in_chunks_of_batch_size(bf16_dit, tmp_path):
                       "device=cpu", f"out={tmp_path}"]) == 0
     saved = np.load(tmp_path / "samples.npz")
     assert saved["images"].shape == (5, 8, 8, 1) and saved["labels"].tolist() == [3] * 5
+
+
+def test_sampling_tool_without_a_checkpoint_says_so():
+    with pytest.raises(UserError, match=r"tools/sample.py needs ckpt=PATH \(a dit checkpoint\)"):
+        load_sample_tool().main(["steps=2"])

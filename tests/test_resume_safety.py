@@ -377,3 +377,13 @@ def test_a_build_error_is_printed_without_the_config(run_dir):
     out = run_tool("train", *QUIET, "model=vit_mini", "model.patch_size=3", f"run.dir={run_dir}")
     assert out.returncode == 2 and "img_size 8 is not divisible by patch_size 3" in out.stderr
     assert "Traceback" not in out.stderr and "task:" not in out.stdout and "---" not in out.stdout
+
+
+def test_an_unwritable_metrics_file_at_start_is_one_clear_line(tmp_path):
+    # A directory where metrics.jsonl should be: the run stops before training, naming the file, without a traceback.
+    run_dir = tmp_path / "run"
+    (run_dir / "metrics.jsonl").mkdir(parents=True)
+    result = run_tool("train", *QUIET, *TINY_MODEL, "trainer.max_steps=1", f"run.dir={run_dir}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"cannot write {run_dir / 'metrics.jsonl'}" in result.stderr
