@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Sample from a trained dit checkpoint with its EMA weights.
 
-    python tools/sample.py ckpt=runs/<run>/checkpoints/last.ckpt num_samples=64 cfg_scale=4 steps=50 sampler=ddim
+    python tools/sample.py ckpt=runs/<run>/checkpoints/last.ckpt num_samples=64 cfg_scale=2 steps=50 sampler=dpm
 
 Writes ``samples.png`` (one row per class) and ``samples.npz`` (``images`` uint8 N x H x W x C, ``labels``) into
-``out=`` (default: the run directory). Options: ``sampler=ddim|dpm|ddpm``, ``seed=0``, ``device=cpu|cuda|cuda:N``,
-``class=K`` (only class K), ``batch_size=256`` (samples generated at once: bounds memory; the samples depend on it).
+``out=`` (default: the run directory). Options: ``sampler=dpm|ddim|ddpm`` (default dpm with ``cfg_scale=2.0``, as in
+configs/task/dit.yaml), ``seed=0``, ``device=cpu|cuda|cuda:N``, ``class=K`` (only class K), ``batch_size=256``
+(samples generated at once: bounds memory; the samples depend on it).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from pixelformer.cli import parse_kv, run_main  # noqa: E402
 from pixelformer.errors import UserError  # noqa: E402
 
-OPTIONS = {"ckpt": "", "num_samples": "64", "cfg_scale": "4.0", "steps": "50", "sampler": "ddim", "seed": "0",
+OPTIONS = {"ckpt": "", "num_samples": "64", "cfg_scale": "2.0", "steps": "50", "sampler": "dpm", "seed": "0",
            "out": "", "device": "", "class": "", "batch_size": "256"}
 
 
