@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,6 +18,10 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+
+# Training checkpoints of format 1 were written while build_sincos_2d_pos_embed had rows and columns swapped; the
+# table itself is never saved, so only the format tells such a checkpoint apart.
+TRANSPOSED_SINCOS_FORMAT = "pixelformer-checkpoint/1"
 from .layers.pos_embed import SINCOS_ATOL, is_sincos_table
 
 __all__ = [
@@ -54,6 +59,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(_load_failure(path, e)) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict of state")
+    if ckpt.get("format") == TRANSPOSED_SINCOS_FORMAT:
+        warnings.warn(f"{path} was written before the fixed sin-cos position table took MAE's and DiT's layout "
+                      f"(checkpoint format 1): a model with sin-cos positions (pit_mini / vit_mini, model.pos_embed="
+                      f"sincos, every MAE decoder and DiT denoiser) now sees its positions transposed; retrain it "
+                      f"(learned tables are unaffected)", stacklevel=2)
     return ckpt
 
 

@@ -34,8 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (capture_rng_state, check_state_dict, fsync_and_replace, read_checkpoint,
-                         restore_rng_state)
+from .checkpoint import (TRANSPOSED_SINCOS_FORMAT, capture_rng_state, check_state_dict, fsync_and_replace,
+                         read_checkpoint, restore_rng_state)
 from .config import check_accumulation, compose_saved, to_plain
 from .data import build_datasets, build_loader
 from .errors import CheckpointError, UserError
@@ -48,7 +48,7 @@ from .task import Task, get_task
 __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "TrainingInterrupted", "build_fabric", "evaluate_checkpoint",
            "fit", "resolve_precision", "resolve_run_dir"]
 
-CHECKPOINT_FORMAT = "pixelformer-checkpoint/1"
+CHECKPOINT_FORMAT = "pixelformer-checkpoint/2"  # 1: before the sin-cos layout fix (still resumable, with a warning)
 _RUN_DIR_ENV = "PIXELFORMER_RUN_DIR"  # shares the run directory with processes that Fabric launches
 
 
@@ -324,7 +324,8 @@ def _load_for_resume(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
 
 def _check_resumable(path: Path, saved: Mapping[str, Any], cfg: DictConfig) -> None:
     """A training checkpoint whose config differs from ``cfg`` only where a resume may change it."""
-    if saved.get("format") != CHECKPOINT_FORMAT or not isinstance(saved.get("config"), dict):
+    known = (CHECKPOINT_FORMAT, TRANSPOSED_SINCOS_FORMAT)
+    if saved.get("format") not in known or not isinstance(saved.get("config"), dict):
         raise UserError(f"{path} is not a pixelformer training checkpoint (format {saved.get('format')!r}), so a run "
                         f"cannot be resumed from it")
     if cfg.trainer.precision == "auto":  # the run keeps the precision it resolved when it started

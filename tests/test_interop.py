@@ -261,3 +261,30 @@ def test_dit_init_from_an_encoder_checkpoint_is_refused_in_one_line(tmp_path):
 def test_init_from_into_a_task_module_without_an_encoder_is_refused():
     with pytest.raises(UserError, match="does not support init_from"):
         get_task("cls").init_from(nn.Linear(2, 2), "any.ckpt")
+
+
+def test_a_checkpoint_from_before_the_layout_fix_warns_and_still_resumes(tmp_path):
+    # Format 1 checkpoints were written with the transposed sin-cos table, which is never saved: only the format can
+    # tell them apart, so reading one says so instead of silently running with other positions.
+    import warnings
+
+    from pixelformer.checkpoint import read_checkpoint
+    from pixelformer.engine import CHECKPOINT_FORMAT, fit
+    from conftest import tiny_cfg
+
+    run_dir = tmp_path / "run"
+    fit(tiny_cfg(run_dir, "trainer.max_steps=2"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["format"] == CHECKPOINT_FORMAT != "pixelformer-checkpoint/1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_checkpoint(last)  # a current checkpoint reads without a warning
+    ckpt["format"] = "pixelformer-checkpoint/1"
+    torch.save(ckpt, last)
+    with pytest.warns(UserWarning, match="before the fixed sin-cos position table took MAE's and DiT's layout"):
+        read_checkpoint(last)
+    with pytest.warns(UserWarning, match="sin-cos"):
+        fit(tiny_cfg(run_dir, "trainer.max_steps=3", "resume=auto"))
+    # The run goes on, and its checkpoints keep saying that its weights were trained with the other table.
+    assert torch.load(last, weights_only=True)["format"] == "pixelformer-checkpoint/1"
