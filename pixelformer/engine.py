@@ -214,9 +214,12 @@ def _kill_workers_at_exit() -> None:
     # multiprocessing's own exit hook ends daemonic children with SIGTERM and then waits for them: a worker that
     # ignores SIGTERM (below) and was not shut down by its loader (e.g. the run died of a worker's error) would make
     # the interpreter wait for ever. Registered after that hook, this one runs first.
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these kills as worker failures
+        for worker in workers:
+            worker.kill()
+            worker.join()
 
 
 def _leave_signals_to_main(loader: Any) -> Any:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -186,7 +187,9 @@ def signal_at(monkeypatch, step, signum, times=1):
     def hook(self, module, at):
         if at == step:
             for _ in range(times):
-                os.kill(os.getpid(), signum)
+                # To this thread, so the signal is pending before the call returns and its handler runs before the
+                # next one (os.kill may reach one of torch's threads, and two signals then merge into one).
+                signal.pthread_kill(threading.main_thread().ident, signum)
     monkeypatch.setattr(tasks.cls.ClassificationTask, "on_train_step_end", hook)
 
 
