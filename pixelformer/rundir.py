@@ -38,6 +38,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "trainer.ckpt_every_steps", "trainer.max_steps", "trainer.max_epochs", "trainer.grad_clip",
     "trainer.skip_nonfinite_steps", "trainer.accelerator", "trainer.strategy", "trainer.precision",
     "trainer.compile", "trainer.grad_checkpointing", "trainer.deterministic", "trainer.cpu_allocator",
+    "trainer.memory_check",
     "optim.fused", "data.root", "data.download", "data.num_workers", "data.on_device", "data.eval_batch_size",
 )
 
@@ -140,8 +141,8 @@ def check_resume_config(saved: Mapping[str, Any], cfg: DictConfig, source: Path)
       the learning-rate schedule is stretched to the new length from the resumed step on);
     * ``trainer.grad_clip`` and ``trainer.skip_nonfinite_steps`` (e.g. to get past a NaN stop);
     * ``trainer.accelerator``, ``trainer.strategy``, ``trainer.precision``, ``trainer.compile``,
-      ``trainer.grad_checkpointing``, ``trainer.deterministic``, ``trainer.cpu_allocator``, ``optim.fused``: the
-      same computation, up to rounding;
+      ``trainer.grad_checkpointing``, ``trainer.deterministic``, ``trainer.cpu_allocator``, ``trainer.memory_check``,
+      ``optim.fused``: the same computation, up to rounding;
     * ``data.root``, ``data.download``, ``data.num_workers``, ``data.on_device`` (identical batches),
       ``data.eval_batch_size``.
 
