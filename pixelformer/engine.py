@@ -408,7 +408,8 @@ class _StopOnSignal:
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
             for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of a background job stays ignored
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -424,8 +425,10 @@ class _StopOnSignal:
             self.__exit__()
             if callable(previous):
                 previous(signum, frame)
+            elif signum == signal.SIGINT:
+                raise KeyboardInterrupt
             else:
-                signal.raise_signal(signum)
+                signal.raise_signal(signum)  # the default action: end the process
             return
         self.signum = signum
         if self.fabric.is_global_zero:  # os.write: print() is not safe inside a signal handler

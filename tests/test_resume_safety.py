@@ -183,6 +183,14 @@ def test_a_run_directory_in_use_is_refused_and_a_dead_holder_does_not_block(run_
 
 
 # ------------------------------------------------------------------------------------------ 6. signals
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, whatever the environment left (an ignored SIGINT is respected)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def signal_at(monkeypatch, step, signum, times=1):
     def hook(self, module, at):
         if at == step:
@@ -193,7 +201,7 @@ def signal_at(monkeypatch, step, signum, times=1):
     monkeypatch.setattr(tasks.cls.ClassificationTask, "on_train_step_end", hook)
 
 
-def test_sigint_stops_after_the_step_with_a_checkpoint(run_dir, monkeypatch, capsys):
+def test_sigint_stops_after_the_step_with_a_checkpoint(python_sigint, run_dir, monkeypatch, capsys):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signal_at(monkeypatch, 3, signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as info:
@@ -205,7 +213,7 @@ def test_sigint_stops_after_the_step_with_a_checkpoint(run_dir, monkeypatch, cap
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_a_second_signal_aborts_at_once(run_dir, monkeypatch, capfd):
+def test_a_second_signal_aborts_at_once(python_sigint, run_dir, monkeypatch, capfd):
     before = signal.getsignal(signal.SIGINT)
     signal_at(monkeypatch, 3, signal.SIGINT, times=2)
     with pytest.raises(KeyboardInterrupt) as info:
@@ -390,3 +398,15 @@ def test_an_unwritable_metrics_file_at_start_is_one_clear_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert f"cannot write {run_dir / 'metrics.jsonl'}" in result.stderr
+
+
+def test_an_ignored_sigint_stays_ignored(run_dir, monkeypatch):
+    # A background job (`cmd &` in a script) starts with SIGINT ignored: a Ctrl-C meant for the shell must not stop it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signal_at(monkeypatch, 3, signal.SIGINT)
+        fit(tiny_cfg(run_dir, *FAST, "trainer.max_steps=5"))
+        assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 5
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
