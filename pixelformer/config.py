@@ -29,8 +29,8 @@ from .errors import UserError
 
 __all__ = [
     "CONFIG_DIR", "GROUPS", "Config", "DataCfg", "LoggerCfg", "ModelCfg", "OptimCfg", "RunCfg", "TaskCfg",
-    "TrainerCfg", "WandbCfg", "check_accumulation", "compose", "compose_saved", "group_choices", "saved_run",
-    "to_plain",
+    "TrainerCfg", "WandbCfg", "check_accumulation", "compose", "compose_saved", "eval_batch_size", "group_choices",
+    "saved_run", "to_plain",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -405,6 +405,11 @@ def check_accumulation(cfg: DictConfig, batches_per_epoch: int, num_images: int)
         raise UserError(f"trainer.accumulate_grad_batches={accum} is more than the {batches_per_epoch} batches of an "
                         f"epoch ({num_images} training images, data.batch_size={cfg.data.batch_size} per process): "
                         f"set it to at most {batches_per_epoch} or lower data.batch_size")
+
+
+def eval_batch_size(cfg: DictConfig) -> int:
+    """The evaluation batch per process: ``data.eval_batch_size``, or twice the training batch (no gradients)."""
+    return cfg.data.eval_batch_size or 2 * cfg.data.batch_size
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

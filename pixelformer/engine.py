@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (TRANSPOSED_SINCOS_FORMAT, capture_rng_state, check_state_dict, fsync_and_replace,
                          read_checkpoint, restore_rng_state)
-from .config import check_accumulation, compose_saved, to_plain
+from .config import check_accumulation, compose_saved, eval_batch_size, to_plain
 from .data import build_datasets, build_loader
 from .errors import CheckpointError, UserError
 from .loggers import build_loggers
@@ -239,7 +239,7 @@ def _leave_signals_to_main(loader: Any) -> Any:
 
 def _eval_loaders(fabric: Fabric, cfg: DictConfig, train_set, test_set) -> dict[str, Any]:
     """The test split and the un-augmented training split, sharded over processes, batches moved to the device."""
-    batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    batch = eval_batch_size(cfg)
     device = fabric.device if cfg.data.on_device else None
     loaders = {name: _leave_signals_to_main(build_loader(ds, batch, False, cfg.run.seed, fabric.global_rank,
                                                          fabric.world_size, cfg.data.num_workers, device))

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pixelformer.checkpoint import read_checkpoint
-from pixelformer.config import TaskCfg
+from pixelformer.config import TaskCfg, eval_batch_size
 from pixelformer.data import DataInfo
 from pixelformer.diffusion import build_train_scheduler, ema_copy, sample, update_ema
 from pixelformer.errors import CheckpointError, UserError
@@ -327,11 +327,6 @@ class DiTTask(Task):
         path = out_dir / "samples.png"
         save_image(images, path, nrow=per_class, padding=2, pad_value=1.0)
         return [path]
-
-
-def eval_batch_size(cfg: DictConfig) -> int:
-    """The engine's evaluation batch (``data.eval_batch_size``, default twice the training batch)."""
-    return cfg.data.eval_batch_size or 2 * cfg.data.batch_size
 
 
 _HALF = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16,
