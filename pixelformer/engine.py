@@ -43,7 +43,7 @@ from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDirLock, check_resume_config, peek_checkpoint, resolve_resume
 from .runtime import auto_precision, check_fits_memory, tune_cpu_allocator
-from .task import Task, get_task
+from .task import Task, eval_mode, get_task
 
 __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "TrainingInterrupted", "build_fabric", "evaluate_checkpoint",
            "fit", "resolve_precision", "resolve_run_dir"]
@@ -254,10 +254,8 @@ def _evaluate(fabric: Fabric, task: Task, module: nn.Module, loaders: dict[str, 
     # Evaluation must not move the training RNG streams, or a resumed run would diverge from an uninterrupted one.
     with torch.random.fork_rng(devices=_rng_devices(fabric)):
         torch.manual_seed(cfg.run.seed)  # and is itself repeatable (e.g. MAE's masks on the test split)
-        module.eval()
-        with torch.no_grad():
+        with eval_mode(module), torch.no_grad():
             metrics = task.evaluate(fabric, module, loaders, cfg)
-        module.train()
     return metrics
 
 
@@ -265,13 +263,9 @@ def _visualize(fabric: Fabric, task: Task, module: nn.Module, loaders: dict[str,
                run_dir: Path, step: int) -> None:
     """Rank 0 only: the task's pictures, drawn like an evaluation (eval mode, no gradients, RNG untouched)."""
     with torch.random.fork_rng(devices=_rng_devices(fabric)):
-        module.eval()
-        try:
-            with torch.no_grad():
-                # The unwrapped module, whose forward runs no collective (DDP buffer syncs) on rank 0 alone.
-                paths = task.visualize(fabric, module.module, loaders, cfg, run_dir, step)
-        finally:
-            module.train()
+        with eval_mode(module), torch.no_grad():
+            # The unwrapped module, whose forward runs no collective (DDP buffer syncs) on rank 0 alone.
+            paths = task.visualize(fabric, module.module, loaders, cfg, run_dir, step)
     for path in paths:
         for logger in fabric.loggers:
             if hasattr(logger, "log_image"):

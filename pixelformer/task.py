@@ -14,10 +14,11 @@ Adding a task touches no other task: ``tasks/__init__.py`` imports every module 
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from torch import nn
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
     from .data import DataInfo
 
-__all__ = ["Task", "get_task", "list_tasks", "register_task"]
+__all__ = ["Task", "eval_mode", "get_task", "list_tasks", "register_task"]
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -74,6 +75,17 @@ class Task:
             raise UserError(f"init_from={path}: task {self.name} has no encoder to initialise and does not support "
                             f"init_from; drop it to train from scratch")
         return load_backbone_weights(module.backbone, path)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout, drop path or label dropout) for the block, then back in its own mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def register_task(cls: type[Task]) -> type[Task]:

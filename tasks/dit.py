@@ -32,7 +32,7 @@ from pixelformer.errors import CheckpointError, UserError
 from pixelformer.layers import is_sincos_table, resize_pos_embed
 from pixelformer.metrics import ClassifierFeatures, build_fid, load_classifier
 from pixelformer.models import DiT, create_dit
-from pixelformer.task import Task, register_task
+from pixelformer.task import Task, eval_mode, register_task
 
 
 @dataclass
@@ -307,7 +307,7 @@ class DiTTask(Task):
         t = cfg.task
         generator = torch.Generator(fabric.device).manual_seed(t.seed)
         shape = (self.info.in_chans, self.info.img_size, self.info.img_size)
-        with _eval_mode(denoiser):
+        with eval_mode(denoiser):
             for chunk in labels.split(eval_batch_size(cfg)):
                 with sampling_precision(fabric.device, cfg.trainer.precision):
                     images = sample(denoiser, self.scheduler_config, chunk, shape, t.sample_steps, t.cfg_scale,
@@ -341,16 +341,6 @@ def sampling_precision(device: torch.device, precision: str) -> contextlib.Abstr
     """
     dtype = _HALF.get(str(precision))
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tuple[DiT, DataInfo, dict]:

@@ -22,7 +22,7 @@ from pixelformer.config import TaskCfg
 from pixelformer.data import DataInfo
 from pixelformer.errors import UserError
 from pixelformer.models import MaskedAutoencoder
-from pixelformer.task import Task, register_task
+from pixelformer.task import Task, eval_mode, register_task
 from tasks.cls import build_backbone
 
 
@@ -204,13 +204,9 @@ class MAETask(Task):
         images, _ = next(iter(loaders["test"]))
         images = images[: cfg.task.num_vis].float()
         torch.manual_seed(cfg.run.seed)
-        was_training = module.training
-        module.eval()  # the same picture whatever mode the caller left the module in (drop path, dropout)
-        try:
-            with torch.no_grad():
-                out = module((images.to(next(module.parameters()).dtype), None))
-        finally:
-            module.train(was_training)
+        # the same picture whatever mode the caller left the module in (drop path, dropout)
+        with eval_mode(module), torch.no_grad():
+            out = module((images.to(next(module.parameters()).dtype), None))
         pred, mask = out["pred"].float(), out["mask"].unsqueeze(-1)
         if module.norm_pix_loss:  # back from per-token normalised values to pixels
             target = model.patchify(images)
