@@ -67,8 +67,8 @@ class ModelCfg:
 @dataclass
 class DataCfg:
     name: str = "digits"
-    root: Optional[str] = None  # dataset root on disk (cifar10/cifar100/imagefolder)
-    download: bool = False  # cifar only: fetch the files into root when they are missing (needs internet)
+    root: Optional[str] = None  # dataset root on disk (cifar10/cifar100/fashion_mnist/mnist/imagefolder)
+    download: bool = False  # cifar, mnist: fetch the files into root when they are missing (needs internet)
     img_size: Optional[int] = None  # None: the dataset's native size (required for imagefolder)
     batch_size: int = 128  # per device, per micro-batch
     eval_batch_size: Optional[int] = None  # None: 2 x batch_size
@@ -80,6 +80,9 @@ class DataCfg:
     rrc_scale_min: float = 0.2  # RandomResizedCrop lower scale for rrc_flip / mocov3 / randaugment
     limit_train: Optional[int] = None  # use only the first N training images (quick experiments, tests)
     limit_test: Optional[int] = None
+    # A stratified subset of N training images, fixed by subset_seed (not run.seed: seeds then vary the model only)
+    train_subset: Optional[int] = None
+    subset_seed: int = 0
 
 
 @dataclass
@@ -321,7 +324,7 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"data.eval_batch_size must be positive, got {data.eval_batch_size}")
     if data.img_size is not None and data.img_size <= 0:
         problems.append(f"data.img_size must be positive, got {data.img_size}")
-    for key in ("limit_train", "limit_test"):
+    for key in ("limit_train", "limit_test", "train_subset"):
         if data[key] is not None and data[key] <= 0:
             problems.append(f"data.{key} must be a positive number of images (or null for all), got {data[key]}")
     if data.num_workers < 0:

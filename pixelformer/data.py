@@ -1,8 +1,12 @@
 """Datasets, augmentation and deterministic, resumable, sharded sampling.
 
 Datasets: ``digits`` (scikit-learn's 8x8 digits, shipped with the package: the default, no download), ``cifar10`` /
-``cifar100`` (the python-pickle format torchvision downloads, read from ``data.root``) and ``imagefolder``
-(``root/train/<class>/*.png`` and ``root/val/<class>/*`` or ``root/test/<class>/*``).
+``cifar100`` (the python-pickle format torchvision downloads, read from ``data.root``), ``fashion_mnist`` / ``mnist``
+(28x28 grey, the four IDX files, gzipped or not; Debian's ``dataset-fashion-mnist`` package installs Fashion-MNIST's)
+and ``imagefolder`` (``root/train/<class>/*.png`` and ``root/val/<class>/*`` or ``root/test/<class>/*``).
+
+``data.train_subset=N`` keeps a stratified, seeded (``data.subset_seed``) subset of N training images: the same
+images on every machine and for every ``run.seed``, so small-scale sweeps differ only in what they vary.
 
 Data from elsewhere is checked before training: CIFAR pickles are read by an unpickler that builds numpy arrays
 and plain containers only (a crafted file cannot run code) and their shapes and labels are validated; an image
@@ -115,12 +119,16 @@ class ImageFileDataset(ImageTensorDataset):
     """An ``ImageFolder`` whose images are decoded, resized to ``img_size`` and turned into uint8 tensors."""
 
     def __init__(self, folder, img_size: int, in_chans: int, normalize: Callable,
-                 augment: Optional[Callable] = None, limit: Optional[int] = None) -> None:
+                 augment: Optional[Callable] = None, limit: Optional[int] = None,
+                 subset: Optional[tuple[int, int]] = None) -> None:
         super().__init__(None, None, normalize, augment)
         self.folder = folder
+        everything = torch.arange(len(folder.targets))
+        if subset is not None:  # (size, seed): data.train_subset
+            everything = stratified_subset(torch.tensor(folder.targets), *subset)
         # A limit takes evenly spaced files: ImageFolder lists them class by class.
-        count = len(folder.targets) if limit is None else min(limit, len(folder.targets))
-        self.indices = torch.linspace(0, len(folder.targets) - 1, count).round().long().tolist()
+        count = len(everything) if limit is None else min(limit, len(everything))
+        self.indices = everything[torch.linspace(0, len(everything) - 1, count).round().long()].tolist()
         self.labels = torch.tensor(folder.targets)[self.indices]
         mode = {1: "L", 3: "RGB"}[in_chans]
         self.decode = v2.Compose([
@@ -307,6 +315,122 @@ def _cifar_names(path: Path, key: str, num_classes: int, dataset: str) -> list[s
     return names
 
 
+# IDX (LeCun's MNIST format): big-endian int32 magic 0x0000080<ndim> for uint8 data, ndim int32 sizes, raw bytes.
+_IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# Where distributions install the files: Debian/Ubuntu's package dataset-fashion-mnist.
+IDX_SYSTEM_ROOTS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist"), "mnist": Path("/usr/share/datasets/mnist")}
+_TORCHVISION_FOLDER = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+
+
+def idx_root(cfg: DictConfig) -> Optional[Path]:
+    """``data.root``, or the distribution's folder when ``data.root`` is unset and that folder exists."""
+    if cfg.root is not None:
+        return Path(cfg.root).expanduser()
+    system = IDX_SYSTEM_ROOTS.get(cfg.name)
+    return system if system is not None and system.is_dir() else None
+
+
+def _find_idx(root: Path, name: str, dataset: str) -> Optional[Path]:
+    """``root/name(.gz)``, also in torchvision's layout ``root/<FashionMNIST|MNIST>/raw/``."""
+    for folder in (root, root / _TORCHVISION_FOLDER[dataset] / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """A uint8 IDX file (gzipped if its name ends in ``.gz``) as a tensor; a wrong file is named in one line.
+
+    Hand-written because torchvision's reader is private (``datasets.mnist.read_image_file``) and asserts instead of
+    explaining; the format is 4 + 4 * ndim header bytes and raw data.
+    """
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): replace it with the original file") from None
+    expected = 0x0800 + ndim
+    if len(raw) < 4 or struct.unpack(">i", raw[:4])[0] != expected:
+        found = f"0x{struct.unpack('>i', raw[:4])[0]:08x}" if len(raw) >= 4 else "a file of under 4 bytes"
+        raise UserError(f"{path} is not a uint8 IDX file with {ndim} dimension(s): magic number {found}, expected "
+                        f"0x{expected:08x}; replace it with the original *-idx{ndim}-ubyte file")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path}: truncated IDX header ({len(raw)} bytes); replace it with the original file")
+    shape = struct.unpack(f">{ndim}i", raw[4:header])
+    count = 1
+    for size in shape:
+        count *= size
+    if min(shape) <= 0 or len(raw) - header != count:
+        raise UserError(f"{path}: the header declares shape {tuple(shape)} ({count:,} bytes) but the file holds "
+                        f"{len(raw) - header:,} data bytes; replace it with the original file")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _idx(cfg: DictConfig, train: bool, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    root = idx_root(cfg)
+    names = _IDX_FILES[train]
+    system = IDX_SYSTEM_ROOTS[cfg.name]
+    if root is None or not all(_find_idx(root, n, cfg.name) for n in names):
+        if cfg.download:
+            import torchvision
+            target = root if root is not None else Path("data")
+            getattr(torchvision.datasets, _TORCHVISION_FOLDER[cfg.name])(str(target), train=train, download=True)
+            root = target
+        elif root is None:
+            package = " (Debian/Ubuntu: apt-get install dataset-fashion-mnist)" if cfg.name == "fashion_mnist" else ""
+            raise UserError(f"data.root is not set for {cfg.name} and {system} does not exist: pass data.root=DIR "
+                            f"holding {names[0]}(.gz) and the other IDX files{package}, or add data.download=true "
+                            f"(torchvision, needs internet)")
+    found = [_find_idx(root, n, cfg.name) for n in names]
+    if not all(found):
+        missing = [n for n, p in zip(names, found) if p is None]
+        package = " or apt-get install dataset-fashion-mnist (Debian/Ubuntu)" if cfg.name == "fashion_mnist" else ""
+        raise UserError(f"{cfg.name} files not found under data.root={root}: no {', '.join(m + '(.gz)' for m in missing)}"
+                        f"; put the four IDX files there, add data.download=true (torchvision, needs internet){package}")
+    images, labels = read_idx(found[0], 3), read_idx(found[1], 1)
+    if len(images) != len(labels):
+        raise UserError(f"{found[0]} holds {len(images):,} images but {found[1]} {len(labels):,} labels: the two files "
+                        f"must come from the same split")
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise UserError(f"{found[1]}: labels go up to {int(labels.max())}, outside [0, {num_classes}) for {cfg.name}")
+    if images.shape[1] != images.shape[2]:
+        raise UserError(f"{found[0]}: images are {images.shape[1]}x{images.shape[2]}; square images are expected")
+    classes = FASHION_MNIST_CLASSES if cfg.name == "fashion_mnist" else [str(i) for i in range(10)]
+    return images.unsqueeze(1).contiguous(), labels.long(), list(classes)
+
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def stratified_subset(labels: torch.Tensor, size: int, seed: int, key: str = "data.train_subset") -> torch.Tensor:
+    """Sorted indices of ``size`` samples drawn per class in proportion to the class counts, fixed by ``seed``.
+
+    scikit-learn's stratified split does the drawing; the indices are sorted so the subset keeps the file's order.
+    """
+    from sklearn.model_selection import train_test_split
+
+    total, classes = len(labels), int(labels.unique().numel())
+    if size > total:
+        raise UserError(f"{key}={size} is larger than the {total:,} training images: choose at most {total} "
+                        f"(or null for all)")
+    if size < classes:
+        raise UserError(f"{key}={size} cannot hold one image of each of the {classes} classes: choose at least "
+                        f"{classes}")
+    if size == total:
+        return torch.arange(total)
+    picked, _ = train_test_split(torch.arange(total).numpy(), train_size=size, random_state=seed,
+                                 stratify=labels.numpy())
+    return torch.from_numpy(picked).sort().values
+
+
 @dataclass
 class _Spec:
     num_classes: Optional[int]
@@ -320,6 +444,9 @@ DATASETS: dict[str, _Spec] = {
     "digits": _Spec(10, 1, 8, None, None),
     "cifar10": _Spec(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": _Spec(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # The usual per-dataset constants (training split), so a subset is normalised like the full set.
+    "fashion_mnist": _Spec(10, 1, 28, (0.2860,), (0.3530,)),
+    "mnist": _Spec(10, 1, 28, (0.1307,), (0.3081,)),
     "imagefolder": _Spec(None, 3, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
@@ -374,9 +501,15 @@ def build_datasets(cfg: DictConfig) -> tuple[ImageTensorDataset, ImageTensorData
         return _build_imagefolder(cfg, spec)
     if cfg.name == "digits":
         (x_train, y_train, names), (x_test, y_test, _) = _digits(cfg, True), _digits(cfg, False)
+    elif cfg.name in IDX_SYSTEM_ROOTS:
+        (x_train, y_train, names), (x_test, y_test, _) = _idx(cfg, True, spec.num_classes), \
+            _idx(cfg, False, spec.num_classes)
     else:
         (x_train, y_train, names), (x_test, y_test, _) = _cifar(cfg, True, spec.num_classes), \
             _cifar(cfg, False, spec.num_classes)
+    if cfg.train_subset is not None:
+        keep = stratified_subset(y_train, cfg.train_subset, cfg.subset_seed)
+        x_train, y_train = x_train[keep], y_train[keep]
     x_train, y_train = x_train[: cfg.limit_train], y_train[: cfg.limit_train]
     x_test, y_test = x_test[: cfg.limit_test], y_test[: cfg.limit_test]
     size = cfg.img_size or spec.native_size
@@ -442,8 +575,9 @@ def _build_imagefolder(cfg: DictConfig, spec: _Spec) -> tuple[ImageTensorDataset
     info = DataInfo(cfg.name, len(train_folder.classes), spec.in_chans, cfg.img_size, spec.mean, spec.std,
                     list(train_folder.classes))
     normalize = _Normalize(spec.mean, spec.std)
+    subset = (cfg.train_subset, cfg.subset_seed) if cfg.train_subset is not None else None
     train = ImageFileDataset(train_folder, cfg.img_size, info.in_chans, normalize, build_train_transform(cfg, info),
-                             cfg.limit_train)
+                             cfg.limit_train, subset)
     test = ImageFileDataset(test_folder, cfg.img_size, info.in_chans, normalize, limit=cfg.limit_test)
     train.check_files(root / "train")
     test.check_files(test_dir)

@@ -1,0 +1,347 @@
+"""Experiment grids: ``configs/experiment/<name>.yaml`` expanded into points, each trained resumably and summarised.
+
+An experiment file holds one finding at up to three scales (``small``, ``medium``, ``paper``)::
+
+    title: Pixels vs patches at a fixed input size
+    paper: the paper's claim, quoted in the report
+    metric: test/acc1                  # the number the report compares (mode max; test/fid is min)
+    x: tokens                          # what the report plots it against
+    scales:
+      small:
+        args: [task=cls, data=digits, model=vit_mini]        # training arguments shared by every point
+        seeds: [0, 1, 2]
+        grid: {model.patch_size: [4, 2, 1]}                   # every combination of these values ...
+        arms:                                                 # ... with every named arm (optional)
+          scratch: [trainer.max_epochs=40]
+          mae_finetune:                                       # an arm of several stages, run in order
+            pretrain: [task=mae, trainer.max_epochs=20]
+            finetune: [init_from={pretrain}/checkpoints/last.ckpt, trainer.max_epochs=20]
+        shared:                                               # whole runs made once per scale, before the
+          classifier: [task=cls, data=digits]                 # points; referred to as {shared.classifier}
+
+A point is one (arm, grid values, seed); it trains in ``<runs>/<experiment>/<scale>/<point>/<stage>`` with
+``resume=auto``, so an interrupted point continues where it stopped, and leaves a small JSON summary in
+``<out>/<experiment>/<scale>/<point>.json`` (its arguments, final and best metrics, the evaluation curve, wall time,
+images/s, tokens, parameters, training FLOPs). A point whose summary records the same arguments is finished and
+skipped; the summaries alone rebuild the report.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .config import CONFIG_DIR
+from .errors import UserError
+
+__all__ = ["SCALES", "Experiment", "Point", "Stage", "list_experiments", "load_experiment", "plan", "run_point",
+           "summary_is_current", "write_json_atomic"]
+
+SCALES = ("small", "medium", "paper")
+EXPERIMENT_DIR = CONFIG_DIR / "experiment"
+
+
+@dataclass
+class Stage:
+    """One training run of a point: its name and its ``tools/train.py`` arguments (references resolved)."""
+    name: str
+    args: list[str]
+    run_dir: str
+    tracking: list[str] = field(default_factory=list)  # logger arguments, not part of the point's identity
+
+
+@dataclass
+class Point:
+    experiment: str
+    scale: str
+    name: str  # e.g. "patch_size4-s0"
+    arm: Optional[str]
+    seed: Optional[int]  # None for shared runs
+    values: dict[str, Any]  # the grid values of this point
+    stages: list[Stage]
+    summary_path: str
+
+    @property
+    def args(self) -> dict[str, list[str]]:
+        return {stage.name: stage.args for stage in self.stages}
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    paper: str
+    metric: str
+    mode: str  # "max" or "min"
+    x: str
+    scales: dict[str, DictConfig] = field(default_factory=dict)
+
+
+def list_experiments(config_dir: Path = EXPERIMENT_DIR) -> list[str]:
+    return sorted(p.stem for p in config_dir.glob("*.yaml"))
+
+
+def load_experiment(name: str, config_dir: Path = EXPERIMENT_DIR) -> Experiment:
+    """``configs/experiment/<name>.yaml``, or a YAML file's path; checked so that a wrong key is named early."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
+    if not path.is_file():
+        import difflib
+        valid = list_experiments(config_dir)
+        close = difflib.get_close_matches(name, valid, n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UserError(f"experiment={name}: no such experiment.{hint} Choices: {', '.join(valid)} (or a .yaml path)")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml errors
+        raise UserError(f"cannot parse {path}: {e}") from None
+    known = {"title", "paper", "metric", "mode", "x", "scales"}
+    unknown = sorted(set(raw) - known)
+    if unknown or "scales" not in raw or "metric" not in raw:
+        raise UserError(f"{path}: an experiment needs 'metric' and 'scales' (and may set {', '.join(sorted(known))}); "
+                        f"found {', '.join(map(str, raw)) or 'nothing'}")
+    scales = {}
+    for scale, spec in raw.scales.items():
+        if scale not in SCALES:
+            raise UserError(f"{path}: unknown scale {scale!r}; scales are {', '.join(SCALES)}")
+        extra = sorted(set(spec) - {"args", "seeds", "grid", "arms", "shared", "note"})
+        if extra:
+            raise UserError(f"{path}: scales.{scale} has unknown key(s) {', '.join(extra)}; a scale sets args, seeds, "
+                            f"grid, arms, shared and note")
+        scales[scale] = spec
+    metric = str(raw.metric)
+    mode = str(raw.get("mode", "min" if metric.endswith(("fid", "loss")) else "max"))
+    return Experiment(path.stem, str(raw.get("title", path.stem)), str(raw.get("paper", "")), metric, mode,
+                      str(raw.get("x", "tokens")), scales)
+
+
+def _label(key: str, value: Any) -> str:
+    return f"{key.rsplit('.', 1)[-1]}{value}"
+
+
+def _resolve(args: list[str], refs: dict[str, str], where: str) -> list[str]:
+    """Replace ``{stage}`` / ``{shared.name}`` by run directories; ``${...}`` (OmegaConf interpolation) is kept."""
+    import re
+
+    def substitute(match: "re.Match[str]") -> str:
+        if match.group(1) == "$":
+            return match.group(0)
+        key = match.group(2)
+        if key not in refs:
+            raise UserError(f"{where}: {{{key}}} names no earlier stage or shared run; known: "
+                            f"{', '.join(sorted(refs)) or 'none'}")
+        return refs[key]
+
+    return [re.sub(r"(\$?)\{([A-Za-z0-9_.]+)\}", substitute, arg) for arg in args]
+
+
+def _stage_args(spec: Any) -> dict[str, list[str]]:
+    """An arm is a list of arguments (one stage, ``train``) or a mapping stage -> arguments (run in order)."""
+    if isinstance(spec, (ListConfig, list)):
+        return {"train": [str(a) for a in spec]}
+    return {str(k): [str(a) for a in v] for k, v in spec.items()}
+
+
+def plan(exp: Experiment, scale: str, runs_root: Path, out_root: Path,
+         seeds: Optional[list[int]] = None, tracking: list[str] = ()) -> tuple[list[Point], list[Point]]:
+    """The shared runs and the points of ``exp`` at ``scale``, with run directories and summary paths.
+
+    ``tracking``: ``logger`` arguments added to every run; they are not part of a point's recorded arguments.
+    """
+    if scale not in exp.scales:
+        raise UserError(f"scale={scale}: experiment {exp.name} defines {', '.join(exp.scales)}; pick one of them")
+    spec = exp.scales[scale]
+    base = [str(a) for a in spec.get("args", [])]
+    runs, out = runs_root / exp.name / scale, out_root / exp.name / scale
+    common = ["resume=auto", "trainer.progress_bar=false", f"logger.wandb.tags=[{exp.name},{scale}]"]
+    tracking = list(tracking)
+    shared_points, refs = [], {}
+    for name, stage_spec in (spec.get("shared") or {}).items():
+        run_dir = runs / f"shared-{name}"
+        # Shared runs are whole commands of their own: the scale's args are meant for the points.
+        args = [str(a) for a in stage_spec] + [f"run.dir={run_dir}", *common]
+        shared_points.append(Point(exp.name, scale, f"shared-{name}", None, None, {},
+                                   [Stage(str(name), args, str(run_dir), tracking)], str(out / f"shared-{name}.json")))
+        refs[f"shared.{name}"] = str(run_dir)
+    arms = spec.get("arms") or {None: []}
+    grid = spec.get("grid") or {}
+    keys = list(grid)
+    seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
+    points = []
+    for arm, arm_spec in arms.items():
+        for combo in itertools.product(*(list(grid[k]) for k in keys)):
+            values = dict(zip(keys, combo))
+            label = "_".join([*([str(arm)] if arm is not None else []), *(_label(k, v) for k, v in values.items())])
+            grid_args = [f"{k}={v}" for k, v in values.items()]
+            for seed in seeds:
+                name = f"{label or 'run'}-s{seed}"
+                stages, local = [], dict(refs)
+                for stage, stage_args in _stage_args(arm_spec).items():
+                    run_dir = runs / name / stage
+                    args = _resolve(base + grid_args + stage_args, local, f"{exp.name}.{scale}.{arm}.{stage}")
+                    args += [f"run.seed={seed}", f"run.dir={run_dir}", *common]
+                    stages.append(Stage(stage, args, str(run_dir), tracking))
+                    local[stage] = str(run_dir)
+                values_all = dict(values, **({"arm": arm} if arm is not None else {}))
+                points.append(Point(exp.name, scale, name, None if arm is None else str(arm), seed, values_all,
+                                    stages, str(out / f"{name}.json")))
+    return shared_points, points
+
+
+def summary_is_current(point: Point) -> bool:
+    """Whether the point's summary exists and records exactly the arguments planned now."""
+    path = Path(point.summary_path)
+    if not path.is_file():
+        return False
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return {name: stage.get("args") for name, stage in recorded.get("stages", {}).items()} == point.args
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- a point's job
+def run_point(point: Point, threads: Optional[int] = None) -> dict[str, Any]:
+    """Train the point's stages in order (each resumes where it stopped) and write its summary; returns it.
+
+    This is what a launcher runs, in its own process: a local subprocess or a SLURM task.
+    """
+    import torch
+
+    from .engine import TrainingInterrupted, fit
+    from .rundir import compose_for_resume
+
+    if threads:
+        torch.set_num_threads(threads)
+    stages = {}
+    for stage in point.stages:
+        run_dir = Path(stage.run_dir)
+        cfg = compose_for_resume(stage.args + stage.tracking)
+        started = time.perf_counter()
+        try:
+            fit(cfg)
+        except TrainingInterrupted:
+            _add_wall(run_dir, time.perf_counter() - started)
+            raise
+        _add_wall(run_dir, time.perf_counter() - started)
+        stages[stage.name] = summarise_run(run_dir, stage.args)
+    last = stages[point.stages[-1].name]
+    summary = {
+        "experiment": point.experiment, "scale": point.scale, "point": point.name, "arm": point.arm,
+        "seed": point.seed, "values": point.values,
+        "metrics": last["metrics"], "best": last["best"], "tokens": last["tokens"], "params": last["params"],
+        "total": {"wall_s": sum(s["wall_s"] for s in stages.values()),
+                  "train_flops": sum(s["train_flops"] for s in stages.values()),
+                  "train_images": sum(s["train_images"] for s in stages.values())},
+        "stages": stages,
+        "machine": {"host_cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()},
+    }
+    write_json_atomic(Path(point.summary_path), summary)
+    return summary
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _add_wall(run_dir: Path, seconds: float) -> None:
+    """Wall time over the attempts of a run (kept in the run directory, so a resumed run adds to it)."""
+    path = run_dir / "wall_time.json"
+    try:
+        total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    except (ValueError, KeyError, TypeError):
+        total = 0.0
+    if run_dir.is_dir():
+        write_json_atomic(path, {"seconds": total + seconds})
+
+
+def summarise_run(run_dir: Path, args: list[str]) -> dict[str, Any]:
+    """A finished run's facts for the report, from its ``config.yaml``, ``eval.json`` and ``metrics.jsonl``."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    report = json.loads((run_dir / "eval.json").read_text())
+    curve, speeds, train_curve = [], [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "train/images_per_sec" in record:
+            speeds.append(record["train/images_per_sec"])
+        if "train/loss" in record:
+            train_curve.append([record.get("step"), record["train/loss"]])
+        elif any(k.startswith("test/") for k in record):
+            curve.append({k: v for k, v in record.items() if k == "step" or k.startswith("test/")})
+    flops, params, tokens = training_cost(run_dir)
+    trainer = cfg.trainer
+    images = report["step"] * cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.devices * \
+        trainer.num_nodes
+    wall = run_dir / "wall_time.json"
+    return {
+        "args": args, "run_dir": str(run_dir), "task": cfg.task.name, "model": cfg.model.name,
+        "metrics": report["metrics"], "best": report.get("best", {}), "steps": report["step"],
+        "epochs": report["epoch"], "train_images": images,
+        "final_train_loss": train_curve[-1][1] if train_curve else None,
+        # at most ~100 (step, loss) pairs: enough for a curve, small enough to commit
+        "train_loss": train_curve[:: max(1, len(train_curve) // 100)],
+        "images_per_sec": sum(speeds) / len(speeds) if speeds else None,
+        "wall_s": json.loads(wall.read_text())["seconds"] if wall.is_file() else None,
+        "tokens": tokens, "params": params, "flops_per_image": flops, "train_flops": flops * images,
+        "precision": cfg.trainer.precision, "curve": curve,
+    }
+
+
+def training_cost(run_dir: Path) -> tuple[float, int, int]:
+    """(training FLOPs per image, trainable parameters, tokens per image) of the run's task module.
+
+    FLOPs are counted by ``torch.utils.flop_counter`` over one forward and backward pass of two random images (so
+    MAE's masking and DiT's conditioning count as they run); evaluation is not included.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .checkpoint import read_checkpoint
+    from .config import compose_saved
+    from .data import DataInfo
+    from .task import get_task
+
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    cfg = compose_saved(ckpt["config"], [])
+    info = DataInfo(**ckpt["data_info"])
+    del ckpt
+    module = get_task(cfg.task.name).build_module(cfg, info)
+    params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    grids = [m.grid_size for m in module.modules() if hasattr(m, "grid_size") and hasattr(m, "patch_size")]
+    tokens = int(grids[0]) ** 2 if grids else 0
+    batch = (torch.randn(2, info.in_chans, info.img_size, info.img_size),
+             torch.randint(0, max(info.num_classes, 1), (2,)))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = module(batch)["loss"]
+        loss.backward()
+    return counter.get_total_flops() / 2, params, tokens
+
+
+def point_record(point: Point) -> dict[str, Any]:
+    """A point as plain data (for logs and dry runs)."""
+    return asdict(point)
