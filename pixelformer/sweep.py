@@ -251,8 +251,22 @@ def run_point(point: Point, threads: Optional[int] = None) -> dict[str, Any]:
                     "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()},
     }
+    summary["pictures"] = _copy_pictures(Path(point.stages[-1].run_dir), Path(point.summary_path))
     write_json_atomic(Path(point.summary_path), summary)
     return summary
+
+
+def _copy_pictures(run_dir: Path, summary_path: Path) -> list[str]:
+    """The final run's pictures (DiT samples, MAE reconstructions: a few KB each at these sizes) beside the summary,
+    as ``<point>-<name>.png``, so the report shows them without the run directory."""
+    import shutil
+
+    copied = []
+    for picture in sorted(run_dir.glob("*.png")):
+        target = summary_path.with_name(f"{summary_path.stem}-{picture.name}")
+        shutil.copyfile(picture, target)
+        copied.append(target.name)
+    return copied
 
 
 def _cpu_name() -> str:
