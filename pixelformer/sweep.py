@@ -67,6 +67,7 @@ class Point:
     values: dict[str, Any]  # the grid values of this point
     stages: list[Stage]
     summary_path: str
+    about: dict[str, str] = field(default_factory=dict)  # the experiment's title, paper claim, metric, mode, x
 
     @property
     def args(self) -> dict[str, list[str]]:
@@ -161,13 +162,15 @@ def plan(exp: Experiment, scale: str, runs_root: Path, out_root: Path,
     runs, out = runs_root / exp.name / scale, out_root / exp.name / scale
     common = ["resume=auto", "trainer.progress_bar=false", f"logger.wandb.tags=[{exp.name},{scale}]"]
     tracking = list(tracking)
+    about = {"title": exp.title, "paper": exp.paper, "metric": exp.metric, "mode": exp.mode, "x": exp.x}
     shared_points, refs = [], {}
     for name, stage_spec in (spec.get("shared") or {}).items():
         run_dir = runs / f"shared-{name}"
         # Shared runs are whole commands of their own: the scale's args are meant for the points.
         args = [str(a) for a in stage_spec] + [f"run.dir={run_dir}", *common]
         shared_points.append(Point(exp.name, scale, f"shared-{name}", None, None, {},
-                                   [Stage(str(name), args, str(run_dir), tracking)], str(out / f"shared-{name}.json")))
+                                   [Stage(str(name), args, str(run_dir), tracking)], str(out / f"shared-{name}.json"),
+                                   about))
         refs[f"shared.{name}"] = str(run_dir)
     arms = spec.get("arms") or {None: []}
     grid = spec.get("grid") or {}
@@ -190,7 +193,7 @@ def plan(exp: Experiment, scale: str, runs_root: Path, out_root: Path,
                     local[stage] = str(run_dir)
                 values_all = dict(values, **({"arm": arm} if arm is not None else {}))
                 points.append(Point(exp.name, scale, name, None if arm is None else str(arm), seed, values_all,
-                                    stages, str(out / f"{name}.json")))
+                                    stages, str(out / f"{name}.json"), about))
     return shared_points, points
 
 
@@ -240,7 +243,7 @@ def run_point(point: Point, threads: Optional[int] = None) -> dict[str, Any]:
         stages[stage.name] = summarise_run(run_dir, stage.args)
     last = stages[point.stages[-1].name]
     summary = {
-        "experiment": point.experiment, "scale": point.scale, "point": point.name, "arm": point.arm,
+        "experiment": point.experiment, "about": point.about, "scale": point.scale, "point": point.name, "arm": point.arm,
         "seed": point.seed, "values": point.values,
         "metrics": last["metrics"], "best": last["best"], "tokens": last["tokens"], "params": last["params"],
         "total": {"wall_s": sum(s["wall_s"] for s in stages.values()),

@@ -194,12 +194,14 @@ def table(rows: list[dict[str, Any]], exp: dict[str, Any]) -> list[str]:
     return lines
 
 
-def experiment_info(name: str) -> dict[str, Any]:
-    from pixelformer.sweep import load_experiment
-
-    exp = load_experiment(name)
-    return {"name": exp.name, "title": exp.title, "paper": exp.paper, "metric": exp.metric, "mode": exp.mode,
-            "x": exp.x, "notes": {s: str(spec.get("note", "")) for s, spec in exp.scales.items()}}
+def experiment_info(name: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Title, paper claim, metric, mode and x: recorded in the summaries (else from configs/experiment/)."""
+    recorded = next((s["about"] for s in summaries if s.get("about")), None)
+    if recorded is None:
+        from pixelformer.sweep import load_experiment
+        exp = load_experiment(name)
+        recorded = {"title": exp.title, "paper": exp.paper, "metric": exp.metric, "mode": exp.mode, "x": exp.x}
+    return {"name": name, **recorded}
 
 
 def build(out: Path, experiments: list[str], scales: list[str], replot: Optional[set[tuple[str, str]]] = None) -> Path:
@@ -214,12 +216,14 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
                 PAPER_NOTE, ""]
     found_any = False
     for name in experiments:
-        exp = experiment_info(name)
         for scale in scales:
             folder = out / name / scale
             if not folder.is_dir():
                 continue
             points, shared = load_summaries(folder)
+            if not points:
+                continue
+            exp = experiment_info(name, points)
             rows = aggregate(points, exp["metric"])
             if not rows:
                 continue
@@ -262,22 +266,24 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    from pixelformer.sweep import SCALES, list_experiments
+    from pixelformer.sweep import SCALES
 
     own, rest = parse_kv(argv, {"experiment": "", "scale": "", "out": ""})
     if rest:
         raise UserError(f"unknown argument(s) {', '.join(rest)}: report.py takes experiment=, scale= and out=")
+    out = Path(own.get("out", "docs/results"))
+    on_disk = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
     experiment, scale = own.get("experiment", "all"), own.get("scale", "all")
-    experiments = list_experiments() if experiment == "all" else [experiment]
+    experiments = on_disk if experiment == "all" else [experiment]
     for name in experiments:
-        if name not in list_experiments():
-            raise UserError(f"experiment={name}: choose one of {', '.join(list_experiments())} or all")
+        if name not in on_disk:
+            raise UserError(f"experiment={name}: no summaries under {out}/{name}; experiments with summaries: "
+                            f"{', '.join(on_disk) or 'none'} (run python tools/sweep.py experiment={name} ... first)")
     if scale != "all" and scale not in SCALES:
         raise UserError(f"scale={scale}: choose one of {', '.join(SCALES)} or all")
     # The README always covers every experiment and scale on disk; the selection says which plots are redrawn.
     scales = list(SCALES) if scale == "all" else [scale]
-    readme = build(Path(own.get("out", "docs/results")), list_experiments(), list(SCALES),
-                   {(e, s) for e in experiments for s in scales})
+    readme = build(out, on_disk, list(SCALES), {(e, s) for e in experiments for s in scales})
     print(f"wrote {readme}")
     return 0
 

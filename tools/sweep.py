@@ -209,7 +209,8 @@ def _wait(point: Any, job: Any, tag: str) -> int:
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines
                       else type(e).__name__)
-        print(f"{tag} {point.name}: FAILED ({reason.strip()[:300]}); log: {getattr(job, 'paths', None) and job.paths.stderr}",
+        reason = reason.strip().replace("pixelformer.errors.UserError: ", "error: ")
+        print(f"{tag} {point.name}: FAILED ({reason[:300]}); log: {getattr(job, 'paths', None) and job.paths.stderr}",
               flush=True)
         return 1
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items() if k.startswith("test/"))

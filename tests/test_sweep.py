@@ -1,0 +1,172 @@
+"""Experiment grids (tools/sweep.py, pixelformer/sweep.py) and the report built from their summaries."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_tool
+from pixelformer.config import compose
+from pixelformer.errors import UserError
+from pixelformer.sweep import SCALES, list_experiments, load_experiment, plan, summary_is_current
+
+TINY = ["task=cls", "data=digits", "model=vit_mini", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+        "data.limit_train=96", "data.limit_test=40", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+
+
+def write_experiment(path: Path, max_steps: int = 4, extra: str = "") -> Path:
+    path.write_text(f"""
+metric: test/acc1
+x: tokens
+scales:
+  small:
+    args: [{', '.join(TINY)}, trainer.max_steps={max_steps}, trainer.eval_every_steps=2, trainer.ckpt_every_steps=1]
+    seeds: [0, 1]
+    grid: {{model.patch_size: [4, 2]}}
+{extra}""")
+    return path
+
+
+def test_every_committed_experiment_plans_and_composes(tmp_path):
+    """Each point of every experiment and scale composes into a valid config: a typo in a file fails here."""
+    assert set(list_experiments()) >= {"patch_size", "fixed_tokens", "pos_embed", "mae_vs_scratch", "dit_tokens"}
+    for name in list_experiments():
+        exp = load_experiment(name)
+        assert exp.paper and set(exp.scales) <= set(SCALES) and {"small", "medium"} <= set(exp.scales)
+        for scale in exp.scales:
+            shared, points = plan(exp, scale, tmp_path / "runs", tmp_path / "out")
+            assert points and len({p.name for p in points}) == len(points)
+            for point in shared + points:
+                for stage in point.stages:
+                    cfg = compose([a for a in stage.args if a != "resume=auto"])
+                    assert cfg.run.dir == stage.run_dir and "{" not in " ".join(stage.args).replace("${", "")
+            if scale != "paper":
+                assert len({p.seed for p in points}) >= (1 if name == "dit_tokens" else 3)
+
+
+def test_stages_refer_to_earlier_stages_and_shared_runs(tmp_path):
+    path = write_experiment(tmp_path / "e.yaml", extra="""
+    arms:
+      two:
+        pre: [task=mae]
+        ft: ["init_from={pre}/checkpoints/last.ckpt", "task.label_smoothing=0.1"]
+    shared:
+      judge: [task=cls, data=digits]
+""")
+    shared, points = plan(load_experiment(str(path)), "small", tmp_path / "runs", tmp_path / "out")
+    assert [p.name for p in shared] == ["shared-judge"] and shared[0].stages[0].args[:2] == ["task=cls", "data=digits"]
+    assert [p.name for p in points] == ["two_patch_size4-s0", "two_patch_size4-s1", "two_patch_size2-s0",
+                                        "two_patch_size2-s1"]
+    pre, ft = points[0].stages
+    assert f"init_from={pre.run_dir}/checkpoints/last.ckpt" in ft.args and "run.seed=0" in ft.args
+    assert pre.run_dir == str(tmp_path / "runs" / "e" / "small" / "two_patch_size4-s0" / "pre")
+    bad = write_experiment(tmp_path / "bad.yaml", extra="""
+    arms:
+      a: ["init_from={nothing}/x.ckpt"]
+""")
+    with pytest.raises(UserError, match=r"\{nothing\} names no earlier stage or shared run"):
+        plan(load_experiment(str(bad)), "small", tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("metric: test/acc1\nscales:\n  huge: {}\n", "unknown scale 'huge'"),
+    ("metric: test/acc1\nscales:\n  small: {grids: {}}\n", "unknown key\\(s\\) grids"),
+    ("scales: {}\n", "needs 'metric' and 'scales'"),
+])
+def test_a_wrong_experiment_file_is_named(tmp_path, text, message):
+    (tmp_path / "x.yaml").write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_experiment(str(tmp_path / "x.yaml"))
+
+
+def test_unknown_names_are_refused_in_one_line():
+    result = run_tool("sweep", "experiment=patch_sise", "scale=small")
+    assert result.returncode == 2 and "Did you mean: patch_size" in result.stderr and "Traceback" not in result.stderr
+    result = run_tool("sweep", "experiment=patch_size", "scale=paper", "launcher=cluster")
+    assert result.returncode == 2 and "launcher=cluster: choose one of local, slurm, debug" in result.stderr
+    result = run_tool("sweep", "experiment=patch_size", "scale=tiny")
+    assert result.returncode == 2 and "scale=tiny" in result.stderr
+
+
+def _sweep(exp: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "tools" / "sweep.py"), f"experiment={exp}", "scale=small",
+            f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}", "logger=disabled", *extra]
+
+
+def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tmp_path):
+    exp = write_experiment(tmp_path / "grid.yaml", max_steps=40)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # The sweep and its point processes in one process group of their own, killed together with SIGKILL: nothing
+    # gets to save or clean up.
+    proc = subprocess.Popen(_sweep(exp, tmp_path), cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = tmp_path / "out" / "grid" / "small"
+    second = tmp_path / "runs" / "grid" / "small" / "patch_size4-s1" / "train" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not (second.exists() and (out / "patch_size4-s0.json").exists()) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_summary = (out / "patch_size4-s0.json").read_text()
+    assert not (out / "patch_size4-s1.json").exists()
+
+    result = subprocess.run(_sweep(exp, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "patch_size4-s0: finished, skipped" in result.stdout
+    assert (out / "patch_size4-s0.json").read_text() == first_summary  # not run again
+    log = "".join(p.read_text() for p in (tmp_path / "runs" / "grid" / "small" / ".submitit").rglob("*_log.out"))
+    assert "resumed from" in log and "patch_size4-s1" in log  # the killed point continued from its checkpoint
+    summaries = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(summaries) == {"patch_size4-s0", "patch_size4-s1", "patch_size2-s0", "patch_size2-s1"}
+    for name, summary in summaries.items():
+        assert summary["stages"]["train"]["steps"] == 40 and summary["tokens"] == (4 if "size4" in name else 16)
+        assert summary["params"] > 0 and summary["total"]["train_flops"] > 0
+        assert summary["values"] == {"model.patch_size": 4 if "size4" in name else 2}
+    # Pixel tokens cost more per image than patches of the same model.
+    assert summaries["patch_size2-s0"]["stages"]["train"]["flops_per_image"] > \
+        summaries["patch_size4-s0"]["stages"]["train"]["flops_per_image"]
+
+    again = subprocess.run(_sweep(exp, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("finished, skipped") == 4 and "started" not in again.stdout
+
+    # The report needs the summaries only: the run directories can go.
+    shutil.rmtree(tmp_path / "runs")
+    report = run_tool("report", f"out={tmp_path / 'out'}")
+    assert report.returncode == 0, report.stderr
+    readme = (tmp_path / "out" / "README.md").read_text()
+    accuracy = [summaries[f"patch_size2-s{s}"]["metrics"]["test/acc1"] for s in (0, 1)]
+    assert f"| patch_size2 | 16 |" in readme and f"{accuracy[0]:.2f}, {accuracy[1]:.2f}" in readme
+    assert all((out / name).stat().st_size > 1000 for name in ("metric.png", "cost.png", "curves.png"))
+
+
+def test_the_committed_report_is_rebuilt_from_the_committed_summaries(tmp_path):
+    """docs/results/README.md is what tools/report.py writes from the summaries beside it, nothing else."""
+    committed = REPO / "docs" / "results"
+    if not (committed / "README.md").exists():
+        pytest.skip("no committed results yet")
+    copy = tmp_path / "results"
+    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("README.md", "metric.png", "cost.png",
+                                                                    "curves.png"))
+    result = run_tool("report", f"out={copy}")
+    assert result.returncode == 0, result.stderr
+    assert (copy / "README.md").read_text() == (committed / "README.md").read_text()
+
+
+def test_a_changed_experiment_reruns_only_the_changed_points(tmp_path):
+    exp = write_experiment(tmp_path / "e.yaml")
+    shared, points = plan(load_experiment(str(exp)), "small", tmp_path / "runs", tmp_path / "out")
+    Path(points[0].summary_path).parent.mkdir(parents=True)
+    Path(points[0].summary_path).write_text(json.dumps({"stages": {"train": {"args": points[0].stages[0].args}}}))
+    assert summary_is_current(points[0]) and not summary_is_current(points[1])
+    exp.write_text(exp.read_text().replace("trainer.max_steps=4", "trainer.max_steps=5"))
+    _, changed = plan(load_experiment(str(exp)), "small", tmp_path / "runs", tmp_path / "out")
+    assert not summary_is_current(changed[0])
