@@ -14,7 +14,8 @@ Examples::
 
 Keys: experiment (a name in configs/experiment/, a .yaml path, or all), scale, seeds (e.g. [0]: overrides the
 file's), runs (run directories' root, default runs/sweeps), out (summaries' root, default docs/results),
-dry_run, logger=... / logger.* (W&B tracking for every run), launcher (local | slurm | debug) and launcher.* (parallel, threads, timeout_min, partition, gpus_per_node,
+dry_run, logger=... / logger.* / data.root / data.num_workers (passed to every run, not part of a point's
+identity: they do not change results), launcher (local | slurm | debug) and launcher.* (parallel, threads, timeout_min, partition, gpus_per_node,
 cpus_per_task, mem_gb, slurm_additional_parameters). Points run through submitit's executors: ``local`` starts each
 point as a subprocess on this machine (launcher.parallel at a time), ``slurm`` submits them as a job array,
 ``debug`` runs them in this process. Each finished point writes out/<experiment>/<scale>/<point>.json.
@@ -63,6 +64,7 @@ class SweepCfg:
 
 
 LAUNCHERS = ("local", "slurm", "debug")
+PASS_THROUGH = ("logger", "data.root", "data.num_workers")
 
 
 def parse(argv: list[str]) -> Any:
@@ -73,8 +75,9 @@ def parse(argv: list[str]) -> Any:
         if "=" not in arg:
             raise UserError(f"cannot parse argument {arg!r}: use key=value (e.g. experiment=patch_size scale=small)")
     launcher = [a for a in argv if a.startswith("launcher=")]
-    # Tracking choices pass through to every run; they do not change results, so a point's identity ignores them.
-    tracking = [a for a in argv if a.split("=", 1)[0] == "logger" or a.startswith("logger.")]
+    # Tracking, where the data lies and how it is loaded pass through to every run; they do not change results, so a
+    # point's identity ignores them.
+    tracking = [a for a in argv if a.split("=", 1)[0] in PASS_THROUGH or a.startswith("logger.")]
     rest = [a for a in argv if not a.startswith("launcher=") and a not in tracking]
     try:
         cfg = OmegaConf.structured(SweepCfg)
@@ -86,12 +89,18 @@ def parse(argv: list[str]) -> Any:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
+        if key == "seeds":
+            raise UserError("seeds must be a list of integers, e.g. seeds=[0,1,2] (or leave it out for the "
+                            "experiment's own)") from None
         raise UserError(f"{str(e).splitlines()[0]}{f' (key: {key})' if key else ''}; see --help") from None
     if OmegaConf.is_missing(cfg, "experiment"):
         from pixelformer.sweep import list_experiments
         raise UserError(f"experiment is not set: pass experiment=NAME (one of {', '.join(list_experiments())}, or "
                         f"all)")
     cfg.tracking = tracking
+    from pixelformer.sweep import SCALES
+    if cfg.scale not in SCALES:
+        raise UserError(f"scale={cfg.scale}: choose one of {', '.join(SCALES)}")
     if cfg.launcher.parallel < 1:
         raise UserError(f"launcher.parallel must be >= 1, got {cfg.launcher.parallel}")
     return cfg
@@ -135,7 +144,7 @@ def run_grid(cfg: Any, experiment: str) -> int:
             state = "done" if summary_is_current(point) else "todo"
             for stage in point.stages:
                 print(f"[{exp.name}/{cfg.scale}] {state} {point.name}/{stage.name}: python tools/train.py "
-                      f"{' '.join(shlex.quote(a) for a in stage.args)}")
+                      f"{' '.join(shlex.quote(a) for a in stage.args + list(stage.tracking))}")
         return 0
     threads = cfg.launcher.threads
     if threads is None and cfg.launcher.name == "local":
