@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install train test clean
+.PHONY: install train test results-small clean
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The small suite of experiments (digits, all five findings, 3 seeds where the spread matters) and its report.
+# Resumable: run it again after an interruption; finished points are skipped.
+results-small: $(STAMP)
+	for e in patch_size fixed_tokens pos_embed mae_vs_scratch dit_tokens; do \
+		$(BIN)/python tools/sweep.py experiment=$$e scale=small launcher.parallel=2 launcher.threads=1 $(ARGS) || exit 1; \
+	done
+	$(BIN)/python tools/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

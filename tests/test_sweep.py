@@ -170,3 +170,28 @@ def test_a_changed_experiment_reruns_only_the_changed_points(tmp_path):
     exp.write_text(exp.read_text().replace("trainer.max_steps=4", "trainer.max_steps=5"))
     _, changed = plan(load_experiment(str(exp)), "small", tmp_path / "runs", tmp_path / "out")
     assert not summary_is_current(changed[0])
+
+
+def test_the_slurm_launcher_builds_a_job_array_executor(tmp_path, monkeypatch):
+    """No cluster here: the SLURM executor is built and its parameters checked by submitit, nothing is submitted."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_tool", REPO / "tools" / "sweep.py")
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "sweep_tool", tool)  # dataclasses and omegaconf look their module up
+    spec.loader.exec_module(tool)
+    with pytest.raises(UserError, match="launcher=slurm needs SLURM's commands"):
+        tool.make_executor(tool.parse(["experiment=patch_size", "launcher=slurm"]), tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for command in ("srun", "sbatch"):
+        (fake / command).write_text("#!/bin/sh\nexit 1\n")
+        (fake / command).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    cfg = tool.parse(["experiment=patch_size", "scale=paper", "launcher=slurm", "launcher.partition=gpu",
+                      "launcher.gpus_per_node=1", "launcher.parallel=4", "launcher.mem_gb=64"])
+    executor = tool.make_executor(cfg, tmp_path)
+    params = executor._executor.parameters
+    assert params["partition"] == "gpu" and params["gpus_per_node"] == 1 and params["array_parallelism"] == 4
+    assert params["mem"] == "64GB" and params["time"] == 24 * 60
+    assert tool.make_executor(tool.parse(["experiment=patch_size"]), tmp_path).__class__.__name__ == "LocalExecutor"

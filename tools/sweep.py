@@ -117,6 +117,10 @@ def make_executor(cfg: Any, folder: Path) -> Any:
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=launcher.timeout_min)
         return executor
+    import shutil
+    if shutil.which("srun") is None:
+        raise UserError("launcher=slurm needs SLURM's commands (srun, sbatch), and this machine has none: run the "
+                        "sweep on the cluster's login node, or use launcher=local")
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     extra = {"slurm_partition": launcher.partition} if launcher.partition else {}
     if launcher.mem_gb:
