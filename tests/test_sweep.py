@@ -101,7 +101,7 @@ def _sweep(exp: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tmp_path):
-    exp = write_experiment(tmp_path / "grid.yaml", max_steps=40)
+    exp = write_experiment(tmp_path / "grid.yaml", max_steps=24)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # The sweep and its point processes in one process group of their own, killed together with SIGKILL: nothing
     # gets to save or clean up.
@@ -128,7 +128,7 @@ def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tm
     summaries = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert set(summaries) == {"patch_size4-s0", "patch_size4-s1", "patch_size2-s0", "patch_size2-s1"}
     for name, summary in summaries.items():
-        assert summary["stages"]["train"]["steps"] == 40 and summary["tokens"] == (4 if "size4" in name else 16)
+        assert summary["stages"]["train"]["steps"] == 24 and summary["tokens"] == (4 if "size4" in name else 16)
         assert summary["params"] > 0 and summary["total"]["train_flops"] > 0
         assert summary["values"] == {"model.patch_size": 4 if "size4" in name else 2}
     # Pixel tokens cost more per image than patches of the same model.
