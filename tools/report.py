@@ -108,6 +108,8 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
                         marker="o", capsize=3, label=arm or "mean ± sd over seeds")
             for r in sel:
                 ax.scatter([x_value(r, x)] * len(r["per_seed"]), r["per_seed"], s=8, alpha=0.4, color="grey")
+                ax.annotate(_label(r), (x_value(r, x), r["mean"]), textcoords="offset points", xytext=(5, 5),
+                            fontsize=7)
         if x == "tokens":
             ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per image" if x == "tokens" else x)
@@ -194,6 +196,23 @@ def table(rows: list[dict[str, Any]], exp: dict[str, Any]) -> list[str]:
     return lines
 
 
+def earlier_stages(rows: list[dict[str, Any]]) -> list[str]:
+    """For points of several stages (e.g. MAE pre-training before fine-tuning): the earlier stages' test metrics,
+    averaged over seeds, and their share of the point's training FLOPs."""
+    lines = []
+    for r in rows:
+        names = list(r["runs"][0]["stages"])
+        for stage in names[:-1]:
+            runs = [run["stages"][stage] for run in r["runs"] if stage in run["stages"]]
+            metrics = sorted({k for run in runs for k in run["metrics"] if k.startswith("test/")})
+            values = ", ".join(f"{k} {statistics.fmean(run['metrics'][k] for run in runs if k in run['metrics']):.4g}"
+                               for k in metrics)
+            share = statistics.fmean(run["train_flops"] for run in runs) / max(r["train_flops"], 1.0)
+            lines.append(f"\n`{r['setting']}`, stage `{stage}` (mean of {len(runs)} seeds): {values}; "
+                         f"{100 * share:.0f} % of the point's training FLOPs.")
+    return lines
+
+
 def experiment_info(name: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Title, paper claim, metric, mode and x: recorded in the summaries (else from configs/experiment/)."""
     recorded = next((s["about"] for s in summaries if s.get("about")), None)
@@ -242,6 +261,7 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
                          f"runs, {wall / 60:.1f} min of run time in all ({machine.get('threads')} thread(s) each on "
                          f"{machine.get('device') or 'this machine'}), {_fmt_flops(flops)}FLOP of training.", ""]
             sections += table(rows, exp)
+            sections += earlier_stages(rows)
             for s in shared:
                 metrics = ", ".join(f"{k} {v:.4g}" for k, v in s["metrics"].items() if k.startswith("test/"))
                 sections.append(f"\nShared run `{s['point']}` ({s['stages'][list(s['stages'])[0]]['model']}): {metrics}.")
