@@ -182,16 +182,24 @@ def _fmt_flops(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _others(row: dict[str, Any], metric: str) -> str:
+    keys = sorted({k for run in row["runs"] for k in run["metrics"] if k.startswith("test/") and k != metric})
+    return ", ".join(f"{k[5:]} {statistics.fmean(run['metrics'][k] for run in row['runs'] if k in run['metrics']):.3g}"
+                     for k in keys)
+
+
 def table(rows: list[dict[str, Any]], exp: dict[str, Any]) -> list[str]:
     metric = exp["metric"]
-    lines = [f"| setting | tokens | params | {metric} mean ± sd (seeds) | per seed | training FLOPs | wall s | img/s |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    lines = [f"| setting | tokens | params | {metric} mean ± sd (seeds) | per seed | other test metrics (mean) | "
+             f"training FLOPs | wall s | img/s |",
+             "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     best = (max if exp["mode"] == "max" else min)(r["mean"] for r in rows)
     for r in sorted(rows, key=lambda r: (str(r["arm"]), -(r["tokens"] or 0))):
         mark = "**" if r["mean"] == best else ""
         speed = f"{r['images_per_sec']:.0f}" if r["images_per_sec"] else "-"
         lines.append(f"| {r['setting']} | {r['tokens']} | {r['params']:,} | {mark}{r['mean']:.2f} ± {r['std']:.2f}{mark} "
-                     f"({r['seeds']}) | {', '.join(f'{v:.2f}' for v in r['per_seed'])} | {_fmt_flops(r['train_flops'])} | "
+                     f"({r['seeds']}) | {', '.join(f'{v:.2f}' for v in r['per_seed'])} | {_others(r, metric)} | "
+                     f"{_fmt_flops(r['train_flops'])} | "
                      f"{r['wall_s']:.0f} | {speed} |")
     return lines
 
