@@ -68,6 +68,7 @@ class Point:
     stages: list[Stage]
     summary_path: str
     about: dict[str, str] = field(default_factory=dict)  # the experiment's title, paper claim, metric, mode, x
+    command: str = ""  # the sweep command that ran it, recorded in the summary
 
     @property
     def args(self) -> dict[str, list[str]]:
@@ -243,7 +244,7 @@ def run_point(point: Point, threads: Optional[int] = None) -> dict[str, Any]:
         stages[stage.name] = summarise_run(run_dir, stage.args)
     last = stages[point.stages[-1].name]
     summary = {
-        "experiment": point.experiment, "about": point.about, "scale": point.scale, "point": point.name, "arm": point.arm,
+        "experiment": point.experiment, "about": point.about, "command": point.command, "scale": point.scale, "point": point.name, "arm": point.arm,
         "seed": point.seed, "values": point.values,
         "metrics": last["metrics"], "best": last["best"], "tokens": last["tokens"], "params": last["params"],
         "total": {"wall_s": sum(s["wall_s"] for s in stages.values()),

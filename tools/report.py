@@ -182,6 +182,14 @@ def _fmt_flops(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _command(points: list[dict[str, Any]], name: str, scale: str) -> str:
+    """The sweep command recorded in the summaries (the most common one), else the plain one."""
+    from collections import Counter
+
+    recorded = Counter(p.get("command") for p in points if p.get("command"))
+    return recorded.most_common(1)[0][0] if recorded else f"python tools/sweep.py experiment={name} scale={scale}"
+
+
 def _others(row: dict[str, Any], metric: str) -> str:
     keys = sorted({k for run in row["runs"] for k in run["metrics"] if k.startswith("test/") and k != metric})
     return ", ".join(f"{k[5:]} {statistics.fmean(run['metrics'][k] for run in row['runs'] if k in run['metrics']):.3g}"
@@ -264,9 +272,11 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
             flops = sum(p["total"]["train_flops"] for p in points + shared)
             sections += [f"## {exp['title']} ({scale})", "",
                          f"*paper*: {exp['paper']}", "",
-                         f"Command: `python tools/sweep.py experiment={name} scale={scale}` then "
-                         f"`python tools/report.py experiment={name} scale={scale}`. Cost: {len(points) + len(shared)} "
-                         f"runs, {wall / 60:.1f} min of run time in all ({machine.get('threads')} thread(s) each on "
+                         f"Command: `{_command(points, name, scale)}` then "
+                         f"`python tools/report.py experiment={name} scale={scale}`. Cost: {len(points)} points"
+                         f"{f' and {len(shared)} shared run(s)' if shared else ''} "
+                         f"({sum(len(p['stages']) for p in points + shared)} training runs), {wall / 60:.1f} min of "
+                         f"run time summed over the runs ({machine.get('threads')} thread(s) each on "
                          f"{machine.get('device') or 'this machine'}), {_fmt_flops(flops)}FLOP of training.", ""]
             sections += table(rows, exp)
             sections += earlier_stages(rows)

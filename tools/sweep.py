@@ -59,7 +59,8 @@ class SweepCfg:
     runs: str = "runs/sweeps"
     out: str = "docs/results"
     dry_run: bool = False
-    tracking: list[str] = field(default_factory=list)  # filled from logger=/logger.* arguments
+    tracking: list[str] = field(default_factory=list)  # filled from the pass-through arguments
+    argv: list[str] = field(default_factory=list)  # the command line, recorded in the summaries
     launcher: LauncherCfg = field(default_factory=LauncherCfg)
 
 
@@ -98,6 +99,7 @@ def parse(argv: list[str]) -> Any:
         raise UserError(f"experiment is not set: pass experiment=NAME (one of {', '.join(list_experiments())}, or "
                         f"all)")
     cfg.tracking = tracking
+    cfg.argv = list(argv)
     from pixelformer.sweep import SCALES
     if cfg.scale not in SCALES:
         raise UserError(f"scale={cfg.scale}: choose one of {', '.join(SCALES)}")
@@ -150,6 +152,9 @@ def run_grid(cfg: Any, experiment: str) -> int:
                 print(f"[{exp.name}/{cfg.scale}] {state} {point.name}/{stage.name}: python tools/train.py "
                       f"{' '.join(shlex.quote(a) for a in stage.args + list(stage.tracking))}")
         return 0
+    command = "python tools/sweep.py " + " ".join(shlex.quote(a) for a in cfg.argv)
+    for point in shared + points:
+        point.command = command
     threads = cfg.launcher.threads
     if threads is None and cfg.launcher.name == "local":
         threads = max(1, (os.cpu_count() or 1) // cfg.launcher.parallel)
