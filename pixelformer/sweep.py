@@ -2,6 +2,7 @@
 
 An experiment file holds one finding at up to three scales (``small``, ``medium``, ``paper``)::
 
+    finding: 1                         # its place in the report
     title: Pixels vs patches at a fixed input size
     paper: the paper's claim, quoted in the report
     metric: test/acc1                  # the number the report compares (mode max; test/fid is min)
@@ -84,6 +85,7 @@ class Experiment:
     mode: str  # "max" or "min"
     x: str
     scales: dict[str, DictConfig] = field(default_factory=dict)
+    finding: int = 0  # its place in the report
 
 
 def list_experiments(config_dir: Path = EXPERIMENT_DIR) -> list[str]:
@@ -103,7 +105,7 @@ def load_experiment(name: str, config_dir: Path = EXPERIMENT_DIR) -> Experiment:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml errors
         raise UserError(f"cannot parse {path}: {e}") from None
-    known = {"title", "paper", "metric", "mode", "x", "scales"}
+    known = {"finding", "title", "paper", "metric", "mode", "x", "scales"}
     unknown = sorted(set(raw) - known)
     if unknown or "scales" not in raw or "metric" not in raw:
         raise UserError(f"{path}: an experiment needs 'metric' and 'scales' (and may set {', '.join(sorted(known))}); "
@@ -120,7 +122,7 @@ def load_experiment(name: str, config_dir: Path = EXPERIMENT_DIR) -> Experiment:
     metric = str(raw.metric)
     mode = str(raw.get("mode", "min" if metric.endswith(("fid", "loss")) else "max"))
     return Experiment(path.stem, str(raw.get("title", path.stem)), str(raw.get("paper", "")), metric, mode,
-                      str(raw.get("x", "tokens")), scales)
+                      str(raw.get("x", "tokens")), scales, int(raw.get("finding", 0)))
 
 
 def _label(key: str, value: Any) -> str:

@@ -292,12 +292,30 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
                     f"[{point}]({name}/{scale}/{pic})" for point, pic in samples), ""]
                 sections += [f"![{point}]({name}/{scale}/{pic})" for point, pic in samples[:4]]
             sections.append("")
+    contents = [line[3:] for line in sections if line.startswith("## ")]
+    index = sections.index(PAPER_NOTE) + 2
+    sections[index:index] = [f"- [{title}](#{_anchor(title)})" for title in contents] + [""]
     if not found_any:
         raise UserError(f"no sweep summaries under {out} for experiment(s) {', '.join(experiments)} at scale(s) "
                         f"{', '.join(scales)}: run python tools/sweep.py experiment=... scale=... first")
     readme = out / "README.md"
     readme.write_text("\n".join(sections).rstrip() + "\n")
     return readme
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    import re
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def _finding(name: str) -> tuple[int, str]:
+    """Experiments in the order of the paper's findings (their files' ``finding``), others after them by name."""
+    from pixelformer.sweep import EXPERIMENT_DIR, load_experiment
+
+    if (EXPERIMENT_DIR / f"{name}.yaml").is_file():
+        return load_experiment(name).finding or 99, name
+    return 99, name
 
 
 def main(argv: list[str]) -> int:
@@ -310,7 +328,7 @@ def main(argv: list[str]) -> int:
     if rest:
         raise UserError(f"unknown argument(s) {', '.join(rest)}: report.py takes experiment=, scale= and out=")
     out = Path(own.get("out", "docs/results"))
-    on_disk = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
+    on_disk = sorted((p.name for p in out.iterdir() if p.is_dir()), key=_finding) if out.is_dir() else []
     experiment, scale = own.get("experiment", "all"), own.get("scale", "all")
     experiments = on_disk if experiment == "all" else [experiment]
     for name in experiments:
