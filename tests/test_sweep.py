@@ -144,7 +144,7 @@ def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tm
     assert report.returncode == 0, report.stderr
     readme = (tmp_path / "out" / "README.md").read_text()
     accuracy = [summaries[f"patch_size2-s{s}"]["metrics"]["test/acc1"] for s in (0, 1)]
-    assert f"| patch_size2 | 16 |" in readme and f"{accuracy[0]:.2f}, {accuracy[1]:.2f}" in readme
+    assert "| patch_size2 | 16 |" in readme and f"{accuracy[0]:.2f}, {accuracy[1]:.2f}" in readme
     assert all((out / name).stat().st_size > 1000 for name in ("metric.png", "cost.png", "curves.png"))
 
 

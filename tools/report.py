@@ -10,7 +10,6 @@ docs/results).
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict

@@ -186,7 +186,7 @@ def _launch(executor: Any, todo: list, job: Any, threads: Optional[int], cfg: An
         print(f"{tag} submitted {len(jobs)} points as SLURM array {jobs[0][1].job_id.split('_')[0]}; logs in "
               f"{executor.folder}")
         return sum(_wait(point, j, tag) for point, j in jobs)
-    failed, running, queue = 0, [], list(todo)
+    running, queue = [], list(todo)
     try:
         return _run_queue(executor, queue, running, job, threads, cfg, tag)
     except KeyboardInterrupt:
