@@ -207,8 +207,9 @@ def _run_queue(executor: Any, queue: list, running: list, job: Any, threads: Opt
     while queue or running:
         while queue and len(running) < cfg.launcher.parallel:
             point = queue.pop(0)
-            print(f"{tag} {point.name}: started ({len(point.stages)} stage(s), run dir "
-                  f"{Path(point.stages[0].run_dir).parent})", flush=True)
+            where = Path(point.stages[0].run_dir)
+            where = where if point.seed is None else where.parent  # a point's stages share its folder
+            print(f"{tag} {point.name}: started ({len(point.stages)} stage(s), run dir {where})", flush=True)
             running.append((point, executor.submit(job, point, threads)))
         done = [(p, j) for p, j in running if j.done()]
         if not done:
