@@ -33,12 +33,13 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .checkpoint import fsync_and_replace
 from .config import CONFIG_DIR
 from .errors import UserError
 
@@ -216,7 +217,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    fsync_and_replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------- a point's job
@@ -360,8 +361,3 @@ def training_cost(run_dir: Path) -> tuple[float, int, int]:
         loss = module(batch)["loss"]
         loss.backward()
     return counter.get_total_flops() / 2, params, tokens
-
-
-def point_record(point: Point) -> dict[str, Any]:
-    """A point as plain data (for logs and dry runs)."""
-    return asdict(point)
