@@ -15,7 +15,6 @@ read the same variables. Configs stored in checkpoints are saved resolved and re
 """
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 __all__ = [
     "CONFIG_DIR", "GROUPS", "Config", "DataCfg", "LoggerCfg", "ModelCfg", "OptimCfg", "RunCfg", "TaskCfg",
@@ -209,8 +208,7 @@ def _group_layer(group: str, choice: str, config_dir: Path) -> DictConfig:
         content = OmegaConf.create({})
     else:
         valid = group_choices(group, config_dir)
-        close = difflib.get_close_matches(choice, valid, n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(choice, valid)
         raise UserError(f"unknown {group} {choice!r}.{hint} Choices: {', '.join(valid)}")
     if group == "model" and "name" not in content:
         content.name = choice

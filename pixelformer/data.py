@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 __all__ = ["DATASETS", "DataInfo", "DeviceTensorLoader", "ShardedEpochSampler", "build_datasets", "build_loader"]
 
@@ -492,9 +492,7 @@ class _Normalize:
 def build_datasets(cfg: DictConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
     """Train and test datasets (yielding normalised float images and labels) and their :class:`DataInfo`."""
     if cfg.name not in DATASETS:
-        import difflib
-        close = difflib.get_close_matches(cfg.name, DATASETS, n=2)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(cfg.name, DATASETS, n=2)
         raise UserError(f"unknown dataset {cfg.name!r}.{hint} Choices: {', '.join(DATASETS)}")
     spec = DATASETS[cfg.name]
     if cfg.name == "imagefolder":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
@@ -23,3 +24,12 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not match the model it is loaded into."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """`` Did you mean: a, b?`` for the choices closest to ``name`` (difflib's ratio), or ``""`` when none is close:
+    the one wording of suggestions in every "unknown ..." message."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=n)
+    return f" Did you mean: {', '.join(close)}?" if close else ""

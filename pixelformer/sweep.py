@@ -41,7 +41,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checkpoint import fsync_and_replace
 from .config import CONFIG_DIR
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 __all__ = ["SCALES", "Experiment", "Point", "Stage", "list_experiments", "load_experiment", "plan", "run_point",
            "summary_is_current", "write_json_atomic"]
@@ -97,10 +97,8 @@ def load_experiment(name: str, config_dir: Path = EXPERIMENT_DIR) -> Experiment:
     """``configs/experiment/<name>.yaml``, or a YAML file's path; checked so that a wrong key is named early."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
     if not path.is_file():
-        import difflib
         valid = list_experiments(config_dir)
-        close = difflib.get_close_matches(name, valid, n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, valid)
         raise UserError(f"experiment={name}: no such experiment.{hint} Choices: {', '.join(valid)} (or a .yaml path)")
     try:
         raw = OmegaConf.load(path)

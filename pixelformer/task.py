@@ -15,7 +15,6 @@ Adding a task touches no other task: ``tasks/__init__.py`` imports every module 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 from torch import nn
 
 from .config import TaskCfg
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -107,7 +106,6 @@ def list_tasks() -> list[str]:
 def get_task(name: str) -> Task:
     _import_tasks()
     if name not in _TASKS:
-        close = difflib.get_close_matches(name, _TASKS, n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, _TASKS)
         raise UserError(f"unknown task {name!r}.{hint} Choices: {', '.join(sorted(_TASKS))}")
     return _TASKS[name]()

@@ -1,14 +1,13 @@
 """Backbone registry: a name -> entrypoint table, filled by the ``@register_backbone`` decorator on import."""
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import warnings
 from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 
 __all__ = ["register_backbone", "create_backbone", "list_backbones", "is_backbone"]
 
@@ -40,8 +39,7 @@ def create_backbone(name: str, **overrides: Any) -> nn.Module:
     arrive as ``None``).
     """
     if name not in _ENTRYPOINTS:
-        close = difflib.get_close_matches(name, _ENTRYPOINTS, n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, _ENTRYPOINTS)
         raise UserError(f"Unknown backbone {name!r}.{hint} Registered: {', '.join(list_backbones())}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return _ENTRYPOINTS[name](**overrides)
