@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.ckpt:
-        from tasks.dit import load_for_sampling
+        from pixelformer.tasks.dit import load_for_sampling
         model, info, config = load_for_sampling(args.ckpt)
         shape, classes, name = (info.in_chans, info.img_size, info.img_size), info.num_classes, args.ckpt
     else:

@@ -95,7 +95,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def _import_tasks() -> None:
-    importlib.import_module("tasks")
+    importlib.import_module("pixelformer.tasks")
 
 
 def list_tasks() -> list[str]:

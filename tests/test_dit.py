@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.dit
+import pixelformer.tasks.dit
 from pixelformer import UserError, create_backbone, list_backbones
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.diffusion import build_train_scheduler, guided_eps, sample, update_ema
@@ -145,13 +145,13 @@ def test_dit_resume_restores_weights_and_ema_exactly(tmp_path, monkeypatch):
     args = (*DIT_ARGS, "trainer.max_steps=16", "trainer.ckpt_every_steps=5", "data.limit_train=256")
     fit(tiny_cfg(tmp_path / "straight", *args))
 
-    original = tasks.dit.DiTTask.on_train_step_end
+    original = pixelformer.tasks.dit.DiTTask.on_train_step_end
 
     def stop_at_12(self, module, step):
         original(self, module, step)
         if step == 12:
             raise KeyboardInterrupt
-    monkeypatch.setattr(tasks.dit.DiTTask, "on_train_step_end", stop_at_12)
+    monkeypatch.setattr(pixelformer.tasks.dit.DiTTask, "on_train_step_end", stop_at_12)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_cfg(tmp_path / "resumed", *args))
     monkeypatch.undo()

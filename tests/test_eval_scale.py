@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import tasks.mae
+import pixelformer.tasks.mae
 from pixelformer import UserError, create_backbone
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import compose
@@ -23,8 +23,8 @@ from pixelformer.engine import fit
 from pixelformer.layers.patch_embed import PatchEmbed
 from pixelformer.metrics import ClassifierFeatures, build_fid
 from pixelformer.task import get_task
-from tasks.dit import DiTTask
-from tasks.mae import knn_accuracy
+from pixelformer.tasks.dit import DiTTask
+from pixelformer.tasks.mae import knn_accuracy
 from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)

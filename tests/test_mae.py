@@ -13,7 +13,7 @@ from pixelformer.layers import build_sincos_2d_pos_embed
 from pixelformer.models import MaskedAutoencoder, random_masking
 from pixelformer.optim import param_groups
 from pixelformer.task import get_task
-from tasks.mae import knn_accuracy, masked_mse
+from pixelformer.tasks.mae import knn_accuracy, masked_mse
 from conftest import tiny_cfg
 
 

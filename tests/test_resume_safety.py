@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-import tasks.cls
+import pixelformer.tasks.cls
 from pixelformer import UserError, engine
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import TrainingInterrupted, fit, resolve_run_dir
@@ -40,7 +40,7 @@ def stop_at(monkeypatch, step):
     def hook(self, module, at):
         if at == step:
             raise Interrupt()
-    monkeypatch.setattr(tasks.cls.ClassificationTask, "on_train_step_end", hook)
+    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "on_train_step_end", hook)
 
 
 # ------------------------------------------------------------------------------------------ 1. best.ckpt
@@ -198,7 +198,7 @@ def signal_at(monkeypatch, step, signum, times=1):
                 # To this thread, so the signal is pending before the call returns and its handler runs before the
                 # next one (os.kill may reach one of torch's threads, and two signals then merge into one).
                 signal.pthread_kill(threading.main_thread().ident, signum)
-    monkeypatch.setattr(tasks.cls.ClassificationTask, "on_train_step_end", hook)
+    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "on_train_step_end", hook)
 
 
 def test_sigint_stops_after_the_step_with_a_checkpoint(python_sigint, run_dir, monkeypatch, capsys):
@@ -377,8 +377,8 @@ def test_pictures_are_drawn_in_eval_mode_without_gradients(run_dir, monkeypatch)
 
     def after_step(self, module, step):
         seen.append((step, module.training, torch.is_grad_enabled()))
-    monkeypatch.setattr(tasks.cls.ClassificationTask, "visualize", visualize)
-    monkeypatch.setattr(tasks.cls.ClassificationTask, "on_train_step_end", after_step)
+    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "visualize", visualize)
+    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "on_train_step_end", after_step)
     fit(tiny_cfg(run_dir, *FAST, "trainer.max_steps=3", "trainer.eval_every_steps=2"))
     assert seen == [(1, True, True), (2, True, True), (2, False, False), (3, True, True), (3, False, False)]
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-import tasks.cls
+import pixelformer.tasks.cls
 from pixelformer import CheckpointError, UserError
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import NonFiniteLossError, fit
@@ -44,7 +44,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypa
     def stop_at_17(self, module, step):
         if step == 17:
             raise Interrupt()
-    monkeypatch.setattr(tasks.cls.ClassificationTask, "on_train_step_end", stop_at_17)
+    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "on_train_step_end", stop_at_17)
     with pytest.raises(Interrupt):
         fit(tiny_cfg(tmp_path / "resumed", *RESUME_ARGS))
     assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 14
@@ -116,7 +116,7 @@ def test_resume_into_another_architecture_names_the_mismatch(run_dir):
 
 def poison_loss(monkeypatch, is_bad, value: float) -> None:
     """Multiply the training loss of the n-th forward call by ``value`` (nan/inf) whenever ``is_bad(n)``."""
-    original = tasks.cls.Classifier.forward
+    original = pixelformer.tasks.cls.Classifier.forward
     calls = {"n": 0}
 
     def poisoned(self, batch):
@@ -126,7 +126,7 @@ def poison_loss(monkeypatch, is_bad, value: float) -> None:
             if is_bad(calls["n"]):
                 out["loss"] = out["loss"] * value
         return out
-    monkeypatch.setattr(tasks.cls.Classifier, "forward", poisoned)
+    monkeypatch.setattr(pixelformer.tasks.cls.Classifier, "forward", poisoned)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(run_dir, monkeypatch):

@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
     from torchvision.utils import save_image
 
     from pixelformer.diffusion import SAMPLERS, sample
-    from tasks.dit import load_for_sampling
+    from pixelformer.tasks.dit import load_for_sampling
 
     if opts["sampler"] not in SAMPLERS:
         raise UserError(f"sampler={opts['sampler']}: choose one of {', '.join(SAMPLERS)}")

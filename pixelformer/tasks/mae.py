@@ -23,7 +23,7 @@ from pixelformer.data import DataInfo
 from pixelformer.errors import UserError
 from pixelformer.models import MaskedAutoencoder
 from pixelformer.task import Task, eval_mode, register_task
-from tasks.cls import build_backbone
+from pixelformer.tasks.cls import build_backbone
 
 
 @dataclass
