@@ -32,7 +32,7 @@ __all__ = [
     "saved_run", "to_plain",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package (setup.cfg package_data)
 GROUPS = ("task", "model", "data", "optim", "trainer", "logger")
 
 

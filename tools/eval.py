@@ -1,53 +1,12 @@
 #!/usr/bin/env python
-"""Evaluate a saved checkpoint on its test split: ``python tools/eval.py ckpt=PATH [out=PATH] [key=value ...]``.
-
-The model and data are rebuilt from the config stored in the checkpoint; ``key=value`` changes it, e.g.
-``data.img_size=16`` (a learned position embedding is resized to the new grid) or ``data.root=/elsewhere``.
-Writes ``eval.json`` into the run directory (or ``out=``, whose folder is created if missing) and prints
-the metrics.
-"""
-from __future__ import annotations
-
-import json
+"""``pixelformer-eval`` from a checkout without installing: the program is pixelformer/cli/eval.py."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pixelformer.cli import parse_kv, run_main  # noqa: E402
-from pixelformer.errors import UserError  # noqa: E402
-
-
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    own, overrides = parse_kv(argv, {"ckpt": "checkpoint path", "out": "output json"})
-    if "ckpt" not in own:
-        raise UserError("tools/eval.py needs ckpt=PATH (e.g. ckpt=runs/<run>/checkpoints/best.ckpt)")
-    from pixelformer.engine import evaluate_checkpoint
-
-    ckpt = Path(own["ckpt"]).expanduser()
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    out = Path(own["out"]).expanduser() if "out" in own else run_dir / "eval.json"
-    if "out" in own and ckpt.is_file():  # before evaluating, which takes a while: create a missing folder
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"out={own['out']}: cannot create its folder {out.parent} ({e.strerror}): pass a "
-                            f"writable path") from None
-        if out.is_dir():
-            raise UserError(f"out={own['out']} is a directory: pass a file path, e.g. out={out / 'eval.json'}")
-    metrics, cfg, info = evaluate_checkpoint(ckpt, overrides)
-    report = {"checkpoint": str(ckpt), "data": cfg.data.name, "img_size": info.img_size, "metrics": metrics}
-    try:
-        out.write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror}): pass a writable out=PATH") from None
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
-    return 0
-
+from pixelformer.cli.eval import main  # noqa: E402,F401  (tests call main(argv) here)
 
 if __name__ == "__main__":
-    run_main(main)
+    from pixelformer.cli import eval_main
+    eval_main()

@@ -1,125 +1,12 @@
 #!/usr/bin/env python
-"""Sample from a trained dit checkpoint with its EMA weights.
-
-    python tools/sample.py ckpt=runs/<run>/checkpoints/last.ckpt num_samples=64 cfg_scale=2 steps=50 sampler=dpm
-
-Writes ``samples.png`` (one row per class) and ``samples.npz`` (``images`` uint8 N x H x W x C, ``labels``) into
-``out=`` (default: the run directory). Options: ``sampler=dpm|ddim|ddpm`` (default dpm with ``cfg_scale=2.0``, as in
-configs/task/dit.yaml), ``seed=0``, ``device=cpu|cuda|cuda:N``, ``class=K`` (only class K), ``batch_size=256``
-(samples generated at once: bounds memory; the samples depend on it).
-"""
-from __future__ import annotations
-
-import math
+"""``pixelformer-sample`` from a checkout without installing: the program is pixelformer/cli/sample.py."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pixelformer.cli import parse_kv, run_main  # noqa: E402
-from pixelformer.errors import UserError  # noqa: E402
-
-OPTIONS = {"ckpt": "", "num_samples": "64", "cfg_scale": "2.0", "steps": "50", "sampler": "dpm", "seed": "0",
-           "out": "", "device": "", "class": "", "batch_size": "256"}
-
-
-def _int(opts: dict[str, str], key: str, minimum: int | None = None) -> int:
-    try:
-        value = int(opts[key])
-    except ValueError:
-        raise UserError(f"{key}={opts[key]} is not an integer") from None
-    if minimum is not None and value < minimum:
-        raise UserError(f"{key}={value} must be at least {minimum}")
-    return value
-
-
-def _device(name: str):
-    """``device=`` as a torch device that exists on this machine (default: cuda if available, else cpu)."""
-    import torch
-
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f"device={name} but CUDA is not available on this machine: use device=cpu")
-        if device.index is not None and device.index >= count:
-            raise UserError(f"device={name} but this machine has {count} CUDA device(s): use cuda:0 to "
-                            f"cuda:{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device={name} but MPS is not available on this machine: use device=cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"device={name}: sampling runs on cpu, cuda or mps")
-    return device
-
-
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    own, rest = parse_kv(argv, OPTIONS)
-    if rest:
-        raise UserError(f"unknown argument(s) {', '.join(rest)}; options: {', '.join(f'{k}=' for k in OPTIONS)}")
-    if "ckpt" not in own:
-        raise UserError("tools/sample.py needs ckpt=PATH (a dit checkpoint)")
-    opts = {**OPTIONS, **own}
-    num_samples, steps = _int(opts, "num_samples", 1), _int(opts, "steps", 1)
-    seed, batch_size = _int(opts, "seed"), _int(opts, "batch_size", 1)
-    class_id = _int(opts, "class") if opts["class"] else None
-    try:
-        cfg_scale = float(opts["cfg_scale"])
-    except ValueError:
-        raise UserError(f"cfg_scale={opts['cfg_scale']} is not a number") from None
-    if not math.isfinite(cfg_scale):
-        raise UserError(f"cfg_scale={opts['cfg_scale']} must be a finite number: 1.0 turns guidance off, larger "
-                        f"values strengthen it")
-
-    import numpy as np
-    import torch
-    from torchvision.utils import save_image
-
-    from pixelformer.diffusion import SAMPLERS, sample
-    from pixelformer.tasks.dit import load_for_sampling
-
-    if opts["sampler"] not in SAMPLERS:
-        raise UserError(f"sampler={opts['sampler']}: choose one of {', '.join(SAMPLERS)}")
-    device = _device(opts["device"])
-    ckpt = Path(opts["ckpt"]).expanduser()
-    denoiser, info, schedule = load_for_sampling(ckpt, cfg_scale=cfg_scale)
-    if steps > schedule["num_train_timesteps"]:
-        raise UserError(f"steps={steps} exceeds the {schedule['num_train_timesteps']} timesteps this checkpoint was "
-                        f"trained with: use steps<={schedule['num_train_timesteps']} (e.g. 50)")
-    if class_id is not None and not 0 <= class_id < info.num_classes:  # num_classes itself is the null class
-        raise UserError(f"class={class_id} is outside this checkpoint's classes: use 0 to {info.num_classes - 1}, "
-                        f"or leave class= out for one row per class")
-    denoiser = denoiser.to(device)
-    if class_id is not None:
-        labels = torch.full((num_samples,), class_id, device=device)
-        per_row = min(num_samples, 8)
-    else:  # one row per class
-        per_row = math.ceil(num_samples / info.num_classes)
-        labels = torch.arange(info.num_classes, device=device).repeat_interleave(per_row)[:num_samples]
-    generator = torch.Generator(device).manual_seed(seed)
-    shape = (info.in_chans, info.img_size, info.img_size)
-    images01 = torch.cat([((sample(denoiser, schedule, chunk, shape, steps, cfg_scale, opts["sampler"],
-                                   info.num_classes, generator) + 1) / 2).cpu()
-                          for chunk in labels.split(batch_size)])  # one chunk on the device at a time
-    out_dir = Path(opts["out"]) if opts["out"] else (ckpt.parent.parent if ckpt.parent.name == "checkpoints"
-                                                      else ckpt.parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scale = max(1, 32 // info.img_size)
-    save_image(torch.nn.functional.interpolate(images01, scale_factor=scale, mode="nearest"),
-               out_dir / "samples.png", nrow=per_row, padding=2, pad_value=1.0)
-    pixels = (images01 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.savez(out_dir / "samples.npz", images=pixels, labels=labels.cpu().numpy())
-    print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'samples.npz'} ({num_samples} samples, "
-          f"{opts['sampler']} {steps} steps, guidance {cfg_scale})")
-    return 0
-
+from pixelformer.cli.sample import main  # noqa: E402,F401  (tests call main(argv) here)
 
 if __name__ == "__main__":
-    run_main(main)
+    from pixelformer.cli import sample_main
+    sample_main()
