@@ -62,10 +62,10 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import pixelformer
 
 import timm
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 from pixelformer import create_backbone
-from pixelformer.layers import Attention
 from pixelformer.runtime import tune_cpu_allocator
 
 __all__ = [
@@ -403,7 +403,7 @@ def benchmark_config(cfg: BenchConfig, device: torch.device, peaks: dict[str, fl
 
 def attention_path_check(device: torch.device, dim: int = 192, num_heads: int = 3,
                          token_counts: Sequence[int] = (256, 1024), batch: int = 4) -> list[dict[str, Any]]:
-    """Which SDPA kernel our ``Attention`` gets, and how its memory grows with the token count.
+    """Which SDPA kernel the backbones' (timm's) ``Attention`` gets, and how its memory grows with the token count.
 
     For PiT-Tiny's attention (192 wide, 3 heads) at 256 and 1,024 pixel tokens (+ CLS), forward + backward run with
     SDPA restricted (``torch.nn.attention.sdpa_kernel``) to the flash / memory-efficient backends, to the math
@@ -424,7 +424,7 @@ def attention_path_check(device: torch.device, dim: int = 192, num_heads: int = 
         for label, backends, drop in variants:
             for tokens in token_counts:
                 torch.manual_seed(0)
-                attn = Attention(dim, num_heads, attn_drop=drop).to(device).train()
+                attn = Attention(dim, num_heads, qkv_bias=True, attn_drop=drop).to(device).train()
                 x = torch.randn(batch, tokens + 1, dim, device=device, requires_grad=True)
 
                 def fwd_bwd() -> None:
@@ -676,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"# {noisy} row(s) with spread (slowest / fastest timed step of either model) > {NOISY_SPREAD}: "
               f"their img/s and ours/timm are dominated by machine noise; rerun idle or with --threads 1")
     if attention:
-        print("\nSDPA path of our Attention (PiT-Tiny width 192, 3 heads, batch 4, fwd+bwd):")
+        print("\nSDPA path of the backbones' attention (timm's; PiT-Tiny width 192, 3 heads, batch 4, fwd+bwd):")
         print(format_table(attention, ATTENTION_COLUMNS))
     if scaling:
         print("\nMemory of one training step per image vs tokens (PiT-Tiny, batch 1; 'predicted' rows extrapolate "

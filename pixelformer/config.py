@@ -49,7 +49,11 @@ class ModelCfg:
     patch_size: Optional[int] = None
     pos_embed: Optional[Literal["sincos", "learned", "none"]] = None
     pool: Optional[Literal["cls", "mean"]] = None
+    # timm's pooling (token / avg / max / avgmax / map = attention pooling); None: from pool (cls -> token,
+    # mean -> avg). Setting both to disagreeing values is an error.
+    global_pool: Optional[Literal["token", "avg", "max", "avgmax", "map"]] = None
     class_token: Optional[bool] = None
+    reg_tokens: Optional[int] = None  # register tokens (prefix tokens that are never pooled); None: 0
     # Normalise after pooling (timm's global_pool="avg", MAE fine-tuning) instead of every token before it;
     # None: on for pool=mean, off for pool=cls. false keeps the norm-then-mean of earlier pool=mean runs.
     fc_norm: Optional[bool] = None
@@ -61,6 +65,9 @@ class ModelCfg:
     drop_rate: Optional[float] = None
     attn_drop_rate: Optional[float] = None
     drop_path_rate: Optional[float] = None
+    patch_drop_rate: Optional[float] = None  # fraction of patch tokens dropped at random in training; None: 0
+    init_values: Optional[float] = None  # layer scale: residual branches scaled by a learned vector from this value
+    qk_norm: Optional[bool] = None  # LayerNorm on queries and keys per head; None: off
 
 
 @dataclass

@@ -7,33 +7,50 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = ["build_optimizer", "build_scheduler", "param_groups"]
 
 
+def _backbone_of(module: nn.Module) -> tuple[str, Optional[nn.Module]]:
+    """The first submodule with timm's ``group_matcher`` (the backbone inside a task module) and its key prefix."""
+    for prefix, sub in module.named_modules():
+        if hasattr(sub, "group_matcher"):
+            return (prefix + "." if prefix else ""), sub
+    return "", None
+
+
 def param_groups(module: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
     """Parameter groups: no weight decay on biases, norms and the embeddings named by ``no_weight_decay()``;
-    with ``layer_decay``, one lr scale per depth of the backbone (found as the submodule with ``layer_id``)."""
+    with ``layer_decay``, one lr scale per depth of the backbone (the submodule with timm's ``group_matcher``).
+
+    timm decides each parameter's (decay, lr scale): ``param_groups_weight_decay`` on the task module and
+    ``param_groups_layer_decay`` on its backbone. By hand, because timm reads ``no_weight_decay`` / ``group_matcher``
+    of the top module only and the task modules wrap the backbone: the exclusions of every submodule are collected
+    under their prefixes, parameters outside the backbone (an MAE decoder) keep the full lr, and the groups keep the
+    order and membership that saved optimizer states (resume) were written with.
+    """
     skip: set[str] = set()
-    backbone_prefix, backbone = None, None
     for prefix, sub in module.named_modules():
         if hasattr(sub, "no_weight_decay"):
             skip |= {f"{prefix}.{n}" if prefix else n for n in sub.no_weight_decay()}
-        if hasattr(sub, "layer_id") and backbone is None:
-            backbone_prefix, backbone = (prefix + "." if prefix else ""), sub
+    # A placeholder decay of 1 so that timm splits decayed / not even when weight_decay is 0 (same groups either way).
+    decayed: dict[int, bool] = {}
+    for group in param_groups_weight_decay(module, 1.0, no_weight_decay_list=sorted(skip)):
+        decayed.update({id(p): group["weight_decay"] > 0 for p in group["params"]})
+    scales: dict[int, float] = {}
+    backbone_prefix, backbone = _backbone_of(module)
+    if layer_decay is not None and backbone is not None:
+        for group in param_groups_layer_decay(backbone, 1.0, layer_decay=layer_decay,
+                                              no_weight_decay_list=sorted(backbone.no_weight_decay())):
+            scales.update({id(p): group["lr_scale"] for p in group["params"]})
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        scale = 1.0
-        if layer_decay is not None and backbone is not None and name.startswith(backbone_prefix):
-            num_layers = len(backbone.blocks) + 1
-            scale = layer_decay ** (num_layers - backbone.layer_id(name[len(backbone_prefix):]))
-        decayed = not (param.ndim <= 1 or name in skip)
-        groups.setdefault((decayed, scale), []).append(param)
-    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
-            for (decayed, scale), params in sorted(groups.items(), key=lambda kv: (-kv[0][1], not kv[0][0]))]
+    for param in module.parameters():
+        if param.requires_grad:
+            groups.setdefault((decayed[id(param)], scales.get(id(param), 1.0)), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if is_decayed else 0.0, "lr_scale": scale}
+            for (is_decayed, scale), params in sorted(groups.items(), key=lambda kv: (-kv[0][1], not kv[0][0]))]
 
 
 def build_optimizer(module: nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -1,12 +1,16 @@
+import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 
-from pixelformer.layers import Attention, PatchEmbed, build_sincos_2d_pos_embed, resize_pos_embed
+from pixelformer import create_backbone
+from pixelformer.layers import PatchEmbed, build_sincos_2d_pos_embed, resize_pos_embed
 
 
 def test_fused_and_manual_attention_agree():
+    # The backbones' attention is timm's; its fused (SDPA) and manual paths agree.
     torch.manual_seed(0)
-    attn = Attention(32, num_heads=4).eval()
+    attn = Attention(32, num_heads=4, qkv_bias=True).eval()
     x = torch.randn(3, 17, 32)
     attn.fused_attn = True
     fused = attn(x)
@@ -15,24 +19,30 @@ def test_fused_and_manual_attention_agree():
     assert torch.allclose(fused, manual, atol=1e-5)
 
 
-def test_attention_never_mixes_images_of_a_batch():
-    # The public PiT re-implementation attends across the batch; here each image's output depends on it alone.
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_never_mixes_images_of_a_batch(fused):
+    # The public PiT re-implementation attends across the batch; here each image's output depends on it alone,
+    # for the attention and for a whole backbone (CLS + register tokens, every block).
     torch.manual_seed(0)
-    attn = Attention(32, num_heads=4).eval()
+    attn = Attention(32, num_heads=4, qkv_bias=True).eval()
+    attn.fused_attn = fused
     x = torch.randn(5, 9, 32)
     out = attn(x)
     perm = torch.tensor([3, 0, 4, 1, 2])
     assert torch.allclose(attn(x[perm]), out[perm], atol=1e-6)
     assert torch.allclose(attn(x[2:3]), out[2:3], atol=1e-6)  # alone == within a batch
+    model = create_backbone("pit_mini", img_size=4, in_chans=1, depth=2, num_classes=3, reg_tokens=2).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    images = torch.randn(5, 1, 4, 4)
+    logits = model(images)
+    assert torch.allclose(model(images[perm]), logits[perm], atol=1e-5)
+    assert torch.allclose(model(images[2:3]), logits[2:3], atol=1e-5)
 
 
-def test_attention_rejects_heads_that_do_not_divide_width():
-    try:
-        Attention(30, num_heads=4)
-    except ValueError as e:
-        assert "divisible" in str(e)
-    else:
-        raise AssertionError("expected ValueError")
+def test_backbone_rejects_heads_that_do_not_divide_width():
+    with pytest.raises(ValueError, match="divisible"):
+        create_backbone("pit_mini", embed_dim=30, num_heads=4)
 
 
 def test_patch_embed_is_the_conv_it_replaces():

@@ -1,8 +1,5 @@
-"""Small reusable layers shared by every backbone and task head."""
-from .attention import Attention, use_fused_attn
-from .block import Block
+"""Small layers the backbones need beside timm's: the int-sized patch embedding and the position tables."""
 from .patch_embed import PatchEmbed
 from .pos_embed import build_sincos_2d_pos_embed, is_sincos_table, load_fixed_table, resize_pos_embed
 
-__all__ = ["Attention", "Block", "PatchEmbed", "build_sincos_2d_pos_embed", "is_sincos_table", "load_fixed_table",
-           "resize_pos_embed", "use_fused_attn"]
+__all__ = ["PatchEmbed", "build_sincos_2d_pos_embed", "is_sincos_table", "load_fixed_table", "resize_pos_embed"]

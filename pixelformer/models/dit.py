@@ -3,8 +3,9 @@
 Paper: W. Peebles, S. Xie, "Scalable Diffusion Models with Transformers", arXiv 2212.09748; on pixel tokens in
 Nguyen et al., arXiv 2406.09415 (DiT-L/2 vs PiT-L). Every block is conditioned on the timestep and class through
 adaLN-Zero: a zero-initialised linear layer regresses shift, scale and gate of each sub-layer, so every block starts as
-the identity and the whole denoiser starts by predicting zero. Sizes are those of the backbone registry
-(``pit_small`` = 12 blocks x 384 wide x 6 heads, patch 1; ``vit_small`` the same with patch 2, ...).
+the identity and the whole denoiser starts by predicting zero. Sizes and token layout are those of the backbone registry,
+read off the registered model itself (:func:`~pixelformer.models.describe_backbone`): ``pit_small`` = 12 blocks x
+384 wide x 6 heads, patch 1; ``vit_small`` the same with patch 2; a user-registered backbone works the same way.
 
 The noise schedule, losses and samplers live outside the model (diffusers schedulers, ``tasks/dit.py``).
 """
@@ -14,11 +15,11 @@ import math
 from typing import Any
 
 import torch
-from timm.layers import Mlp
+from timm.layers import Attention, Mlp
 from torch import nn
 
-from ..layers import Attention, PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table
-from .vision_transformer import FAMILY_PATCH_SIZE, MODEL_SIZES
+from ..layers import PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table
+from ._registry import describe_backbone
 
 __all__ = ["DiT", "DiTBlock", "LabelEmbedder", "TimestepEmbedder", "create_dit"]
 
@@ -72,12 +73,15 @@ class LabelEmbedder(nn.Module):
 #                                 Core DiT model                                #
 #################################################################################
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block whose norms are modulated (adaLN-Zero) by the conditioning vector."""
+    """Pre-norm transformer block whose norms are modulated (adaLN-Zero) by the conditioning vector.
+
+    Hand-written because timm has no conditioned block; its attention and MLP are timm's.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=lambda: nn.GELU("tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -179,15 +183,21 @@ class DiT(nn.Module):
                                       error_msgs)
 
 
+# DiT's own options; every other keyword sizes the backbone whose architecture the denoiser copies.
+_DIT_ONLY = ("num_classes", "class_dropout_prob", "learn_sigma", "pos_embed")
+
+
 def create_dit(backbone: str, **overrides: Any) -> DiT:
-    """A DiT with the size and patch of a registered backbone name (``pit_small``, ``vit_large``, ...)."""
-    family, _, size = backbone.partition("_")
-    if family not in FAMILY_PATCH_SIZE or size not in MODEL_SIZES:
-        valid = [f"{f}_{s}" for f in FAMILY_PATCH_SIZE for s in MODEL_SIZES]
-        raise ValueError(f"no DiT size for backbone {backbone!r}; choose one of {', '.join(valid)}")
-    depth, dim, heads = MODEL_SIZES[size]
-    args = dict(patch_size=FAMILY_PATCH_SIZE[family], depth=depth, embed_dim=dim, num_heads=heads)
-    args.update({k: v for k, v in overrides.items() if v is not None})
-    if family == "pit" and args["patch_size"] != 1:
-        raise ValueError(f"{backbone} is a pixel model (patch_size=1); use vit_{size} for patches")
-    return DiT(**args)
+    """A DiT with the depth, width, heads, MLP ratio, patch and norm epsilon of a registered backbone.
+
+    ``overrides`` that size the backbone (``img_size``, ``in_chans``, ``patch_size``, ``depth``, ``embed_dim``, ...)
+    are applied to it, so the registry validates them (a ``pit_*`` refuses patches); ``num_classes``,
+    ``class_dropout_prob``, ``learn_sigma`` and ``pos_embed`` (``sincos`` by default, DiT's) are the denoiser's.
+    ``None`` values keep the defaults.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    dit_args = {k: overrides.pop(k) for k in _DIT_ONLY if k in overrides}
+    arch = describe_backbone(backbone, num_classes=0, **overrides)
+    args = {k: arch[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                                 "mlp_ratio", "norm_eps")}
+    return DiT(**args, **dit_args)

@@ -10,11 +10,14 @@ follow the reference MAE code, whose checkpoints therefore map onto this module 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..layers import Block, build_sincos_2d_pos_embed, load_fixed_table
+from ..layers import build_sincos_2d_pos_embed, load_fixed_table
 from .vision_transformer import VisionTransformer
 
 __all__ = ["MaskedAutoencoder", "random_masking"]
@@ -70,13 +73,16 @@ class MaskedAutoencoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         table = build_sincos_2d_pos_embed(decoder_dim, embed.grid_size, self.num_prefix_tokens)
         self.register_buffer("decoder_pos_embed", table, persistent=False)
-        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio, norm_eps=norm_eps)
-                                             for _ in range(decoder_depth)])
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True,
+                                                   norm_layer=norm_layer) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=norm_eps)
         self.decoder_pred = nn.Linear(decoder_dim, embed.patch_size ** 2 * embed.in_chans)
         self._init_decoder()
 
     def _init_decoder(self) -> None:
+        """MAE's decoder init (mask token normal .02, linear trunc-normal .02, zero biases, LayerNorm ones / zeros),
+        kept by hand for the encoder's draws to stay where committed results had them."""
         nn.init.normal_(self.mask_token, std=0.02)
         for name, m in self.named_modules():
             if name.startswith("encoder"):

@@ -1,34 +1,63 @@
-"""Vision Transformer over pixel tokens (PiT, patch size 1) or patches (ViT), one class for both families.
+"""Vision Transformer over pixel tokens (PiT, patch size 1) or patches (ViT): timm's ``VisionTransformer``,
+subclassed only where pixels need something timm does not have.
 
 Paper: D.-K. Nguyen et al., "An Image is Worth More Than 16x16 Patches: Exploring Transformers on Individual Pixels",
-arXiv 2406.09415. A PiT is a plain ViT whose patch size is 1: each pixel is projected linearly to a token, a
-position embedding is added (learned in the paper's main setting; sin-cos and none are its ablations) and a stack of
-pre-norm blocks follows. Parameter names follow timm's ``VisionTransformer`` so checkpoints interchange.
+arXiv 2406.09415. A PiT is a plain ViT whose patch size is 1. The blocks, attention, MLP, pooling (``global_pool``),
+``fc_norm``, register tokens, layer scale, qk-norm, patch dropout, ``forward_intermediates`` and ``group_matcher`` are
+timm's; this subclass adds what pixels need: the int-sized :class:`~pixelformer.layers.PatchEmbed` with
+``patchify`` / ``unpatchify`` (MAE, DiT), a fixed 2D sin-cos table that is computed rather than saved and checked on
+load, a learned table resized on load at another resolution, the split embedding API MAE masks in
+(``embed_patches`` -> mask -> ``prepend_prefix`` -> ``forward_tokens``) and the project's weight initialisation.
 
 The backbone holds no training logic: losses, masking and noise live in ``tasks/``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, Optional
 
 import torch
 from timm.layers import trunc_normal_
+from timm.models import checkpoint_seq, group_parameters
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..layers import Block, PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table, resize_pos_embed
+from ..layers import PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table, resize_pos_embed
 from ._registry import register_backbone
 
-__all__ = ["VisionTransformer", "MODEL_SIZES"]
+__all__ = ["VisionTransformer", "MODEL_SIZES", "GLOBAL_POOLS", "default_pretrained_cfg"]
 
 _logger = logging.getLogger(__name__)
 
 PosEmbedKind = Literal["sincos", "learned", "none"]
 PoolKind = Literal["cls", "mean"]
+# timm's pooling choices offered here ('' = no pooling and 'prr' are not: a classifier needs a pooled vector).
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax", "map")
+_POOL_TO_GLOBAL = {"cls": "token", "mean": "avg"}
+
+# Normalisation recorded in ``pretrained_cfg`` when the data is not known: the registered sizes default to 32x32x3,
+# CIFAR's format, so CIFAR-10's statistics; other channel counts map [0, 1] to [-1, 1]. ``tasks.cls.build_backbone``
+# replaces them by the statistics of the data a run trains on.
+_CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-class VisionTransformer(nn.Module):
+def default_pretrained_cfg(img_size: int, in_chans: int, num_classes: int,
+                           mean: Optional[tuple[float, ...]] = None,
+                           std: Optional[tuple[float, ...]] = None) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` for a model built at ``img_size`` x ``img_size`` x ``in_chans``.
+
+    What ``timm.data.resolve_data_config({}, model=m)`` reads: the input size the model was built for (fixed: the
+    position table has one row per token), no crop (the project evaluates whole images) and the normalisation.
+    """
+    if mean is None or std is None:
+        mean, std = (_CIFAR10_MEAN, _CIFAR10_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+    return dict(url="", input_size=(in_chans, img_size, img_size), fixed_input_size=True, interpolation="bicubic",
+                crop_pct=1.0, crop_mode="center", mean=tuple(mean), std=tuple(std), num_classes=num_classes,
+                pool_size=None, first_conv="patch_embed.proj", classifier="head")
+
+
+class VisionTransformer(TimmVisionTransformer):
     """ViT backbone with an optional linear head; patch size 1 makes it a pixel transformer.
 
     Args:
@@ -41,17 +70,24 @@ class VisionTransformer(nn.Module):
         num_heads: Attention heads per block.
         mlp_ratio: MLP hidden width / ``embed_dim``.
         qkv_bias: Bias on the qkv projection.
+        qk_norm: LayerNorm on queries and keys (per head) before attention.
+        init_values: Layer scale: each residual branch is multiplied by a learned per-channel vector initialised to
+            this value; ``None`` = no layer scale.
         pos_embed: ``learned`` (trainable, resized on a resolution change), ``sincos`` (fixed 2D table) or ``none``.
-        pool: ``cls`` (CLS token) or ``mean`` (average of the patch tokens).
-        class_token: Whether to prepend a CLS token; defaults to ``pool == "cls"``.
+        pool: ``cls`` (CLS token) or ``mean`` (average of the patch tokens); shorthand for ``global_pool`` token / avg.
+        global_pool: timm's pooling: ``token``, ``avg``, ``max``, ``avgmax`` or ``map`` (attention pooling).
+            ``None`` follows ``pool`` (default ``cls``).
+        class_token: Whether to prepend a CLS token; defaults to ``global_pool == "token"``.
+        reg_tokens: Number of register tokens (prefix tokens besides the CLS token, never pooled).
         fc_norm: Normalise after pooling (``fc_norm``) instead of normalising every token before it (``norm``), as
             timm's ``global_pool="avg"`` and MAE's fine-tuned models do. ``None`` follows timm's rule: on for
-            ``pool="mean"``, off for ``pool="cls"``. ``False`` with ``pool="mean"`` averages normalised tokens.
+            avg / max / avgmax, off otherwise. ``False`` with ``pool="mean"`` averages normalised tokens.
         norm_eps: LayerNorm epsilon of every norm (1e-6 in timm's ViT; checkpoints built with PyTorch's default
             1e-5 need 1e-5 to reproduce their features).
-        drop_rate: Dropout after the position embedding, in the MLPs and before the head.
+        drop_rate: Dropout after the position embedding, in the MLPs and attention output, and before the head.
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, increasing linearly to this value over the blocks.
+        patch_drop_rate: Fraction of patch tokens dropped at random in training (prefix tokens are kept).
     """
 
     def __init__(
@@ -65,70 +101,85 @@ class VisionTransformer(nn.Module):
             num_heads: int = 3,
             mlp_ratio: float = 4.0,
             qkv_bias: bool = True,
+            qk_norm: bool = False,
+            init_values: Optional[float] = None,
             pos_embed: PosEmbedKind = "learned",
-            pool: PoolKind = "cls",
-            class_token: bool | None = None,
-            fc_norm: bool | None = None,
+            pool: Optional[PoolKind] = None,
+            global_pool: Optional[str] = None,
+            class_token: Optional[bool] = None,
+            reg_tokens: int = 0,
+            fc_norm: Optional[bool] = None,
             norm_eps: float = 1e-6,
             drop_rate: float = 0.0,
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            patch_drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
         if pos_embed not in ("sincos", "learned", "none"):
             raise ValueError(f"pos_embed must be one of sincos, learned, none; got {pos_embed!r}")
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be cls or mean; got {pool!r}")
+        global_pool = self._resolve_pool(pool, global_pool)
         if class_token is None:
-            class_token = pool == "cls"
-        if pool == "cls" and not class_token:
+            class_token = global_pool == "token"
+        if global_pool == "token" and not class_token:
             raise ValueError("pool='cls' needs class_token=True: use pool='mean' for a model without a CLS token")
         if not norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {norm_eps}")
-        use_fc_norm = pool == "mean" if fc_norm is None else fc_norm
-        self.num_classes = num_classes
+        if num_heads < 1 or embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: pick heads that "
+                             f"divide it")
+        if reg_tokens < 0 or not 0 <= patch_drop_rate < 1:
+            raise ValueError(f"reg_tokens must be >= 0 and patch_drop_rate in [0, 1); got {reg_tokens}, "
+                             f"{patch_drop_rate}")
+        # Same random draws as the project's own model had: layers draw their default init at construction in the
+        # same order (patch projection, then qkv, proj, fc1, fc2 per block, head), then _init_weights; timm's init
+        # is skipped.
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values, class_token=class_token,
+            pos_embed="learn" if pos_embed == "learned" else "none", reg_tokens=reg_tokens, fc_norm=fc_norm,
+            drop_rate=drop_rate, pos_drop_rate=drop_rate, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate, patch_drop_rate=patch_drop_rate, weight_init="skip",
+            embed_layer=PatchEmbed, norm_layer=partial(nn.LayerNorm, eps=norm_eps), act_layer=nn.GELU,
+        )
         self.pos_embed_kind = pos_embed
-        self.pool = pool
         self.norm_eps = norm_eps
-        self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
-        self.grad_checkpointing = False
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        num_pos = self.num_prefix_tokens + self.patch_embed.num_patches
-        if pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
-        elif pos_embed == "sincos":
+        if pos_embed == "sincos":
             # A fixed table is recomputed for any grid, so it is not saved in checkpoints.
+            del self.pos_embed
             table = build_sincos_2d_pos_embed(embed_dim, self.patch_embed.grid_size, self.num_prefix_tokens)
             self.register_buffer("pos_embed", table, persistent=False)
-        else:
-            self.pos_embed = None
-        self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # plain floats: buildable on meta
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i], norm_eps=norm_eps)
-            for i in range(depth)
-        ])
-        # timm's layout: one of the two is a LayerNorm, the other an Identity (no parameters, no checkpoint keys).
-        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = self.default_cfg = default_pretrained_cfg(img_size, in_chans, num_classes)
         self._init_weights()
+
+    @staticmethod
+    def _resolve_pool(pool: Optional[str], global_pool: Optional[str]) -> str:
+        """``pool`` (cls / mean, the config's historical key) and ``global_pool`` (timm's) -> timm's name."""
+        if pool is not None and pool not in _POOL_TO_GLOBAL:
+            raise ValueError(f"pool must be cls or mean; got {pool!r}")
+        if global_pool is None:
+            return _POOL_TO_GLOBAL[pool or "cls"]
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {', '.join(GLOBAL_POOLS)}; got {global_pool!r}")
+        if pool is not None and _POOL_TO_GLOBAL[pool] != global_pool:
+            raise ValueError(f"pool={pool!r} and global_pool={global_pool!r} disagree: set only one of them")
+        return global_pool
 
     # ------------------------------------------------------------------ init
     def _init_weights(self) -> None:
+        """The project's init (kept, not timm's, so that committed results reproduce): the patch projection as a
+        linear layer (xavier), trunc-normal .02 linear weights, zero biases, LayerNorm ones / zeros."""
         if isinstance(self.pos_embed, nn.Parameter):
             trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         # The patch projection is a linear layer in disguise: init it as one (MAE does the same).
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
@@ -137,51 +188,50 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.attn_pool is not None:  # global_pool=map: its latent query (timm's init)
+            self.attn_pool.init_weights()
 
     # --------------------------------------------------------------- forward
+    def _add_pos(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) patch tokens + the patch rows of the position table."""
+        return x if self.pos_embed is None else x + self.pos_embed[:, self.num_prefix_tokens:]
+
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) patch tokens with their position embedding, no prefix tokens yet.
 
         Kept apart from the blocks so that MAE can drop tokens in between.
         """
-        x = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[:, self.num_prefix_tokens:]
-        return x
+        return self._add_pos(self.patch_embed(x))
 
     def prepend_prefix(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, prefix + N, D): prepend the CLS token (with its own position embedding)."""
-        if self.cls_token is None:
+        """(B, N, D) -> (B, prefix + N, D): prepend the CLS and register tokens (with their position rows)."""
+        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        if not prefix:
             return x
-        cls = self.cls_token
+        prefix = prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)  # (1, P, D)
         if self.pos_embed is not None:
-            cls = cls + self.pos_embed[:, : self.num_prefix_tokens]
-        return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+            prefix = prefix + self.pos_embed[:, : self.num_prefix_tokens]
+        return torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's hook (used by ``forward_intermediates``): positions and prefix tokens, then position dropout."""
+        return self.pos_drop(self.prepend_prefix(self._add_pos(x)))
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Run the blocks and the final norm (none with ``fc_norm``) on embedded tokens (B, T, D) -> (B, T, D)."""
-        x = self.pos_drop(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = self.norm_pre(self.pos_drop(x))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, prefix + N, D) tokens, normalised unless the model normalises after pooling."""
-        return self.forward_tokens(self.prepend_prefix(self.embed_patches(x)))
+        """(B, C, H, W) -> (B, prefix + N, D) tokens, normalised unless the model normalises after pooling.
 
-    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, prefix + N, D) -> (B, D): the CLS token, or the mean of the patch tokens."""
-        if self.pool == "cls":
-            return x[:, 0]
-        return x[:, self.num_prefix_tokens:].mean(dim=1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, prefix + N, D) tokens -> logits (B, num_classes), or the pooled, normalised features (B, D)."""
-        x = self.head_drop(self.fc_norm(self.pool_tokens(x)))
-        return x if pre_logits else self.head(x)
+        With ``patch_drop_rate`` the training output has fewer patch tokens.
+        """
+        return self.forward_tokens(self.patch_drop(self.prepend_prefix(self.embed_patches(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, num_classes), or pooled features (B, D) when there is no head."""
@@ -192,44 +242,43 @@ class VisionTransformer(nn.Module):
     def img_size(self) -> int:
         return self.patch_embed.img_size
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameters that AdamW should not decay (besides biases and norms)."""
-        return {"pos_embed", "cls_token"}
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer grouping, except that the final ``norm`` is not put with the last block: everything after
+        the blocks (norm, fc_norm, attention pool, head) is unmatched, which timm makes one last group, so layer-wise
+        decay has depth + 2 layers whichever of norm / fc_norm the model has (the project's decay ids)."""
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre", blocks=r"^blocks\.(\d+)")
 
     def layer_id(self, param_name: str) -> int:
         """Depth index of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest last."""
-        if param_name.startswith(("patch_embed", "cls_token", "pos_embed")):
-            return 0
-        if param_name.startswith("blocks."):
-            return int(param_name.split(".")[1]) + 1
-        return len(self.blocks) + 1
+        layer_map = group_parameters(self, self.group_matcher(coarse=False), reverse=True)
+        return layer_map.get(param_name, len(self.blocks) + 1)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them (memory for compute)."""
-        self.grad_checkpointing = enable
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head with MAE's fine-tuning init (trunc-normal 2e-5, zero bias)."""
+        super().reset_classifier(num_classes, global_pool)
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
+        self.pretrained_cfg = self.default_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
-    def set_input_size(self, img_size: int) -> None:
+    def set_input_size(self, img_size: Optional[int] = None, patch_size: Optional[int] = None) -> None:
         """Change the input resolution in place, resizing a learned or recomputing a sin-cos position embedding."""
-        old_pe = self.patch_embed
-        new_pe = PatchEmbed(img_size, old_pe.patch_size, old_pe.in_chans, self.embed_dim).to(old_pe.proj.weight)
-        new_pe.proj = old_pe.proj
-        self.patch_embed = new_pe
-        grid = new_pe.grid_size
+        self.patch_embed.set_input_size(img_size, patch_size)
+        grid = self.patch_embed.grid_size
         if isinstance(self.pos_embed, nn.Parameter):
             self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, grid, self.num_prefix_tokens))
         elif self.pos_embed is not None:
             table = build_sincos_2d_pos_embed(self.embed_dim, grid, self.num_prefix_tokens).to(self.pos_embed)
             self.register_buffer("pos_embed", table, persistent=False)
+        size = self.patch_embed.img_size
+        self.pretrained_cfg = self.default_cfg = {**self.pretrained_cfg,
+                                                  "input_size": (self.patch_embed.in_chans, size, size)}
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        if not prefix:
+            _take_backbone_of_task_state(self, state_dict)
         # A saved copy of a fixed table is checked against the model's, never dropped unseen.
         load_fixed_table(self, "pos_embed", state_dict, prefix, error_msgs)
         # A learned position embedding saved at another resolution is resized on load, so a checkpoint trained at
@@ -245,6 +294,25 @@ class VisionTransformer(nn.Module):
                                       error_msgs)
 
 
+# Where a pixelformer task module keeps its backbone: Classifier.backbone (cls), MAEPretrainer.model.encoder (mae).
+TASK_BACKBONE_PREFIXES = ("backbone.", "model.encoder.")
+
+
+def _take_backbone_of_task_state(model: nn.Module, state_dict: dict) -> None:
+    """A task module's state dict loaded into the bare backbone (``timm.create_model(..., checkpoint_path=<a
+    pixelformer .ckpt>)``, ``backbone.load_state_dict(ckpt["model"])``): keep the backbone's keys, without their
+    prefix, and nothing else (an MAE decoder). A state dict with backbone keys at the top level is left alone."""
+    roots = {name.split(".")[0] for name in model.state_dict()}
+    if any(k.split(".")[0] in roots for k in state_dict):
+        return
+    for task_prefix in TASK_BACKBONE_PREFIXES:
+        found = {k[len(task_prefix):]: v for k, v in state_dict.items() if k.startswith(task_prefix)}
+        if found:
+            state_dict.clear()
+            state_dict.update(found)
+            return
+
+
 # ---------------------------------------------------------------------------------------------- registered sizes
 # (depth, embed_dim, num_heads). Standard ViT widths; "mini" is a CPU-sized model for small data such as digits.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -256,31 +324,34 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "huge": (32, 1280, 16),
 }
 # PiT: one token per pixel. ViT: patch 2 at 32x32, the paper's ViT comparison point; any patch size can be passed.
-FAMILY_PATCH_SIZE = {"pit": 1, "vit": 2}
+_FAMILY_PATCH_SIZE = {"pit": 1, "vit": 2}
 
 
 def _make_entrypoint(family: str, size: str) -> None:
     depth, embed_dim, num_heads = MODEL_SIZES[size]
     defaults: dict[str, Any] = dict(
-        patch_size=FAMILY_PATCH_SIZE[family], depth=depth, embed_dim=embed_dim, num_heads=num_heads,
+        patch_size=_FAMILY_PATCH_SIZE[family], depth=depth, embed_dim=embed_dim, num_heads=num_heads,
     )
     if size == "mini":
         # On small data a learned embedding under-trains within a CPU budget; the fixed 2D table does not.
         defaults["pos_embed"] = "sincos"
+    name = f"{family}_{size}"
 
     def entrypoint(**kwargs: Any) -> VisionTransformer:
         if family == "pit" and kwargs.get("patch_size", 1) != 1:
-            raise ValueError(f"{family}_{size} is a pixel transformer (patch_size=1); use vit_{size} for patches")
-        return VisionTransformer(**dict(defaults, **kwargs))
+            raise ValueError(f"{name} is a pixel transformer (patch_size=1); use vit_{size} for patches")
+        model = VisionTransformer(**dict(defaults, **kwargs))
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "architecture": name}
+        return model
 
-    entrypoint.__name__ = entrypoint.__qualname__ = f"{family}_{size}"
+    entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__doc__ = (
         f"{family.upper()}-{size.capitalize()}: {depth} blocks x {embed_dim} wide x {num_heads} heads, "
-        f"patch size {FAMILY_PATCH_SIZE[family]} by default."
+        f"patch size {_FAMILY_PATCH_SIZE[family]} by default."
     )
     register_backbone(entrypoint)
 
 
-for _family in FAMILY_PATCH_SIZE:
+for _family in _FAMILY_PATCH_SIZE:
     for _size in MODEL_SIZES:
         _make_entrypoint(_family, _size)

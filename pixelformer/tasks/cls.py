@@ -32,11 +32,15 @@ def build_backbone(cfg: DictConfig, data: DataInfo, num_classes: int = 0, **defa
     overrides = {k: v for k, v in cfg.model.items() if k != "name"}
     overrides.update({k: v for k, v in defaults.items() if overrides.get(k) is None})
     try:
-        return create_backbone(cfg.model.name, img_size=data.img_size, in_chans=data.in_chans,
-                               num_classes=num_classes, **overrides)
+        model = create_backbone(cfg.model.name, img_size=data.img_size, in_chans=data.in_chans,
+                                num_classes=num_classes, **overrides)
     except ValueError as e:
         raise UserError(f"cannot build model {cfg.model.name} for {data.name} "
                         f"({data.img_size}x{data.img_size}x{data.in_chans}): {e}") from None
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):  # timm's data config: the data's normalisation
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(data.mean), "std": tuple(data.std)}
+        model.default_cfg = model.pretrained_cfg
+    return model
 
 
 class Classifier(nn.Module):

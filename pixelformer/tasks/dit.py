@@ -111,7 +111,8 @@ def check_task_config(t: DictConfig) -> None:
 
 def build_denoiser(cfg: DictConfig, data: DataInfo) -> DiT:
     model = cfg.model
-    unsupported = [k for k in ("pool", "class_token", "fc_norm", "drop_rate", "attn_drop_rate", "drop_path_rate")
+    unsupported = [k for k in ("pool", "global_pool", "class_token", "reg_tokens", "fc_norm", "drop_rate",
+                               "attn_drop_rate", "drop_path_rate", "patch_drop_rate", "init_values", "qk_norm")
                    if model.get(k) is not None]
     if unsupported:
         raise UserError(f"model.{unsupported[0]} has no meaning for the dit denoiser; remove it")
