@@ -182,7 +182,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------- pretrained weights
 # Keys that a pretraining checkpoint may hold besides the encoder, and that fine-tuning drops on purpose.
 _DROPPED_PREFIXES = ("decoder_", "mask_token", "decoder.", "head.")
-_BACKBONE_ROOTS = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.", "fc_norm.")
+_BACKBONE_ROOTS = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "blocks.", "norm.", "fc_norm.",
+                   "attn_pool.")
 
 
 def _state_dict_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -254,7 +255,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[
     parent = prefix[: prefix[:-1].rfind(".") + 1] if prefix else ""
     dropped += [k[len(parent):] if k.startswith(parent) else k for k in state if not k.startswith(prefix)]
     reinitialised = sorted(k for k in expected if k not in loaded)
-    fresh = ("head.", "fc_norm.") if norm_to_fc_norm else ("head.",)
+    # The pooling head starts fresh in fine-tuning: the classifier, and attention pooling (global_pool=map).
+    fresh = ("head.", "attn_pool.", "fc_norm.") if norm_to_fc_norm else ("head.", "attn_pool.")
     problems += [f"{k}: in the model but not in the checkpoint" for k in reinitialised if not k.startswith(fresh)]
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""

@@ -303,3 +303,20 @@ def test_dit_takes_sizes_from_the_registry_and_keeps_its_key_names():
         "blocks.0.adaLN_modulation.1.weight", "blocks.0.adaLN_modulation.1.bias", "final_layer.linear.weight",
         "final_layer.linear.bias", "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
     }
+
+
+def test_fine_tuning_a_pretrained_encoder_with_new_pooling_or_register_tokens(tmp_path):
+    from pixelformer import CheckpointError
+    from pixelformer.checkpoint import load_backbone_weights
+
+    encoder = create_backbone("pit_mini", **dict(SMALL, num_classes=0), fc_norm=False)
+    torch.save({"model": {f"model.encoder.{k}": v for k, v in encoder.state_dict().items()}}, tmp_path / "mae.ckpt")
+    attn_pooled = create_backbone("pit_mini", **SMALL, global_pool="map", class_token=True)
+    report = load_backbone_weights(attn_pooled, tmp_path / "mae.ckpt")  # the attention pool starts fresh
+    assert any(k.startswith("attn_pool.") for k in report["reinitialised"])
+    with_registers = create_backbone("pit_mini", **SMALL, reg_tokens=2)
+    with pytest.raises(CheckpointError, match="reg_token: in the model but not in the checkpoint"):
+        load_backbone_weights(with_registers, tmp_path / "mae.ckpt")
+    torch.save({"model": with_registers.state_dict()}, tmp_path / "reg.pth")
+    with pytest.raises(CheckpointError, match="reg_token: in the checkpoint's encoder but not in the model"):
+        load_backbone_weights(create_backbone("pit_mini", **SMALL), tmp_path / "reg.pth")
