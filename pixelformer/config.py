@@ -25,21 +25,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError, did_you_mean
+from .task import TaskCfg, get_task, list_tasks
 
 __all__ = [
     "CONFIG_DIR", "GROUPS", "Config", "DataCfg", "LoggerCfg", "ModelCfg", "OptimCfg", "RunCfg", "TaskCfg",
     "TrainerCfg", "WandbCfg", "check_accumulation", "compose", "compose_saved", "eval_batch_size", "group_choices",
-    "saved_run", "to_plain",
+    "to_plain",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package (setup.cfg package_data)
 GROUPS = ("task", "model", "data", "optim", "trainer", "logger")
-
-
-@dataclass
-class TaskCfg:
-    """Base of every task's config section; each task subclasses it with its own fields."""
-    name: str = "cls"
 
 
 @dataclass
@@ -149,6 +144,7 @@ class WandbCfg:
 class LoggerCfg:
     """W&B tracking; a local ``metrics.jsonl`` in the run directory is always written."""
     wandb: WandbCfg = field(default_factory=WandbCfg)
+    log_checkpoints: bool = False  # upload last.ckpt / best.ckpt to W&B as model artifacts when they are written
 
 
 @dataclass
@@ -177,7 +173,6 @@ def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
         from .models import list_backbones
         choices = sorted(set(choices) | set(list_backbones()))
     if group == "task":
-        from .task import list_tasks
         choices = list_tasks()
     return choices
 
@@ -231,8 +226,6 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
 
 def compose(args: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     """Compose a run config from ``group=choice`` and ``key=value`` command-line arguments."""
-    from .task import get_task
-
     choices, overrides = _split_args(args)
     defaults = _load_yaml(config_dir / "defaults.yaml").get("defaults", {})
     task_name = choices.get("task", defaults.get("task", "cls"))
@@ -257,8 +250,6 @@ def compose_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
     elsewhere cannot make the tools read environment variables or other keys through interpolation. The overrides,
     which the user types, are interpolated as on the command line of ``compose``.
     """
-    from .task import get_task
-
     try:
         task_name = saved["task"]["name"]
     except (KeyError, TypeError):
@@ -283,18 +274,6 @@ def _literal(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_literal(v) for v in value]
     return value
-
-
-def saved_run(ckpt: dict[str, Any], overrides: list[str] = ()) -> tuple[DictConfig, Any]:
-    """The run config (with overrides) and the ``DataInfo`` stored in a checkpoint.
-
-    Checkpoints record the data's shape and normalisation; older ones are re-derived from the data config.
-    """
-    from .data import DataInfo, build_datasets
-
-    cfg = compose_saved(ckpt.get("config", {}), list(overrides))
-    info = DataInfo(**ckpt["data_info"]) if "data_info" in ckpt else build_datasets(cfg.data)[2]
-    return cfg, info
 
 
 def _merge(task_cls: type, task_name: str, layers: list[DictConfig], overrides: list[str]) -> DictConfig:

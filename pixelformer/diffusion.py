@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import copy
-
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
-__all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "ema_copy", "guided_eps", "sample",
-           "update_ema"]
+__all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "guided_eps", "sample"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
@@ -70,23 +67,3 @@ def sample(model: nn.Module, train_config: dict, labels: torch.Tensor, shape: tu
         kwargs = {"generator": generator} if sampler != "dpm" or generator is not None else {}
         x = scheduler.step(eps.float(), t, x, **kwargs).prev_sample
     return x.clamp(-1, 1)
-
-
-def ema_copy(model: nn.Module) -> nn.Module:
-    """An exact float32 copy of ``model`` for the weight average: frozen and in eval mode (no label dropout).
-
-    float32 whatever the model's dtype: with decay 0.9999 each update moves a weight by 1e-4 of its distance to the
-    model, far below bf16's resolution (8 bits of mantissa), so a bf16 average would barely move.
-    """
-    return copy.deepcopy(model).float().requires_grad_(False).eval()
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * model`` over parameters, in the EMA's dtype (the model's parameters are
-    cast to it, so a float32 EMA of a bf16 model accumulates in float32); buffers are copied."""
-    ema_params = list(ema.parameters())
-    model_params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-    for b_ema, b_model in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b_model)

@@ -101,6 +101,18 @@ class SafeLogger(Logger):
     def finalize(self, status: str) -> None:
         self._guarded("finalize", lambda inner: inner.finalize(status))
 
+    def log_checkpoint(self, path: Path, aliases: list[str], step: int) -> None:
+        """Upload a checkpoint file as a W&B model artifact (``logger.log_checkpoints=true``); W&B copies the file
+        at once, so the next atomic replacement of ``last.ckpt`` does not change what is uploaded."""
+        def upload(inner: Logger) -> None:
+            import wandb
+
+            run = inner.experiment
+            artifact = wandb.Artifact(name=f"model-{run.id}", type="model", metadata={"step": step})
+            artifact.add_file(str(path), name=path.name)
+            run.log_artifact(artifact, aliases=aliases)
+        self._guarded("log_checkpoint", upload)
+
     @property
     def experiment(self) -> Any:
         return self._guarded("experiment", lambda inner: inner.experiment)

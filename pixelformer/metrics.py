@@ -45,9 +45,8 @@ class ClassifierFeatures(nn.Module):
 
 def load_classifier(path: str | Path) -> ClassifierFeatures:
     """Load a ``cls`` checkpoint of this project as a :class:`ClassifierFeatures`."""
-    from .checkpoint import check_state_dict, read_checkpoint
-    from .config import saved_run
-    from .task import get_task
+    from .checkpoint import read_checkpoint
+    from .runs import load_run
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -58,10 +57,7 @@ def load_classifier(path: str | Path) -> ClassifierFeatures:
     if config.get("task", {}).get("name") != "cls":
         raise UserError(f"{path} is not a classification checkpoint of this project (task "
                         f"{config.get('task', {}).get('name')!r}); FID features need one trained with task=cls")
-    cfg, info = saved_run(ckpt)
-    module = get_task("cls").build_module(cfg, info)
-    check_state_dict(module, ckpt["model"], str(path))
-    module.load_state_dict(ckpt["model"])
+    _, info, _, module = load_run(path, ckpt=ckpt)
     return ClassifierFeatures(module.backbone, info.mean, info.std)
 
 

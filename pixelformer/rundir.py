@@ -6,30 +6,40 @@
   differ from the checkpoint's config.
 * :func:`compose_for_resume`: ``tools/train.py run.dir=X resume=auto`` starts from the saved config, so a resume
   command does not have to repeat the original arguments.
+* :class:`Checkpointer`: writes ``last.ckpt`` atomically, copies it to ``best.ckpt``, resumes from a checkpoint.
+* :func:`prepare_run_files`: ``config.yaml``, and ``metrics.jsonl`` cut back to what a resumed checkpoint had logged.
 * :class:`RunDirLock`: an advisory ``flock`` on ``<run.dir>/.lock`` held by the writing process.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import read_checkpoint
+from .checkpoint import (TRANSPOSED_SINCOS_FORMAT, capture_rng_state, check_state_dict, fsync_and_replace,
+                         read_checkpoint, restore_rng_state)
 from .config import GROUPS, compose, compose_saved, to_plain, validate
-from .errors import UserError
+from .errors import CheckpointError, UserError
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 try:  # POSIX only; elsewhere runs are not locked
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RESUMABLE_KEYS", "RunDirLock", "check_resume_config", "compose_for_resume", "peek_checkpoint",
-           "resolve_resume", "resume_source"]
+__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_KEYS", "Checkpointer", "RunDirLock", "check_resumable",
+           "check_resume_config", "compose_for_resume", "peek_checkpoint", "prepare_run_files", "resolve_resume",
+           "resume_source"]
+
+CHECKPOINT_FORMAT = "pixelformer-checkpoint/2"  # 1: before the sin-cos layout fix (still resumable, with a warning)
 
 # Config keys that a resume may change (a trailing dot: a whole section); check_resume_config says why.
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -194,6 +204,115 @@ def compose_for_resume(args: list[str]) -> DictConfig:
                          merge=False)
     validate(resumed)
     return resumed
+
+
+# ------------------------------------------------------------------------------------- writing and resuming
+class Checkpointer:
+    """Saves and restores a run's ``state`` (a plain dict of objects with ``state_dict()`` and plain values).
+
+    ``last.ckpt`` is written to a temporary file and renamed by rank 0, so a kill leaves the old file or the new
+    one; ``best.ckpt`` is an atomic copy of it. Each file carries the format tag and the RNG states.
+    """
+
+    def __init__(self, fabric: Fabric, run_dir: Path, state: dict[str, Any], progress: Any, window: Any) -> None:
+        self.fabric, self.state, self.progress, self.window = fabric, state, progress, window
+        self.last = run_dir / "checkpoints" / "last.ckpt"
+        self.best = run_dir / "checkpoints" / "best.ckpt"
+        self.saved_step: Optional[int] = None
+
+    def save_last(self, unless_saved: bool = False) -> None:
+        if unless_saved and self.saved_step == self.progress.step:
+            return
+        self.progress.window = self.window.state_dict()
+        tmp = self.last.with_name(self.last.name + ".tmp")
+        self.fabric.save(tmp, {"format": CHECKPOINT_FORMAT, **self.state, "rng": capture_rng_state()})
+        self.fabric.barrier()
+        if self.fabric.is_global_zero:
+            fsync_and_replace(tmp, self.last)
+        self.fabric.barrier()
+        self.saved_step = self.progress.step
+
+    def save_best(self) -> None:
+        if self.fabric.is_global_zero:
+            copy_atomic(self.last, self.best)
+
+    def resume(self, path: Path) -> None:
+        """Load ``path`` into the state (checked key by key first), restore the RNG streams and the window, and
+        redo a ``best.ckpt`` copy that a kill cut off."""
+        ckpt = read_checkpoint(path)
+        check_state_dict(self.state["model"], ckpt["model"], str(path), resizable=())
+        missing = [k for k in self.state if k not in ckpt]
+        if missing:
+            raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: it was written by another task "
+                            f"({ckpt.get('config', {}).get('task', {}).get('name')}) and cannot resume this one")
+        rng = ckpt["rng"]
+        del ckpt
+        remainder = self.fabric.load(path, self.state)
+        remainder.pop("rng", None)
+        restore_rng_state(rng)
+        # Fabric rebuilds dataclasses while unwrapping the state, so the loaded counters may sit in a copy.
+        self.progress.load_state_dict(self.state["progress"].state_dict())
+        self.state["progress"] = self.progress
+        self.window.load_state_dict(self.progress.window)
+        self.saved_step = self.progress.step
+        if self.fabric.is_global_zero:
+            self._restore_best(path)
+
+    def _restore_best(self, resumed: Path) -> None:
+        """``progress.best_step`` is the step of the best evaluation; when it is the resumed checkpoint's own step,
+        ``best.ckpt`` must hold that step too (a kill between writing ``last.ckpt`` and copying it)."""
+        step = self.progress.step
+        if self.progress.best_step != step or (self.best.exists() and self.best.samefile(resumed)):
+            return
+        try:
+            held = (peek_checkpoint(self.best).get("progress") or {}).get("step") if self.best.exists() else None
+        except CheckpointError:
+            held = None  # unreadable: replaced
+        if held != step:
+            copy_atomic(resumed, self.best)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    fsync_and_replace(tmp, dst)
+
+
+def check_resumable(path: Path, saved: Mapping[str, Any], cfg: DictConfig) -> None:
+    """A training checkpoint whose config differs from ``cfg`` only where a resume may change it."""
+    if saved.get("format") not in (CHECKPOINT_FORMAT, TRANSPOSED_SINCOS_FORMAT) or not isinstance(saved.get("config"),
+                                                                                               dict):
+        raise UserError(f"{path} is not a pixelformer training checkpoint (format {saved.get('format')!r}), so a run "
+                        f"cannot be resumed from it")
+    if cfg.trainer.precision == "auto":  # the run keeps the precision it resolved when it started
+        cfg.trainer.precision = saved["config"].get("trainer", {}).get("precision", "auto")
+    check_resume_config(saved["config"], cfg, path)
+
+
+def prepare_run_files(run_dir: Path, cfg: DictConfig, resume_step: Optional[int], final_again: bool = False) -> None:
+    """Write ``config.yaml``; on resume, cut ``metrics.jsonl`` back to what the checkpoint had logged.
+
+    ``final_again``: the checkpoint is the final one but the run did not finish (no ``eval.json``), so its final
+    evaluation runs again and its earlier record is dropped.
+    """
+    try:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            # Fresh start: begin a new file. Resume: drop what was logged after the checkpoint, it is logged again.
+            keep = []
+            for line in metrics.read_text().splitlines() if resume_step is not None else []:
+                try:
+                    record = json.loads(line)
+                    step = record.get("step", 0)
+                    if step < resume_step or (step == resume_step and not (final_again and "train/loss" not in record)):
+                        keep.append(line + "\n")
+                except (ValueError, TypeError, AttributeError):  # a line cut short by a kill
+                    continue
+            metrics.write_text("".join(keep))
+    except OSError as e:  # at start nothing is lost yet: stop with the file's name rather than train unrecorded
+        raise UserError(f"cannot write {e.filename or run_dir} ({e.strerror}): make it a writable file, or choose "
+                        f"another run.dir") from None
 
 
 # -------------------------------------------------------------------------------------------------- lock

@@ -1,4 +1,5 @@
-"""Process-level settings: the CPU allocator, the precision ``auto`` picks, and a check that a run fits in memory.
+"""Process-level settings: the CPU allocator, the precision ``auto`` picks, a check that a run fits in memory, and
+data-loader workers that leave SIGTERM/SIGINT to the main process.
 
 PyTorch's CPU allocator hands large tensors straight to glibc ``malloc``. With glibc's defaults, big blocks are
 ``mmap``-ed fresh and returned to the kernel when freed, and the heap is trimmed, so every training step page-faults
@@ -9,15 +10,19 @@ The cost: the process's resident memory stays at its high-water mark instead of 
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
+import functools
 import logging
+import multiprocessing
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -30,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BF16_MIN_WIDTH_CPU", "MemoryEstimate", "auto_precision", "available_memory", "check_fits_memory",
-    "cpu_allocator_tuned", "estimate_training_memory", "format_bytes", "tune_cpu_allocator",
+    "cpu_allocator_tuned", "estimate_training_memory", "format_bytes", "leave_signals_to_main", "tune_cpu_allocator",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -267,3 +272,41 @@ def check_fits_memory(cfg: DictConfig, info: "DataInfo", device: torch.device) -
         f"state + {format_bytes(max(estimate.activations, estimate.gradients))} of {peak}{per_process}), but "
         f"{device} has {format_bytes(available)} available: {fixes} (trainer.memory_check=false skips this check)"
     )
+
+
+# ------------------------------------------------------------------------------------------ loader workers
+_WORKER_EXIT_HOOK = False
+
+
+def _ignore_stop_signals(inner: Optional[Any], worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if inner is not None:
+        inner(worker_id)
+
+
+def _kill_workers_at_exit() -> None:
+    # multiprocessing's own exit hook ends daemonic children with SIGTERM and then waits for them: a worker that
+    # ignores SIGTERM (below) and was not shut down by its loader (e.g. the run died of a worker's error) would make
+    # the interpreter wait for ever. Registered after that hook, this one runs first.
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these kills as worker failures
+        for worker in workers:
+            worker.kill()
+            worker.join()
+
+
+def leave_signals_to_main(loader: Any) -> Any:
+    """Make ``loader``'s worker processes ignore SIGTERM/SIGINT: the main process stops them once it has saved.
+
+    SLURM signals every process of a job and a terminal every process of its group; a worker ended by the signal
+    would make the main process fail (torch's SIGCHLD handler) before it saves.
+    """
+    global _WORKER_EXIT_HOOK
+    if getattr(loader, "num_workers", 0) > 0:
+        loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+        if not _WORKER_EXIT_HOOK:
+            atexit.register(_kill_workers_at_exit)
+            _WORKER_EXIT_HOOK = True
+    return loader

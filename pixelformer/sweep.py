@@ -339,16 +339,10 @@ def training_cost(run_dir: Path) -> tuple[float, int, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .checkpoint import read_checkpoint
-    from .config import compose_saved
-    from .data import DataInfo
-    from .task import get_task
+    from .runs import load_run
 
-    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    cfg = compose_saved(ckpt["config"], [])
-    info = DataInfo(**ckpt["data_info"])
-    del ckpt
-    module = get_task(cfg.task.name).build_module(cfg, info)
+    _, info, _, module = load_run(run_dir)
+    module.train()  # training FLOPs: dropout, drop path and label dropout as in training
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     grids = [m.grid_size for m in module.modules() if hasattr(m, "grid_size") and hasattr(m, "patch_size")]
     tokens = int(grids[0]) ** 2 if grids else 0

@@ -1,27 +1,35 @@
-"""The task plug-in interface and registry.
+"""The task plug-in interface, its registry, and the few helpers every task shares.
 
-A task is one module in ``tasks/`` that subclasses :class:`Task` and decorates it with ``@register_task``. The shared
-engine (``pixelformer.engine``) owns Fabric, data loading, optimisation, checkpoints and logging; a task supplies:
+A task is a stateless plug-in: a subclass of :class:`Task` decorated with ``@register_task``. The trainer
+(``pixelformer.trainer``) owns Fabric, data loading, optimisation, the EMA, checkpoints and logging; a task supplies
 
-* ``config_cls``: the dataclass of its ``task:`` config section;
+* ``config_cls``: the dataclass of its ``task:`` config section (a subclass of :class:`TaskCfg`);
 * ``build_module(cfg, data)``: an ``nn.Module`` whose ``forward(batch)`` returns a dict with a scalar ``"loss"``
   (Fabric wraps only ``forward``, so everything that must run under autocast/DDP happens there);
-* ``evaluate(fabric, module, loader, cfg)``: metrics on the test split, reduced over processes;
-* optionally ``visualize`` (pictures for the run directory and W&B), ``extra_state`` (e.g. an EMA model saved in
-  checkpoints) and ``on_train_step_end`` (e.g. the EMA update).
+* ``evaluate(module, ctx)``: metrics on the test split, reduced over processes; ``ctx`` is an :class:`EvalContext`;
+* optionally ``check`` (refuse a bad config before training), ``visualize`` (pictures for the run directory and W&B), ``init_from`` (start from pretrained
+  weights), ``monitor`` (the metric that picks ``best.ckpt``) and ``ema_target`` (the submodule whose exponential
+  moving average the trainer keeps when ``task.ema_decay`` is set).
 
-Adding a task touches no other task: ``tasks/__init__.py`` imports every module in the package.
+Whatever must live across evaluations of one run (an untrained baseline, a loaded FID classifier) goes in
+``ctx.cache``, never on the task object: one task object may serve several runs in a process.
+
+Where tasks come from: the built-in ones are the modules of ``pixelformer.tasks``; a package of your own registers
+more through the ``pixelformer.tasks`` entry-point group (``name = your_package.your_module``). Adding a task touches
+no other task.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
 
+import torch
 from torch import nn
 
-from .config import TaskCfg
 from .errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -31,40 +39,62 @@ if TYPE_CHECKING:
 
     from .data import DataInfo
 
-__all__ = ["Task", "eval_mode", "get_task", "list_tasks", "register_task"]
+__all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "eval_mode", "get_task", "list_tasks", "mean_loss", "register_task",
+           "save_image_grid", "untrained_baseline"]
 
+ENTRY_POINT_GROUP = "pixelformer.tasks"
 _TASKS: dict[str, type[Task]] = {}
 
 
+@dataclass
+class TaskCfg:
+    """Base of every task's config section; each task subclasses it with its own fields."""
+    name: str = "cls"
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation sees besides the module.
+
+    ``loaders["test"]`` is the test split, ``loaders["train"]`` the training split without augmentation (for k-NN
+    or probes); both are sharded over processes and yield batches on the device. ``ema`` is the averaged copy of
+    the task's ``ema_target`` (float32, eval mode) when the run keeps one. ``cache`` lives as long as the run.
+    """
+    fabric: Fabric
+    cfg: DictConfig
+    data: DataInfo
+    loaders: dict[str, DataLoader]
+    ema: Optional[nn.Module] = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
 class Task:
-    """Base class of a task plug-in. Subclasses set ``name``, ``config_cls`` and ``monitor``."""
+    """Base class of a task plug-in. Subclasses set ``name`` and ``config_cls`` and define the two methods."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type[TaskCfg]] = TaskCfg
-    #: Metric that selects the ``best`` checkpoint, and whether higher ("max") or lower ("min") is better.
-    monitor: ClassVar[tuple[str, str]] = ("test/loss", "min")
+    #: Submodule of the built module that the trainer averages (EMA) when ``cfg.task.ema_decay`` is set.
+    ema_target: ClassVar[Optional[str]] = None
+
+    def monitor(self, cfg: DictConfig) -> tuple[str, str]:
+        """The metric that selects ``best.ckpt``, and whether higher ("max") or lower ("min") is better."""
+        return "test/loss", "min"
+
+    def check(self, cfg: DictConfig, data: DataInfo) -> None:
+        """Refuse bad ``task.*`` values and missing files before training starts, one line each (the trainer calls
+        this; loading a saved run does not, so a moved auxiliary file does not stop it)."""
 
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
         """The trainable module; ``module(batch)`` returns ``{"loss": tensor, ...}``."""
         raise NotImplementedError
 
-    def evaluate(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader],
-                 cfg: DictConfig) -> dict[str, float]:
-        """Metrics, identical on every process. ``loaders["test"]`` is the test split, ``loaders["train"]`` the
-        training split without augmentation (for k-NN or probes); both are sharded over processes."""
+    def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        """Metrics, identical on every process (the trainer runs this in eval mode, without gradients)."""
         raise NotImplementedError
 
-    def visualize(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader], cfg: DictConfig,
-                  out_dir: Path, step: int) -> list[Path]:
+    def visualize(self, module: nn.Module, ctx: EvalContext, out_dir: Path, step: int) -> list[Path]:
         """Write pictures of the model's behaviour into ``out_dir`` (rank 0 only); returns their paths."""
         return []
-
-    def extra_state(self, fabric: Fabric, module: nn.Module) -> dict[str, Any]:
-        """Additional objects with ``state_dict()`` to save and restore with the checkpoint (e.g. EMA weights)."""
-        return {}
-
-    def on_train_step_end(self, module: nn.Module, step: int) -> None:
-        """Called after every optimizer step."""
 
     def init_from(self, module: nn.Module, path: str) -> dict[str, list[str]]:
         """Initialise from pretrained weights (``init_from=``): by default the encoder, ``module.backbone``."""
@@ -76,17 +106,7 @@ class Task:
         return load_backbone_weights(module.backbone, path)
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` in eval mode (no dropout, drop path or label dropout) for the block, then back in its own mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
+# ------------------------------------------------------------------------------------------------ registry
 def register_task(cls: type[Task]) -> type[Task]:
     if cls.name in _TASKS and _TASKS[cls.name] is not cls:
         raise ValueError(f"task name {cls.name!r} is registered twice ({_TASKS[cls.name]} and {cls})")
@@ -95,7 +115,12 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def _import_tasks() -> None:
-    importlib.import_module("pixelformer.tasks")
+    """Import the modules that define tasks: those named in the ``pixelformer.tasks`` entry-point group (the
+    built-in ones are declared there by setup.cfg), and the built-in package itself for a checkout that is used
+    without being installed. Importing a module registers its tasks."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        importlib.import_module(entry.value.split(":")[0])
+    importlib.import_module(f"{__package__}.tasks")  # by name: the library does not depend on its plug-ins
 
 
 def list_tasks() -> list[str]:
@@ -109,3 +134,70 @@ def get_task(name: str) -> Task:
         hint = did_you_mean(name, _TASKS)
         raise UserError(f"unknown task {name!r}.{hint} Choices: {', '.join(sorted(_TASKS))}")
     return _TASKS[name]()
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+def build_backbone(cfg: DictConfig, data: DataInfo, num_classes: int = 0, **defaults: Any) -> nn.Module:
+    """The configured backbone (``cfg.model``) sized for ``data``, for any task that needs an encoder; model errors
+    (e.g. a size the patches cannot tile) are the user's.
+
+    ``defaults`` replace the registered defaults of model keys that the config leaves unset (``None``).
+    """
+    overrides = {k: v for k, v in cfg.model.items() if k != "name"}
+    overrides.update({k: v for k, v in defaults.items() if overrides.get(k) is None})
+    from .models import create_backbone
+
+    try:
+        model = create_backbone(cfg.model.name, img_size=data.img_size, in_chans=data.in_chans,
+                                num_classes=num_classes, **overrides)
+    except ValueError as e:
+        raise UserError(f"cannot build model {cfg.model.name} for {data.name} "
+                        f"({data.img_size}x{data.img_size}x{data.in_chans}): {e}") from None
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):  # timm's data config: the data's normalisation
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(data.mean), "std": tuple(data.std)}
+        model.default_cfg = model.pretrained_cfg
+    return model
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout, drop path or label dropout) for the block, then back in its own mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def mean_loss(fabric: Fabric, module: nn.Module, loader: DataLoader) -> float:
+    """The module's ``"loss"`` averaged over every image of a (sharded) split, weighted by batch size."""
+    totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # loss sum, image count
+    for batch in loader:
+        count = len(batch[1])
+        totals[0] += module(batch)["loss"].double() * count
+        totals[1] += count
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def untrained_baseline(ctx: EvalContext, build: Callable[[], nn.Module],
+                       score: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+    """``score`` of a freshly initialised model (``build()``, seeded with ``run.seed``), computed once per run:
+    what a metric reads before any training, printed next to the trained value."""
+    if "untrained_baseline" not in ctx.cache:
+        torch.manual_seed(ctx.cfg.run.seed)
+        fresh = ctx.fabric.to_device(build()).eval()
+        ctx.cache["untrained_baseline"] = score(fresh)
+    return ctx.cache["untrained_baseline"]
+
+
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int, min_side: int = 32) -> Path:
+    """Save (N, C, H, W) images in [0, 1] as one PNG grid, ``nrow`` per row; images narrower than ``min_side``
+    are enlarged by the integer factor ``min_side // width`` (nearest neighbour), so tiny images can be read."""
+    from torchvision.utils import save_image
+
+    scale = max(1, min_side // images.shape[-1])
+    images = torch.nn.functional.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
+    save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+    return path

@@ -28,6 +28,18 @@ def tiny_cfg(run_dir: Path, *overrides: str):
                     "trainer.eval_every_epochs=null", *overrides])
 
 
+def on_step(monkeypatch, hook) -> None:
+    """Call ``hook(trainer, step)`` after each optimizer step, once the trainer's own bookkeeping (EMA, log) is done."""
+    from pixelformer.trainer import Trainer
+
+    original = Trainer.after_step
+
+    def after_step(self, grad_norm):
+        original(self, grad_norm)
+        hook(self, self.progress.step)
+    monkeypatch.setattr(Trainer, "after_step", after_step)
+
+
 def run_tool(tool: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``tools/<tool>.py`` in a fresh interpreter, as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-import pixelformer.tasks.dit
 from pixelformer import UserError, create_backbone, list_backbones
 from pixelformer.checkpoint import read_checkpoint
-from pixelformer.diffusion import build_train_scheduler, guided_eps, sample, update_ema
+from pixelformer.diffusion import build_train_scheduler, guided_eps, sample
+from pixelformer.trainer import EMA
 from pixelformer.engine import fit
 from pixelformer.metrics import ClassifierFeatures, build_fid
 from pixelformer.models import create_dit
 from pixelformer.models.dit import DiTBlock
-from conftest import run_tool, tiny_cfg
+from conftest import on_step, run_tool, tiny_cfg
 
 TINY = dict(img_size=8, in_chans=3, num_classes=5, depth=2, embed_dim=32, num_heads=2)
 
@@ -73,13 +73,25 @@ def test_sampling_is_deterministic_under_a_seed(sampler):
     assert not torch.equal(first, run(1))
 
 
-def test_ema_update():
-    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    before = ema.weight.detach().clone()
-    update_ema(ema, model, decay=0.9)
-    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
-    update_ema(ema, model, decay=0.0)
-    assert torch.equal(ema.weight, model.weight)
+def test_ema_is_a_float32_average_with_dits_warm_up():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9)  # starts as an exact copy, frozen
+    assert torch.equal(ema.module.weight, model.weight) and not ema.module.weight.requires_grad
+    assert ema.get_decay(0) == 0.1 and ema.get_decay(5) == 0.4 and ema.get_decay(10 ** 6) == 0.9
+    before = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=10 ** 6)
+    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * model.weight)
+    # a bf16 model's average accumulates in float32: a 1e-4 step that bf16 could not hold is kept
+    half = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    ema = EMA(half, decay=0.9999)
+    start = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        half.weight.add_(1.0)
+    ema.update(half, step=10 ** 6)
+    assert ema.module.weight.dtype == torch.float32
+    assert torch.allclose(ema.module.weight - start, 1e-4 * (half.weight.float() - start), atol=1e-7)
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
@@ -145,13 +157,10 @@ def test_dit_resume_restores_weights_and_ema_exactly(tmp_path, monkeypatch):
     args = (*DIT_ARGS, "trainer.max_steps=16", "trainer.ckpt_every_steps=5", "data.limit_train=256")
     fit(tiny_cfg(tmp_path / "straight", *args))
 
-    original = pixelformer.tasks.dit.DiTTask.on_train_step_end
-
-    def stop_at_12(self, module, step):
-        original(self, module, step)
+    def stop_at_12(trainer, step):
         if step == 12:
             raise KeyboardInterrupt
-    monkeypatch.setattr(pixelformer.tasks.dit.DiTTask, "on_train_step_end", stop_at_12)
+    on_step(monkeypatch, stop_at_12)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_cfg(tmp_path / "resumed", *args))
     monkeypatch.undo()

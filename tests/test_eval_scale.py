@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,12 +17,13 @@ from pixelformer import UserError, create_backbone
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import compose
 from pixelformer.data import DataInfo
-from pixelformer.diffusion import update_ema
 from pixelformer.engine import fit
 from pixelformer.layers.patch_embed import PatchEmbed
 from pixelformer.metrics import ClassifierFeatures, build_fid
-from pixelformer.task import get_task
-from pixelformer.tasks.dit import DiTTask
+from pixelformer.task import EvalContext, get_task
+from pixelformer.trainer import EMA
+from pixelformer.diffusion import build_train_scheduler
+from pixelformer.tasks.dit import generate_chunks
 from pixelformer.tasks.mae import knn_accuracy
 from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg
 
@@ -49,17 +49,18 @@ def dit_for_eval(n_test: int, num_eval_samples: int, eval_batch: int, info: Data
     from lightning.fabric import Fabric
 
     cfg = small_cfg("task=dit", "task.sample_steps=2", f"task.num_eval_samples={num_eval_samples}",
-                    f"data.eval_batch_size={eval_batch}", f"task.untrained_baseline={str(baseline).lower()}")
+                    f"data.eval_batch_size={eval_batch}", f"task.untrained_baseline={str(baseline).lower()}",
+                    "task.classifier_ckpt=set-in-the-cache-below")
     torch.manual_seed(0)
     task = get_task("dit")
     module = task.build_module(cfg, info)
     backbone = create_backbone("pit_mini", img_size=info.img_size, in_chans=info.in_chans, depth=1, embed_dim=32,
                                num_heads=2, num_classes=info.num_classes)
-    task.classifier = ClassifierFeatures(backbone, info.mean, info.std)
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
-    module = fabric.setup_module(module)
-    task.extra_state(fabric, module)
-    return task, fabric, module, {"test": image_loader(n_test, eval_batch, info)}, cfg
+    ctx = EvalContext(fabric, cfg, info, {"test": image_loader(n_test, eval_batch, info)},
+                      ema=EMA(module.denoiser, cfg.task.ema_decay).module)
+    ctx.cache["classifier"] = ClassifierFeatures(backbone, info.mean, info.std)
+    return task, fabric.setup_module(module), ctx
 
 
 class LargestPatchBatch:
@@ -82,24 +83,24 @@ class LargestPatchBatch:
 @pytest.mark.parametrize("n", [20, 60])
 def test_dit_eval_runs_every_network_on_one_eval_batch_at_a_time(n):
     info = fake_info()
-    task, fabric, module, loaders, cfg = dit_for_eval(n, num_eval_samples=n, eval_batch=8, info=info)
+    task, module, ctx = dit_for_eval(n, num_eval_samples=n, eval_batch=8, info=info)
     with LargestPatchBatch() as seen, torch.no_grad():
-        metrics = task.evaluate(fabric, module, loaders, cfg)
+        metrics = task.evaluate(module, ctx)
     assert {"test/fid", "test/sample_acc", "test/fid_untrained", "test/sample_acc_untrained"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     largest = seen.seen
     # real and generated images alike, whatever the split or sample count
-    assert largest.pop(id(task.classifier.backbone.patch_embed)) == 8
+    assert largest.pop(id(ctx.cache["classifier"].backbone.patch_embed)) == 8
     assert largest.pop(id(module.module.denoiser.x_embedder)) == 8  # the test loss
     assert list(largest.values()) == [2 * 8, 2 * 8], largest  # EMA and untrained samplers; guidance doubles
 
 
 def test_batched_real_image_statistics_equal_one_pass():
     info = fake_info()
-    task, fabric, module, loaders, cfg = dit_for_eval(50, num_eval_samples=4, eval_batch=16, info=info)
-    batched = task.real_image_fid(fabric, loaders["test"], cfg)
-    images = loaders["test"].dataset.tensors[0]
-    once = build_fid("classifier", task.classifier, None, (3, 8, 8))
+    task, module, ctx = dit_for_eval(50, num_eval_samples=4, eval_batch=16, info=info)
+    classifier, batched = task.scorers(ctx)
+    images = ctx.loaders["test"].dataset.tensors[0]
+    once = build_fid("classifier", classifier, None, (3, 8, 8))
     once.update((images * torch.tensor(STD).view(1, -1, 1, 1) + torch.tensor(MEAN).view(1, -1, 1, 1)).clamp(0, 1),
                 real=True)
     assert int(batched.real_features_num_samples) == 50
@@ -113,11 +114,10 @@ sys.path[:0] = [{tests!r}, {repo!r}]
 import test_eval_scale as t
 info = t.fake_info(img_size=16)
 for n in {sizes!r}:
-    task, fabric, module, loaders, cfg = t.dit_for_eval(n, num_eval_samples=4, eval_batch=32, info=info,
-                                                        baseline=False)
+    task, module, ctx = t.dit_for_eval(n, num_eval_samples=4, eval_batch=32, info=info, baseline=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
-        task.evaluate(fabric, module, loaders, cfg)
+        task.evaluate(module, ctx)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
@@ -144,9 +144,9 @@ def test_mae_features_are_computed_one_loader_batch_at_a_time():
     task = get_task("mae")
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
     module = fabric.setup_module(task.build_module(cfg, info))
-    loaders = {"test": image_loader(100, 16, info), "train": image_loader(150, 16, info)}
+    ctx = EvalContext(fabric, cfg, info, {"test": image_loader(100, 16, info), "train": image_loader(150, 16, info)})
     with LargestPatchBatch() as seen, torch.no_grad():
-        metrics = task.evaluate(fabric, module, loaders, cfg)
+        metrics = task.evaluate(module, ctx)
     assert {"test/knn_acc", "test/knn_acc_random_init"} <= set(metrics)
     assert len(seen.seen) == 2 and max(seen.seen.values()) == 16, seen.seen
 
@@ -167,7 +167,7 @@ def test_knn_similarities_are_computed_in_bounded_blocks(monkeypatch):
     def recording_topk(self, *args, **kwargs):
         blocks.append(tuple(self.shape))
         return real_topk(self, *args, **kwargs)
-    monkeypatch.setattr(tasks.mae, "KNN_BLOCK_ELEMENTS", 3 * 50)
+    monkeypatch.setattr(pixelformer.tasks.mae, "KNN_BLOCK_ELEMENTS", 3 * 50)
     monkeypatch.setattr(torch.Tensor, "topk", recording_topk)
     assert knn_accuracy(train, train_labels, test, test_labels, 5, 0.07, 4) == reference
     assert max(rows * cols for rows, cols in blocks) <= 3 * 50 and sum(rows for rows, _ in blocks) == 37
@@ -177,29 +177,27 @@ def test_knn_similarities_are_computed_in_bounded_blocks(monkeypatch):
 def test_float32_ema_of_a_bf16_model_follows_the_exact_average():
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 16).to(torch.bfloat16)
-    holder = SimpleNamespace(module=SimpleNamespace(denoiser=model))
-    task = DiTTask()
-    task.ema_decay = 0.9999
-    ema = task.extra_state(None, holder)["ema"]
-    assert all(v.dtype == torch.float32 for v in ema.state_dict().values())
-    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    ema = EMA(model, decay=0.9999)
+    assert all(v.dtype == torch.float32 for v in ema.module.state_dict().values())
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
     start = copy.deepcopy(model)  # what a bf16 EMA would start from
-    exact = {k: v.double() for k, v in ema.state_dict().items()}
+    exact = {k: v.double() for k, v in ema.module.state_dict().items()}
     for _ in range(3):
         with torch.no_grad():  # the model drifts away from the average, as training does
             for p in model.parameters():
                 p.add_(0.01)
-        task.on_train_step_end(holder, step=10 ** 6)  # past warm-up: decay = task.ema_decay
+        ema.update(model, step=10 ** 6)  # past warm-up: decay = 0.9999
         exact = {k: 0.9999 * v + 0.0001 * model.state_dict()[k].double() for k, v in exact.items()}
-    for k, v in ema.state_dict().items():
+    for k, v in ema.module.state_dict().items():
         moved = (exact[k] - start.state_dict()[k].double()).abs()
         assert moved.min() > 5e-6, k  # 1e-4 of a 0.01-0.03 gap, three times
         assert (v.double() - exact[k]).abs().max() < 1e-7, k  # float32 rounding only
-    assert not ema.training
-    # the same three updates of a bf16 average round away: why the average is kept in float32
+    # the same three updates of a bf16 average (without stochastic rounding) round away: why it is kept in float32
     bf16_ema = copy.deepcopy(start)
     for _ in range(3):
-        update_ema(bf16_ema, model, 0.9999)
+        with torch.no_grad():
+            for a, b in zip(bf16_ema.parameters(), model.parameters()):
+                a.lerp_(b, 1e-4)
     unchanged = torch.cat([(a == b).flatten() for a, b in zip(bf16_ema.parameters(), start.parameters())])
     assert unchanged.float().mean() > 0.9
 
@@ -231,10 +229,10 @@ def test_bf16_true_dit_run_keeps_and_saves_a_float32_ema(bf16_dit):
 
 
 # ------------------------------------------------------------------------------- 3. guidance needs label dropout
-def test_guidance_without_label_dropout_is_refused_at_build_time():
+def test_guidance_without_label_dropout_is_refused_before_training():
     task = get_task("dit")
     with pytest.raises(UserError) as e:
-        task.build_module(small_cfg("task=dit", "task.label_dropout=0", "task.cfg_scale=2.0"), fake_info())
+        task.check(small_cfg("task=dit", "task.label_dropout=0", "task.cfg_scale=2.0"), fake_info())
     message = str(e.value)
     assert "\n" not in message and "task.label_dropout=0 with task.cfg_scale=2.0" in message
     assert "task.label_dropout>0 (DiT uses 0.1) or task.cfg_scale=1.0" in message
@@ -282,10 +280,14 @@ def test_dit_samples_do_not_depend_on_the_denoisers_mode():
             p.add_(0.05 * torch.randn_like(p))
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
     labels = torch.arange(10).repeat(2)
+    schedule = dict(build_train_scheduler().config)
+
+    def generate(module):
+        return torch.cat([x for _, x in generate_chunks(module, schedule, labels, info, cfg, fabric.device)])
     torch.manual_seed(2)
-    in_train_mode = task.generate(fabric, denoiser.train(), labels, cfg)
+    in_train_mode = generate(denoiser.train())
     assert denoiser.training  # put back as it was
-    assert torch.equal(in_train_mode, task.generate(fabric, denoiser.eval(), labels, cfg))
+    assert torch.equal(in_train_mode, generate(denoiser.eval()))
 
 
 def test_mae_reconstructions_do_not_depend_on_the_modules_mode(tmp_path):
@@ -294,12 +296,12 @@ def test_mae_reconstructions_do_not_depend_on_the_modules_mode(tmp_path):
                     "model.depth=2", "model.drop_path_rate=0.5", "task.num_vis=4")  # block 1 drops paths
     task = get_task("mae")
     module = task.build_module(cfg, info)
-    loaders = {"test": image_loader(8, 8, info)}
+    ctx = EvalContext(None, cfg, info, {"test": image_loader(8, 8, info)})
     (tmp_path / "train").mkdir()
     (tmp_path / "eval").mkdir()
-    task.visualize(None, module.train(), loaders, cfg, tmp_path / "train", 0)
+    task.visualize(module.train(), ctx, tmp_path / "train", 0)
     assert module.training
-    task.visualize(None, module.eval(), loaders, cfg, tmp_path / "eval", 0)
+    task.visualize(module.eval(), ctx, tmp_path / "eval", 0)
     assert not module.training
     assert (tmp_path / "train" / "reconstructions.png").read_bytes() == \
         (tmp_path / "eval" / "reconstructions.png").read_bytes()
@@ -331,9 +333,9 @@ TASK_MISTAKES = [
 
 
 @pytest.mark.parametrize("task_name,args,needle", TASK_MISTAKES, ids=[" ".join(m[1]) for m in TASK_MISTAKES])
-def test_task_mistakes_are_refused_when_the_module_is_built(task_name, args, needle):
+def test_task_mistakes_are_refused_by_the_tasks_check(task_name, args, needle):
     with pytest.raises(UserError) as e:
-        get_task(task_name).build_module(small_cfg(f"task={task_name}", *args), fake_info())
+        get_task(task_name).check(small_cfg(f"task={task_name}", *args), fake_info())
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 

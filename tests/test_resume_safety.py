@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import pixelformer.tasks.cls
-from pixelformer import UserError, engine
+from pixelformer import UserError, engine, rundir, trainer
+from pixelformer.config import to_plain
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import TrainingInterrupted, fit, resolve_run_dir
 from pixelformer.loggers import JSONLLogger
 from pixelformer.rundir import RunDirLock, compose_for_resume
-from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg
+from conftest import QUIET, REPO, TINY_MODEL, on_step, run_tool, tiny_cfg
 
 FAST = ("data.limit_train=128", "data.limit_test=32", "data.batch_size=16")
 
@@ -37,31 +38,31 @@ def ckpt_step(path):
 
 
 def stop_at(monkeypatch, step):
-    def hook(self, module, at):
+    def hook(trainer, at):
         if at == step:
             raise Interrupt()
-    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "on_train_step_end", hook)
+    on_step(monkeypatch, hook)
 
 
 # ------------------------------------------------------------------------------------------ 1. best.ckpt
 def test_a_kill_between_last_and_best_is_repaired_on_resume(run_dir, monkeypatch):
     # Scripted evaluations: step 10 is the best, later ones are worse, so nothing after the kill copies best again.
     scores = iter([50.0, 60.0, 55.0, 40.0])
-    monkeypatch.setattr(engine, "_evaluate", lambda *args: {"test/acc1": next(scores)})
-    copy, copies = engine._copy_atomic, []
+    monkeypatch.setattr(trainer, "run_evaluation", lambda *args: {"test/acc1": next(scores)})
+    copy, copies = rundir.copy_atomic, []
 
     def killed_at_the_second_copy(src, dst):
         copies.append(dst)
         if len(copies) == 2:
             raise Interrupt()  # the process dies after writing last.ckpt (step 10), before best.ckpt
         copy(src, dst)
-    monkeypatch.setattr(engine, "_copy_atomic", killed_at_the_second_copy)
+    monkeypatch.setattr(rundir, "copy_atomic", killed_at_the_second_copy)
     args = (*FAST, "trainer.max_steps=20", "trainer.eval_every_steps=5")
     with pytest.raises(Interrupt):
         fit(tiny_cfg(run_dir, *args))
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 10
     assert ckpt_step(run_dir / "checkpoints" / "best.ckpt") == 5
-    monkeypatch.setattr(engine, "_copy_atomic", copy)
+    monkeypatch.setattr(rundir, "copy_atomic", copy)
     fit(tiny_cfg(run_dir, *args, "resume=auto"))
     best = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")["progress"]
     assert (best["step"], best["best"]) == (10, 60.0)
@@ -93,7 +94,7 @@ def test_resuming_a_finished_run_returns_its_metrics_without_evaluating(run_dir,
     def no_evaluation(*args):
         raise AssertionError("a finished run was evaluated again")
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "_evaluate", no_evaluation)
+        patch.setattr(trainer, "run_evaluation", no_evaluation)
         assert fit(tiny_cfg(run_dir, *args, "resume=auto")) == metrics
     assert (run_dir / "metrics.jsonl").read_text() == logged and (run_dir / "eval.json").read_text() == report
 
@@ -192,13 +193,13 @@ def python_sigint():
 
 
 def signal_at(monkeypatch, step, signum, times=1):
-    def hook(self, module, at):
+    def hook(trainer, at):
         if at == step:
             for _ in range(times):
                 # To this thread, so the signal is pending before the call returns and its handler runs before the
                 # next one (os.kill may reach one of torch's threads, and two signals then merge into one).
                 signal.pthread_kill(threading.main_thread().ident, signum)
-    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "on_train_step_end", hook)
+    on_step(monkeypatch, hook)
 
 
 def test_sigint_stops_after_the_step_with_a_checkpoint(python_sigint, run_dir, monkeypatch, capsys):
@@ -326,7 +327,7 @@ def test_a_resume_command_needs_only_the_run_dir(run_dir):
     full = compose_for_resume([*QUIET, *TINY_MODEL, *FAST, f"run.dir={run_dir}", "trainer.precision=32-true",
                                "trainer.eval_every_epochs=null", "trainer.max_steps=2", "optim.lr=0.003",
                                "resume=auto"])
-    assert engine.to_plain(full) == {**saved, "resume": "auto"}
+    assert to_plain(full) == {**saved, "resume": "auto"}
     # a group named again counts as setting its whole section
     assert compose_for_resume([f"run.dir={run_dir}", "resume=auto", "model=pit_mini"]).model.depth is None
 
@@ -371,14 +372,14 @@ def test_slurm_processes_must_share_a_run_dir(tmp_path, monkeypatch):
 def test_pictures_are_drawn_in_eval_mode_without_gradients(run_dir, monkeypatch):
     seen = []
 
-    def visualize(self, fabric, module, loaders, cfg, out_dir, step):
+    def visualize(self, module, ctx, out_dir, step):
         seen.append((step, module.training, torch.is_grad_enabled()))
         return []
 
-    def after_step(self, module, step):
-        seen.append((step, module.training, torch.is_grad_enabled()))
+    def after_step(trainer, step):
+        seen.append((step, trainer.module.training, torch.is_grad_enabled()))
     monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "visualize", visualize)
-    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "on_train_step_end", after_step)
+    on_step(monkeypatch, after_step)
     fit(tiny_cfg(run_dir, *FAST, "trainer.max_steps=3", "trainer.eval_every_steps=2"))
     assert seen == [(1, True, True), (2, True, True), (2, False, False), (3, True, True), (3, False, False)]
 

@@ -17,6 +17,22 @@ def test_wandb_offline_writes_a_local_run(run_dir, monkeypatch):
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # 3 train records + final eval
 
 
+def test_checkpoints_are_uploaded_as_wandb_artifacts_when_asked(run_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(run_dir))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # W&B's staging copies, not in $HOME
+    fit(tiny_cfg(run_dir, "trainer.max_steps=4", "trainer.eval_every_steps=2", "logger=offline",
+                 "logger.log_checkpoints=true"))
+    (record,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    assert data.count(b"last.ckpt") == 2 and b"model-" in data  # the evaluations at steps 2 and 4
+    # without the switch nothing is uploaded
+    monkeypatch.setenv("WANDB_DIR", str(run_dir / "plain"))
+    fit(tiny_cfg(run_dir / "plain", "trainer.max_steps=2", "logger=offline"))
+    (plain,) = (run_dir / "plain" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"last.ckpt" not in plain.read_bytes()
+
+
 def test_online_without_api_key_falls_back_to_local_metrics(run_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -8,7 +8,7 @@ import pixelformer.tasks.cls
 from pixelformer import CheckpointError, UserError
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import NonFiniteLossError, fit
-from conftest import run_tool, tiny_cfg
+from conftest import on_step, run_tool, tiny_cfg
 
 
 def test_tiny_training_run_beats_chance(run_dir):
@@ -41,10 +41,10 @@ class Interrupt(Exception):
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = fit(tiny_cfg(tmp_path / "straight", *RESUME_ARGS))
 
-    def stop_at_17(self, module, step):
+    def stop_at_17(trainer, step):
         if step == 17:
             raise Interrupt()
-    monkeypatch.setattr(pixelformer.tasks.cls.ClassificationTask, "on_train_step_end", stop_at_17)
+    on_step(monkeypatch, stop_at_17)
     with pytest.raises(Interrupt):
         fit(tiny_cfg(tmp_path / "resumed", *RESUME_ARGS))
     assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 14
@@ -84,13 +84,13 @@ def test_on_device_eval_loaders_give_the_same_batches(tmp_path):
     # The training split for evaluation (MAE's k-NN bank) and the test split, on a CPU Fabric.
     from lightning.fabric import Fabric
     from pixelformer.data import DeviceTensorLoader, build_datasets
-    from pixelformer.engine import _eval_loaders
+    from pixelformer.trainer import eval_loaders
 
     fabric = Fabric(accelerator="cpu", devices=1)
     cfgs = [tiny_cfg(tmp_path, "data.limit_train=100", "data.batch_size=16", f"data.on_device={on}")
             for on in ("false", "true")]
     train_set, test_set, _ = build_datasets(cfgs[0].data)
-    loaders, on_device = (_eval_loaders(fabric, cfg, train_set, test_set) for cfg in cfgs)
+    loaders, on_device = (eval_loaders(fabric, cfg, train_set, test_set) for cfg in cfgs)
     assert all(isinstance(loader, DeviceTensorLoader) for loader in on_device.values())
     for name in ("test", "train"):
         expected, got = list(loaders[name]), list(on_device[name])

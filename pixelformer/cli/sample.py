@@ -76,9 +76,9 @@ def main(argv: list[str]) -> int:
 
     import numpy as np
     import torch
-    from torchvision.utils import save_image
 
     from ..diffusion import SAMPLERS, sample
+    from ..task import save_image_grid
     from ..tasks.dit import load_for_sampling
 
     if opts["sampler"] not in SAMPLERS:
@@ -107,9 +107,7 @@ def main(argv: list[str]) -> int:
     out_dir = Path(opts["out"]) if opts["out"] else (ckpt.parent.parent if ckpt.parent.name == "checkpoints"
                                                       else ckpt.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scale = max(1, 32 // info.img_size)
-    save_image(torch.nn.functional.interpolate(images01, scale_factor=scale, mode="nearest"),
-               out_dir / "samples.png", nrow=per_row, padding=2, pad_value=1.0)
+    save_image_grid(images01, out_dir / "samples.png", nrow=per_row)
     pixels = (images01 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.savez(out_dir / "samples.npz", images=pixels, labels=labels.cpu().numpy())
     print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'samples.npz'} ({num_samples} samples, "

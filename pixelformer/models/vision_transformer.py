@@ -37,8 +37,8 @@ GLOBAL_POOLS = ("token", "avg", "max", "avgmax", "map")
 _POOL_TO_GLOBAL = {"cls": "token", "mean": "avg"}
 
 # Normalisation recorded in ``pretrained_cfg`` when the data is not known: the registered sizes default to 32x32x3,
-# CIFAR's format, so CIFAR-10's statistics; other channel counts map [0, 1] to [-1, 1]. ``tasks.cls.build_backbone``
-# replaces them by the statistics of the data a run trains on.
+# CIFAR's format, so CIFAR-10's statistics; other channel counts map [0, 1] to [-1, 1].
+# ``pixelformer.task.build_backbone`` replaces them by the statistics of the data a run trains on.
 _CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 

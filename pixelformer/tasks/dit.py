@@ -19,20 +19,19 @@ from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.fabric import Fabric
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 
 from pixelformer.checkpoint import read_checkpoint
-from pixelformer.config import TaskCfg, eval_batch_size
+from pixelformer.config import eval_batch_size
 from pixelformer.data import DataInfo
-from pixelformer.diffusion import build_train_scheduler, ema_copy, sample, update_ema
+from pixelformer.diffusion import build_train_scheduler, sample
 from pixelformer.errors import CheckpointError, UserError
 from pixelformer.layers import is_sincos_table, resize_pos_embed
 from pixelformer.metrics import ClassifierFeatures, build_fid, load_classifier
 from pixelformer.models import DiT, create_dit
-from pixelformer.task import Task, eval_mode, register_task
+from pixelformer.task import EvalContext, Task, TaskCfg, eval_mode, mean_loss, register_task, save_image_grid, \
+    untrained_baseline
 
 
 @dataclass
@@ -201,31 +200,24 @@ def load_denoiser_weights(denoiser: DiT, state: dict[str, torch.Tensor], source:
 class DiTTask(Task):
     name = "dit"
     config_cls = DiTTaskCfg
-    monitor = ("test/loss", "min")
+    ema_target = "denoiser"  # the trainer keeps its EMA (task.ema_decay); evaluation and sampling use that copy
 
-    def __init__(self) -> None:
-        self.info: Optional[DataInfo] = None
-        self.ema: Optional[DiT] = None
-        self.classifier: Optional[ClassifierFeatures] = None
-        self._baseline: Optional[dict[str, float]] = None
-        self.scheduler_config: dict = {}
-        self.ema_decay = 0.9999
+    def monitor(self, cfg: DictConfig) -> tuple[str, str]:
+        return ("test/fid", "min") if cfg.task.classifier_ckpt is not None else ("test/loss", "min")
 
-    def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
+    def check(self, cfg: DictConfig, data: DataInfo) -> None:
         t = cfg.task
         if t.learn_sigma:
             raise UserError("task.learn_sigma=true needs a variational-bound loss, which diffusers does not provide; "
                             "train epsilon only (learn_sigma=false)")
         check_task_config(t)
-        self.info = data
         if t.classifier_ckpt is not None:
-            self.classifier = load_classifier(t.classifier_ckpt)  # fails early, before any training
-            self.monitor = ("test/fid", "min")
-        if t.fid_features == "inception":  # its weights must already be on disk: fail now, not at the first eval
+            load_classifier(t.classifier_ckpt)  # a missing or wrong file fails now, not at the first evaluation
+        if t.fid_features == "inception":  # its weights must already be on disk
             build_fid("inception", None, t.inception_weights, (data.in_chans, data.img_size, data.img_size))
-        scheduler = build_train_scheduler(t.num_train_timesteps, t.beta_schedule)
-        self.scheduler_config = dict(scheduler.config)
-        self.ema_decay = t.ema_decay
+
+    def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
+        scheduler = build_train_scheduler(cfg.task.num_train_timesteps, cfg.task.beta_schedule)
         return DiffusionTrainer(build_denoiser(cfg, data), scheduler, data.mean, data.std)
 
     def init_from(self, module: nn.Module, path: str) -> dict[str, list[str]]:
@@ -233,101 +225,85 @@ class DiTTask(Task):
         state, source = denoiser_state(read_checkpoint(path), path)
         return load_denoiser_weights(module.denoiser, state, source)
 
-    def extra_state(self, fabric: Fabric, module: nn.Module) -> dict[str, nn.Module]:
-        if self.ema is None:  # DiT's recipe: the EMA starts as an exact copy (kept in float32, see ema_copy)
-            self.ema = ema_copy(module.module.denoiser)
-        return {"ema": self.ema}
-
-    def on_train_step_end(self, module: nn.Module, step: int) -> None:
-        # Warm-up: early on the average would be dominated by the initial (zero-output) weights.
-        update_ema(self.ema, module.module.denoiser, min(self.ema_decay, (1 + step) / (10 + step)))
-
-    def evaluate(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader],
-                 cfg: DictConfig) -> dict[str, float]:
-        totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
-        for batch in loaders["test"]:
-            totals += torch.stack([module(batch)["loss"].double() * len(batch[1]),
-                                   torch.tensor(len(batch[1]), device=fabric.device, dtype=torch.float64)])
-        totals = fabric.all_reduce(totals, reduce_op="sum")
-        metrics = {"test/loss": (totals[0] / totals[1].clamp(min=1)).item()}
-        if self.classifier is None:
+    def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        """The diffusion loss on the test split (training weights); with a classifier, FID and sample accuracy of
+        the EMA denoiser's samples, next to an untrained denoiser's."""
+        metrics = {"test/loss": mean_loss(ctx.fabric, module, ctx.loaders["test"])}
+        if ctx.cfg.task.classifier_ckpt is None:
             return metrics
-        if fabric.world_size > 1:
+        if ctx.fabric.world_size > 1:
             warnings.warn("sample metrics are computed on rank 0's samples only", stacklevel=2)
-        fid = self.real_image_fid(fabric, loaders["test"], cfg)
-        metrics.update(self.sample_metrics(fabric, self.ema, fid, cfg, ""))
-        if cfg.task.untrained_baseline:
-            if self._baseline is None:
-                torch.manual_seed(cfg.run.seed)
-                fresh = fabric.to_device(build_denoiser(cfg, self.info)).eval()
-                self._baseline = self.sample_metrics(fabric, fresh, fid, cfg, "_untrained")
-            metrics.update(self._baseline)
+        schedule = dict(module.scheduler.config)
+        metrics.update(self.sample_metrics(ctx, ctx.ema, schedule, ""))
+        if ctx.cfg.task.untrained_baseline:
+            metrics.update(untrained_baseline(ctx, lambda: build_denoiser(ctx.cfg, ctx.data),
+                                              lambda fresh: self.sample_metrics(ctx, fresh, schedule, "_untrained")))
         return metrics
 
-    def real_image_fid(self, fabric: Fabric, loader: DataLoader, cfg: DictConfig):
-        """A Fréchet-distance metric holding the feature statistics of the real test images, fed batch by batch."""
-        t = cfg.task
-        shape = (self.info.in_chans, self.info.img_size, self.info.img_size)
-        fid = fabric.to_device(build_fid(t.fid_features, fabric.to_device(self.classifier), t.inception_weights,
-                                         shape, reset_real_features=False))
-        mean = torch.tensor(self.info.mean, device=fabric.device, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.info.std, device=fabric.device, dtype=torch.float32).view(1, -1, 1, 1)
-        for images, _ in loader:  # dataset-normalised -> [0, 1], in float32 whatever the training precision
-            fid.update((images.float() * std + mean).clamp(0, 1), real=True)
-        return fid
+    def scorers(self, ctx: EvalContext) -> tuple[ClassifierFeatures, Any]:
+        """The FID classifier and a Fréchet-distance metric holding the real test images' feature statistics
+        (fed batch by batch), made once per run."""
+        t, data, fabric = ctx.cfg.task, ctx.data, ctx.fabric
+        if "classifier" not in ctx.cache:
+            ctx.cache["classifier"] = load_classifier(t.classifier_ckpt)
+        classifier = ctx.cache["classifier"] = fabric.to_device(ctx.cache["classifier"])
+        if "fid" not in ctx.cache:
+            ctx.cache["fid"] = real_image_fid(fabric, classifier, ctx.loaders["test"], data, t)
+        return classifier, ctx.cache["fid"]
 
-    def sample_metrics(self, fabric: Fabric, denoiser: nn.Module, fid, cfg: DictConfig,
-                       suffix: str) -> dict[str, float]:
-        """FID between samples and the real images already in ``fid``, and the classifier's accuracy on the samples.
+    def sample_metrics(self, ctx: EvalContext, denoiser: nn.Module, schedule: dict, suffix: str) -> dict[str, float]:
+        """FID between samples and the real images, and the classifier's accuracy on the samples.
 
         Samples are generated, scored and dropped one chunk at a time: memory does not grow with
         ``task.num_eval_samples``.
         """
-        t = cfg.task
+        classifier, fid = self.scorers(ctx)
         fid.reset()  # drops the previous samples' statistics, keeps the real images' (reset_real_features=False)
-        classifier = fabric.to_device(self.classifier)
-        labels = torch.arange(t.num_eval_samples, device=fabric.device) % self.info.num_classes
+        labels = torch.arange(ctx.cfg.task.num_eval_samples, device=ctx.fabric.device) % ctx.data.num_classes
         correct = 0
-        for chunk, fake in self.generate_chunks(fabric, denoiser, labels, cfg):
+        for chunk, fake in generate_chunks(denoiser, schedule, labels, ctx.data, ctx.cfg, ctx.fabric.device):
             fake01 = (fake + 1) / 2
             fid.update(fake01, real=False)
             correct += int((classifier.logits(fake01).argmax(dim=1) == chunk).sum())
         return {f"test/fid{suffix}": float(fid.compute()), f"test/sample_acc{suffix}": 100.0 * correct / len(labels)}
 
-    def generate(self, fabric: Fabric, denoiser: nn.Module, labels: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
-        """Images in [-1, 1], (len(labels), C, H, W): all chunks of :meth:`generate_chunks` (for small sets)."""
-        return torch.cat([images for _, images in self.generate_chunks(fabric, denoiser, labels, cfg)])
-
-    def generate_chunks(self, fabric: Fabric, denoiser: nn.Module, labels: torch.Tensor,
-                        cfg: DictConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(labels, images)`` chunks of at most the eval batch size, images float32 in [-1, 1], (B, C, H, W).
-
-        One generator over all chunks: the samples depend on ``task.seed`` and the eval batch size. The denoiser
-        runs in eval mode (no label dropout) whatever mode it is in, and is put back afterwards.
-        """
-        t = cfg.task
-        generator = torch.Generator(fabric.device).manual_seed(t.seed)
-        shape = (self.info.in_chans, self.info.img_size, self.info.img_size)
-        with eval_mode(denoiser):
-            for chunk in labels.split(eval_batch_size(cfg)):
-                with sampling_precision(fabric.device, cfg.trainer.precision):
-                    images = sample(denoiser, self.scheduler_config, chunk, shape, t.sample_steps, t.cfg_scale,
-                                    t.sampler, self.info.num_classes, generator).float()
-                yield chunk, images
-
-    def visualize(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader], cfg: DictConfig,
-                  out_dir: Path, step: int) -> list[Path]:
+    def visualize(self, module: nn.Module, ctx: EvalContext, out_dir: Path, step: int) -> list[Path]:
         """``samples.png``: one row per class, EMA weights, the configured sampler and guidance."""
-        from torchvision.utils import save_image
+        per_class = ctx.cfg.task.samples_per_class
+        labels = torch.arange(ctx.data.num_classes, device=ctx.fabric.device).repeat_interleave(per_class)
+        denoiser = ctx.ema if ctx.ema is not None else module.denoiser
+        images = torch.cat([x for _, x in generate_chunks(denoiser, dict(module.scheduler.config), labels, ctx.data,
+                                                           ctx.cfg, ctx.fabric.device)])
+        return [save_image_grid((images + 1) / 2, out_dir / "samples.png", nrow=per_class)]
 
-        per_class = cfg.task.samples_per_class
-        labels = torch.arange(self.info.num_classes, device=fabric.device).repeat_interleave(per_class)
-        images = (self.generate(fabric, self.ema, labels, cfg) + 1) / 2
-        scale = max(1, 32 // images.shape[-1])
-        images = F.interpolate(images.cpu(), scale_factor=scale, mode="nearest")
-        path = out_dir / "samples.png"
-        save_image(images, path, nrow=per_class, padding=2, pad_value=1.0)
-        return [path]
+
+def real_image_fid(fabric: Any, classifier: ClassifierFeatures, loader: Any, data: DataInfo, t: DictConfig) -> Any:
+    """A Fréchet-distance metric holding the feature statistics of the real test images, fed batch by batch."""
+    fid = fabric.to_device(build_fid(t.fid_features, classifier, t.inception_weights,
+                                     (data.in_chans, data.img_size, data.img_size), reset_real_features=False))
+    mean = torch.tensor(data.mean, device=fabric.device, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=fabric.device, dtype=torch.float32).view(1, -1, 1, 1)
+    for images, _ in loader:  # dataset-normalised -> [0, 1], in float32 whatever the training precision
+        fid.update((images.float() * std + mean).clamp(0, 1), real=True)
+    return fid
+
+
+def generate_chunks(denoiser: nn.Module, schedule: dict, labels: torch.Tensor, data: DataInfo, cfg: DictConfig,
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(labels, images)`` chunks of at most the eval batch size, images float32 in [-1, 1], (B, C, H, W).
+
+    One generator over all chunks: the samples depend on ``task.seed`` and the eval batch size. The denoiser runs in
+    eval mode (no label dropout) whatever mode it is in, and is put back afterwards.
+    """
+    t = cfg.task
+    generator = torch.Generator(device).manual_seed(t.seed)
+    shape = (data.in_chans, data.img_size, data.img_size)
+    with eval_mode(denoiser):
+        for chunk in labels.split(eval_batch_size(cfg)):
+            with sampling_precision(device, cfg.trainer.precision):
+                images = sample(denoiser, schedule, chunk, shape, t.sample_steps, t.cfg_scale, t.sampler,
+                                data.num_classes, generator).float()
+            yield chunk, images
 
 
 _HALF = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16,
@@ -345,21 +321,18 @@ def sampling_precision(device: torch.device, precision: str) -> contextlib.Abstr
 
 
 def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tuple[DiT, DataInfo, dict]:
-    """The EMA denoiser of a dit checkpoint (float32, eval mode), its data description and its training noise
-    schedule. With ``cfg_scale``, refuses guidance that the checkpoint's training (no label dropout) cannot support."""
-    from pixelformer.checkpoint import check_state_dict
-    from pixelformer.config import saved_run
+    """The EMA denoiser of a dit run (float32, eval mode), its data description and its training noise schedule.
+    With ``cfg_scale``, refuses guidance that the checkpoint's training (no label dropout) cannot support."""
+    from pixelformer.runs import load_run
 
-    ckpt = read_checkpoint(path)
-    if ckpt.get("config", {}).get("task", {}).get("name") != "dit" or "ema" not in ckpt:
-        raise UserError(f"{path} is not a dit checkpoint (no EMA denoiser in it)")
-    cfg, info = saved_run(ckpt)
+    try:
+        cfg, info, task, module = load_run(path, weights="ema")
+    except UserError as e:
+        raise UserError(f"{path} is not a dit checkpoint with EMA weights ({e})") from None
+    if task.name != "dit":
+        raise UserError(f"{path} is not a dit checkpoint (task {task.name}): sampling needs a task=dit run")
     if cfg_scale is not None and cfg.task.label_dropout == 0 and cfg_scale != 1:
         raise UserError(f"{path} was trained with task.label_dropout=0, so its null-class embedding is untrained and "
                         f"cfg_scale={cfg_scale} would guide with it: sample with cfg_scale=1.0, or train with "
                         f"task.label_dropout>0 (DiT uses 0.1)")
-    denoiser = build_denoiser(cfg, info)
-    check_state_dict(denoiser, ckpt["ema"], f"{path} (ema)")
-    denoiser.load_state_dict(ckpt["ema"])
-    scheduler = build_train_scheduler(cfg.task.num_train_timesteps, cfg.task.beta_schedule)
-    return denoiser.eval(), info, dict(scheduler.config)
+    return module.denoiser, info, dict(module.scheduler.config)

@@ -18,12 +18,11 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pixelformer.config import TaskCfg
 from pixelformer.data import DataInfo
 from pixelformer.errors import UserError
 from pixelformer.models import MaskedAutoencoder
-from pixelformer.task import Task, eval_mode, register_task
-from pixelformer.tasks.cls import build_backbone
+from pixelformer.task import (EvalContext, Task, TaskCfg, build_backbone, eval_mode, mean_loss, register_task,
+                              save_image_grid, untrained_baseline)
 
 
 @dataclass
@@ -153,16 +152,15 @@ def check_task_config(t: DictConfig) -> None:
 class MAETask(Task):
     name = "mae"
     config_cls = MAETaskCfg
-    monitor = ("test/knn_acc", "max")
 
-    def __init__(self) -> None:
-        self.info: DataInfo | None = None
-        self._random_baseline: float | None = None
+    def monitor(self, cfg: DictConfig) -> tuple[str, str]:
+        return "test/knn_acc", "max"
+
+    def check(self, cfg: DictConfig, data: DataInfo) -> None:
+        check_task_config(cfg.task)
 
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
-        self.info = data
         t = cfg.task
-        check_task_config(t)
         encoder = build_encoder(cfg, data)
         if t.norm_pix_loss and encoder.patch_embed.patch_size ** 2 * data.in_chans == 1:
             raise UserError("task.norm_pix_loss=true normalises each token by its own mean and variance, but a 1x1 "
@@ -171,39 +169,27 @@ class MAETask(Task):
         model = MaskedAutoencoder(encoder, t.decoder_dim, t.decoder_depth, t.decoder_heads)
         return MAEPretrainer(model, t.mask_ratio, t.norm_pix_loss)
 
-    def evaluate(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader],
-                 cfg: DictConfig) -> dict[str, float]:
-        totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
-        for batch in loaders["test"]:
-            out = module(batch)
-            totals[0] += out["loss"].double() * len(batch[1])
-            totals[1] += len(batch[1])
-        totals = fabric.all_reduce(totals, reduce_op="sum")
-        metrics = {"test/recon_loss": (totals[0] / totals[1].clamp(min=1)).item()}
-        metrics["test/knn_acc"] = self._knn(fabric, module.backbone, loaders, cfg)
-        if cfg.task.knn_random_baseline:
-            if self._random_baseline is None:  # the same architecture, freshly initialised: computed once
-                torch.manual_seed(cfg.run.seed)
-                fresh = fabric.to_device(build_encoder(cfg, self.info)).eval()
-                self._random_baseline = self._knn(fabric, fresh, loaders, cfg)
-            metrics["test/knn_acc_random_init"] = self._random_baseline
+    def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        metrics = {"test/recon_loss": mean_loss(ctx.fabric, module, ctx.loaders["test"]),
+                   "test/knn_acc": self.knn(module.backbone, ctx)}
+        if ctx.cfg.task.knn_random_baseline:  # the same encoder, freshly initialised
+            metrics.update(untrained_baseline(ctx, lambda: build_encoder(ctx.cfg, ctx.data),
+                                              lambda fresh: {"test/knn_acc_random_init": self.knn(fresh, ctx)}))
         return metrics
 
-    def _knn(self, fabric: Fabric, encoder: nn.Module, loaders: dict[str, DataLoader], cfg: DictConfig) -> float:
-        train_feats, train_labels = encoder_features(fabric, encoder, loaders["train"])
-        test_feats, test_labels = encoder_features(fabric, encoder, loaders["test"])
-        return knn_accuracy(train_feats, train_labels, test_feats, test_labels, cfg.task.knn_k,
-                            cfg.task.knn_temperature, self.info.num_classes)
+    def knn(self, encoder: nn.Module, ctx: EvalContext) -> float:
+        """Weighted k-NN top-1 accuracy (%) of the encoder's pooled features, training split -> test split."""
+        train_feats, train_labels = encoder_features(ctx.fabric, encoder, ctx.loaders["train"])
+        test_feats, test_labels = encoder_features(ctx.fabric, encoder, ctx.loaders["test"])
+        return knn_accuracy(train_feats, train_labels, test_feats, test_labels, ctx.cfg.task.knn_k,
+                            ctx.cfg.task.knn_temperature, ctx.data.num_classes)
 
-    def visualize(self, fabric: Fabric, module: nn.Module, loaders: dict[str, DataLoader], cfg: DictConfig,
-                  out_dir: Path, step: int) -> list[Path]:
+    def visualize(self, module: nn.Module, ctx: EvalContext, out_dir: Path, step: int) -> list[Path]:
         """``reconstructions.png``: rows of originals, masked inputs, and reconstructions with visible pixels."""
-        from torchvision.utils import save_image
-
         model = module.model
-        images, _ = next(iter(loaders["test"]))
-        images = images[: cfg.task.num_vis].float()
-        torch.manual_seed(cfg.run.seed)
+        images, _ = next(iter(ctx.loaders["test"]))
+        images = images[: ctx.cfg.task.num_vis].float()
+        torch.manual_seed(ctx.cfg.run.seed)
         # the same picture whatever mode the caller left the module in (drop path, dropout)
         with eval_mode(module), torch.no_grad():
             out = module((images.to(next(module.parameters()).dtype), None))
@@ -214,12 +200,8 @@ class MAETask(Task):
         tokens = model.patchify(images)
         masked = model.unpatchify(tokens * (1 - mask))
         pasted = model.unpatchify(tokens * (1 - mask) + pred * mask)
-        mean = torch.tensor(self.info.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.info.std, device=images.device).view(1, -1, 1, 1)
+        mean = torch.tensor(ctx.data.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(ctx.data.std, device=images.device).view(1, -1, 1, 1)
         # masked pixels are shown at the dataset mean (0 in normalised units)
-        grid = torch.cat([images, masked, pasted]) * std + mean
-        scale = max(1, 64 // grid.shape[-1])  # enlarge tiny images so the picture can be read
-        grid = F.interpolate(grid.clamp(0, 1).float().cpu(), scale_factor=scale, mode="nearest")
-        path = out_dir / "reconstructions.png"
-        save_image(grid, path, nrow=len(images), padding=2, pad_value=1.0)
-        return [path]
+        grid = (torch.cat([images, masked, pasted]) * std + mean).clamp(0, 1)
+        return [save_image_grid(grid, out_dir / "reconstructions.png", nrow=len(images), min_side=64)]

@@ -1,0 +1,475 @@
+"""The training loop shared by every task, in the spirit of Lightning Fabric's examples.
+
+:meth:`Trainer.fit` is the whole loop, top to bottom. The pieces it calls each do one thing:
+
+* :class:`Progress`: the counters that must survive (step, epoch, position in the epoch, best metric), a plain
+  container with ``state_dict()``, saved in every checkpoint;
+* :class:`pixelformer.rundir.Checkpointer`: atomic ``last.ckpt``, the ``best.ckpt`` copy, resume, the format tag;
+* :meth:`Trainer.micro_step` / :meth:`Trainer.optimizer_step`: forward/backward, clipping, the non-finite check;
+* :class:`MetricsWindow`: the training values averaged between two log lines (checkpointed too);
+* :meth:`Trainer.evaluate`: the task's metrics, the best copy, pictures; :meth:`Trainer.finish`: ``eval.json``.
+
+A task plugs in through :class:`pixelformer.task.Task`; nothing here knows which task runs. An exponential moving
+average of the task's ``ema_target`` is kept here (timm's ``ModelEmaV3``) when ``task.ema_decay`` is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+from lightning.fabric import Fabric
+from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from .config import check_accumulation, eval_batch_size, to_plain
+from .data import build_datasets, build_loader
+from .errors import UserError
+from .logs import ProgressLog
+from .optim import build_optimizer, build_scheduler
+from .rundir import Checkpointer, prepare_run_files
+from .runtime import check_fits_memory, leave_signals_to_main
+from .task import EvalContext, Task, eval_mode
+
+__all__ = ["EMA", "MetricsWindow", "NonFiniteLossError", "Progress", "Trainer", "TrainingInterrupted"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN/inf; the run stops before applying the bad update."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped the run after an optimizer step, and ``last.ckpt`` holds that step.
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C keeps working. ``exit_code`` is 128 + the signal number
+    (143 for SIGTERM, 130 for SIGINT): what a shell reports for a process the signal ended.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class Progress:
+    """Where the run is. ``best``/``best_step``: the best monitored value and its step; ``window``: the
+    :class:`MetricsWindow` sums at the last checkpoint, so a resumed run logs what an uninterrupted one would."""
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best: Optional[float] = None
+    best_step: Optional[int] = None
+    skipped_steps: int = 0
+    window: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        names = {f.name for f in dataclasses.fields(self)}
+        for key, value in state.items():  # older checkpoints lack some counters: they keep their defaults
+            if key in names:
+                setattr(self, key, value)
+
+    def improves(self, value: Optional[float], mode: str) -> bool:
+        return value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best))
+
+
+class MetricsWindow:
+    """Sums of the logged training values since the last log line; only throughput is timed afresh on resume."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro = self.steps = self.timed_steps = 0
+        self.start = time.perf_counter()
+
+    def add_micro_batch(self, out: Mapping[str, Any]) -> None:
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor) and value.ndim == 0:
+                self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.micro += 1
+
+    def add_step(self, grad_norm: torch.Tensor) -> None:
+        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm.detach().float()
+        self.steps += 1
+        self.timed_steps += 1
+
+    def averages(self, images_per_step: int) -> dict[str, float]:
+        logged = {f"train/{k}": (v / (self.steps if k == "grad_norm" else self.micro)).item()
+                  for k, v in self.sums.items()}
+        elapsed = time.perf_counter() - self.start
+        logged["train/images_per_sec"] = self.timed_steps * images_per_step / max(elapsed, 1e-9)
+        return logged
+
+    def state_dict(self) -> dict[str, Any]:
+        # float32 sums round-trip exactly through Python floats
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "micro": self.micro, "steps": self.steps}
+
+    def load_state_dict(self, state: Optional[Mapping[str, Any]]) -> None:
+        if state:  # checkpoints written before the window was saved have none
+            self.sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in state["sums"].items()}
+            self.micro, self.steps = state["micro"], state["steps"]
+
+
+class EMA(ModelEmaV3):
+    """timm's ``ModelEmaV3`` kept in float32, with DiT's warm-up (diffusers' ``EMAModel`` default): the decay at
+    step ``s`` is ``min(decay, (1 + s) / (10 + s))``, so early averages are not dominated by the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, decay=decay, dtype=torch.float32)
+        self.module.requires_grad_(False)
+
+    def get_decay(self, step: Optional[int] = None) -> float:
+        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+
+
+def planned_steps(trainer: Mapping[str, Any], steps_per_epoch: int) -> int:
+    return trainer["max_steps"] or trainer["max_epochs"] * steps_per_epoch
+
+
+class Trainer:
+    """One run of one task: built by :func:`pixelformer.engine.fit` once Fabric is launched; :meth:`fit` trains."""
+
+    def __init__(self, fabric: Fabric, cfg: DictConfig, task: Task, run_dir: Path, stop: Any) -> None:
+        self.fabric, self.cfg, self.task, self.run_dir, self.stop = fabric, cfg, task, run_dir, stop
+        self.progress = Progress()
+        self.window = MetricsWindow(fabric.device)
+        self.monitor, self.mode = task.monitor(cfg)
+        self.log = ProgressLog(fabric, cfg.trainer)
+        self.ema: Optional[EMA] = None
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def fit(self, resume_path: Optional[Path], saved: Optional[Mapping[str, Any]],
+            show_config: bool = False) -> dict[str, float]:
+        finished = self.setup(resume_path, saved, show_config)
+        if finished is not None:
+            return finished
+        p, accum = self.progress, self.cfg.trainer.accumulate_grad_batches
+        self.log.start(self.total_steps, p.step)
+        self.window.start = time.perf_counter()  # throughput counts training, not the set-up
+        self.module.train()
+        while p.step < self.total_steps:
+            micro = 0
+            for index, batch in self.epoch_batches():
+                micro += 1
+                if self.micro_step(batch, accumulating=micro < accum and index < self.batches_per_epoch - 1):
+                    continue
+                micro = 0
+                if not self.optimizer_step(batch_index=index):
+                    continue  # a non-finite update was skipped
+                if p.step >= self.total_steps:
+                    break
+                if self.due(self.cfg.trainer.eval_every_steps):
+                    self.evaluate()
+                elif self.due(self.cfg.trainer.ckpt_every_steps):
+                    self.checkpointer.save_last()
+                signum = self.stop.requested()
+                if signum is not None:
+                    raise self.interrupted(signum)
+            else:  # the epoch ran to its end
+                p.epoch, p.batches_in_epoch = p.epoch + 1, 0
+                every = self.cfg.trainer.eval_every_epochs
+                if not self.cfg.trainer.eval_every_steps and every and p.epoch % every == 0 \
+                        and p.step < self.total_steps:
+                    self.evaluate()
+        return self.finish()
+
+    # ---------------------------------------------------------------------------------------------- set-up
+    def setup(self, resume_path: Optional[Path], saved: Optional[Mapping[str, Any]],
+              show_config: bool) -> Optional[dict[str, float]]:
+        """Data, module, optimizer, schedule, loaders, EMA and checkpointer; resumes from ``resume_path``.
+        Returns the recorded metrics instead when ``resume_path`` is this run's finished final checkpoint."""
+        fabric, cfg, task = self.fabric, self.cfg, self.task
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True)
+        fabric.seed_everything(cfg.run.seed, verbose=False)
+        train_set, test_set, self.data = build_datasets(cfg.data)
+        check_fits_memory(cfg, self.data, fabric.device)
+        task.check(cfg, self.data)
+        with fabric.init_module():
+            module = task.build_module(cfg, self.data)
+        if cfg.init_from and resume_path is None:
+            fabric.print(init_report(cfg.init_from, task.init_from(module, cfg.init_from)))
+        if cfg.trainer.grad_checkpointing:
+            for sub in module.modules():
+                if hasattr(sub, "set_grad_checkpointing"):
+                    sub.set_grad_checkpointing(True)
+        self.architecture = describe_module(module)
+        optimizer = build_optimizer(module, cfg.optim, fabric.device)
+
+        batch_size = cfg.data.batch_size
+        self.train_loader = leave_signals_to_main(build_loader(
+            train_set, batch_size, True, cfg.run.seed, fabric.global_rank, fabric.world_size, cfg.data.num_workers,
+            fabric.device if cfg.data.on_device else None))
+        if len(self.train_loader) == 0:
+            raise UserError(f"the training split has {len(train_set)} images, fewer than one batch per process")
+        self.sampler, self.batches_per_epoch = self.train_loader.sampler, len(self.train_loader)
+        check_accumulation(cfg, self.batches_per_epoch, len(train_set))
+        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.trainer.accumulate_grad_batches)
+        self.total_steps = planned_steps(cfg.trainer, steps_per_epoch)
+        if saved is not None:
+            planned = planned_steps(saved["config"]["trainer"], steps_per_epoch)
+            if self.total_steps < planned:
+                raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} max_epochs={cfg.trainer.max_epochs} give "
+                                f"{self.total_steps} steps, fewer than the {planned} that {resume_path} was training "
+                                f"for: a resumed run may be made longer, not shorter; revert them, or start a new "
+                                f"run.dir")
+            finished = finished_run(self.run_dir, resume_path, saved["progress"]["step"], self.total_steps)
+            if finished is not None:
+                fabric.print(f"run {self.run_dir} has finished (step {saved['progress']['step']}, eval.json): its "
+                             f"recorded metrics are returned; raise trainer.max_steps or trainer.max_epochs to train "
+                             f"it further")
+                return finished
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, steps_per_epoch)
+        self.raw_module = module  # the unwrapped module: its parameters are the ones Fabric's wrapper trains
+        if cfg.trainer.compile:
+            module = torch.compile(module)
+        self.module, self.optimizer = fabric.setup(module, optimizer)
+        if not cfg.data.on_device:  # a DeviceTensorLoader's batches are on the device already
+            self.train_loader = fabric.setup_dataloaders(self.train_loader, use_distributed_sampler=False)
+        self.eval_loaders = eval_loaders(fabric, cfg, train_set, test_set)
+        decay = cfg.task.get("ema_decay")
+        if task.ema_target is not None and decay is not None:  # DiT's recipe: the EMA starts as an exact copy
+            self.ema = EMA(self.raw_module.get_submodule(task.ema_target), decay)
+        self.context = EvalContext(fabric, cfg, self.data, self.eval_loaders,
+                                   self.ema.module if self.ema is not None else None)
+
+        state: dict[str, Any] = {
+            "model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
+            **({"ema": self.ema.module} if self.ema is not None else {}),
+            "progress": self.progress, "config": to_plain(cfg), "data_info": dataclasses.asdict(self.data),
+        }
+        self.checkpointer = Checkpointer(fabric, self.run_dir, state, self.progress, self.window)
+        if resume_path is not None:
+            self.checkpointer.resume(resume_path)
+            fabric.print(f"resumed from {resume_path} at step {self.progress.step} (epoch {self.progress.epoch})")
+        state["config"] = to_plain(cfg)  # the running config, not the one loaded from the checkpoint
+        if fabric.is_global_zero:
+            prepare_run_files(self.run_dir, cfg, self.progress.step if resume_path else None,
+                              final_again=self.progress.step >= self.total_steps)
+            for logger in fabric.loggers:
+                logger.log_hyperparams({**state["config"], "architecture": self.architecture})
+        fabric.barrier()
+        if show_config and fabric.is_global_zero:
+            print(OmegaConf.to_yaml(cfg), end="---\n")
+        a, d = self.architecture, self.data
+        fabric.print(f"task={cfg.task.name} model={cfg.model.name}: {a['depth']} blocks x {a['width']} wide x "
+                     f"{a['heads']} heads, {a['tokens']} tokens/image, {a['params'] / 1e6:.2f} M params | "
+                     f"data={cfg.data.name} ({len(train_set)} train / {len(test_set)} test, "
+                     f"{d.img_size}x{d.img_size}x{d.in_chans}) | steps={self.total_steps} "
+                     f"precision={cfg.trainer.precision} devices={fabric.world_size}\nrun dir: {self.run_dir}")
+        return None
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def epoch_batches(self) -> Iterator[tuple[int, Any]]:
+        """``(index in epoch, batch)`` of the current epoch, from where a resumed run stopped in it."""
+        start = self.progress.batches_in_epoch  # > 0 only when resuming in the middle of an epoch
+        self.sampler.set_position(self.progress.epoch, skip=start * self.cfg.data.batch_size)
+        return enumerate(self.train_loader, start=start)
+
+    def micro_step(self, batch: Any, accumulating: bool) -> bool:
+        """Forward and backward of one micro-batch; returns ``accumulating`` (no optimizer step yet)."""
+        with self.fabric.no_backward_sync(self.module, enabled=accumulating):
+            self.out = self.module(batch)
+            self.fabric.backward(self.out["loss"] / self.cfg.trainer.accumulate_grad_batches)
+        self.window.add_micro_batch(self.out)
+        return accumulating
+
+    def optimizer_step(self, batch_index: int) -> bool:
+        """Clip, check, step. A non-finite gradient norm skips the update (up to ``trainer.skip_nonfinite_steps``
+        times) or stops the run before applying it; returns whether the step was taken."""
+        p, trainer = self.progress, self.cfg.trainer
+        max_norm = trainer.grad_clip if trainer.grad_clip is not None else float("inf")
+        # Gradients are all-reduced by now, so every process sees the same norm and stops together.
+        grad_norm = self.fabric.clip_gradients(self.module, self.optimizer, max_norm=max_norm, error_if_nonfinite=False)
+        if not torch.isfinite(grad_norm):
+            p.skipped_steps += 1
+            if p.skipped_steps > trainer.skip_nonfinite_steps:
+                last = self.checkpointer.last
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradients at step {p.step + 1} (loss {self.out['loss'].item():.4g}); the "
+                    f"run stopped before applying that update. Last good checkpoint: "
+                    f"{last if last.exists() else 'none written yet'}. Set trainer.grad_clip, "
+                    f"trainer.precision=32-true or trainer.skip_nonfinite_steps=N and resume=auto, or train with a "
+                    f"lower optim.lr in a new run.dir.")
+            self.optimizer.zero_grad(set_to_none=True)  # drop this batch's update, keep going
+            self.log.line(f"warning: non-finite loss or gradients at step {p.step + 1}; update skipped "
+                          f"({p.skipped_steps}/{trainer.skip_nonfinite_steps} allowed)")
+            self.window.reset()
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        p.step, p.batches_in_epoch = p.step + 1, batch_index + 1
+        self.after_step(grad_norm)
+        return True
+
+    def after_step(self, grad_norm: torch.Tensor) -> None:
+        """The EMA update, the metrics window and the log line of a step just taken."""
+        step = self.progress.step
+        if self.ema is not None:
+            self.ema.update(self.raw_module.get_submodule(self.task.ema_target), step=step)
+        self.window.add_step(grad_norm)
+        if step % self.cfg.trainer.log_every_steps == 0 or step == self.total_steps:
+            logged = self.window.averages(self.cfg.data.batch_size * self.cfg.trainer.accumulate_grad_batches
+                                          * self.fabric.world_size)
+            logged["train/lr"] = self.optimizer.param_groups[0]["lr"]
+            logged["epoch"] = self.progress.epoch
+            self.fabric.log_dict(logged, step=step)
+            self.log.train(step, logged)
+            self.window.reset()
+        else:
+            self.log.advance(step)
+
+    def due(self, every: Optional[int]) -> bool:
+        return bool(every) and self.progress.step % every == 0
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """The task's metrics (eval mode, no gradients, training RNG untouched), then ``last.ckpt``, the
+        ``best.ckpt`` copy when the monitored metric improved, and the task's pictures."""
+        fabric, p = self.fabric, self.progress
+        with self.log.waiting(f"evaluating step {p.step}"):
+            metrics = run_evaluation(self.task, self.module, self.context)
+        metrics["epoch"] = p.epoch
+        fabric.log_dict(metrics, step=p.step)
+        improved = p.improves(metrics.get(self.monitor), self.mode)
+        if improved:  # recorded in last.ckpt before the copy: a kill in between is repaired on resume
+            p.best, p.best_step = metrics[self.monitor], p.step
+        self.checkpointer.save_last()
+        if improved:
+            self.checkpointer.save_best()
+        if fabric.is_global_zero:
+            self.upload_checkpoint(improved)
+            self.visualize()
+        summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
+        self.log.line(f"{'final' if final else 'eval'} step {p.step} epoch {p.epoch}: {summary}")
+        return metrics
+
+    def upload_checkpoint(self, best: bool) -> None:
+        """``logger.log_checkpoints=true``: the checkpoint of this evaluation as a W&B artifact, aliased ``latest``
+        (and ``best`` when it is the best so far)."""
+        if not self.cfg.logger.log_checkpoints:
+            return
+        for logger in self.fabric.loggers:
+            if hasattr(logger, "log_checkpoint"):
+                logger.log_checkpoint(self.checkpointer.last, ["latest", f"step-{self.progress.step}"]
+                                      + (["best"] if best else []), self.progress.step)
+
+    def visualize(self) -> None:
+        """Rank 0 only: the task's pictures, drawn like an evaluation (eval mode, no gradients, RNG untouched).
+        The unwrapped module: its forward runs no collective (DDP buffer syncs) on rank 0 alone."""
+        with torch.random.fork_rng(devices=rng_devices(self.fabric)):
+            with eval_mode(self.raw_module), torch.no_grad():
+                paths = self.task.visualize(self.raw_module, self.context, self.run_dir, self.progress.step)
+        for path in paths:
+            for logger in self.fabric.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key=path.stem, images=[str(path)], step=self.progress.step)
+
+    # ------------------------------------------------------------------------------------------- the end
+    def finish(self) -> dict[str, float]:
+        """The final evaluation and checkpoint, ``eval.json``, and the loggers' success."""
+        p = self.progress
+        self.log.close()
+        if p.batches_in_epoch >= self.batches_per_epoch:  # the last step ended an epoch
+            p.epoch, p.batches_in_epoch = p.epoch + 1, 0
+        metrics = self.evaluate(final=True)
+        if self.fabric.is_global_zero:
+            report = {"metrics": metrics, "step": p.step, "epoch": p.epoch,
+                      "best": {self.monitor: p.best, "step": p.best_step}, "checkpoint": str(self.checkpointer.last),
+                      "architecture": self.architecture}
+            (self.run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            for logger in self.fabric.loggers:
+                logger.finalize("success")
+        return metrics
+
+    def interrupted(self, signum: int) -> TrainingInterrupted:
+        """Save the step just taken (unless saved already), close the loggers, say how to resume."""
+        self.checkpointer.save_last(unless_saved=True)
+        self.log.close()
+        if self.fabric.is_global_zero:
+            for logger in self.fabric.loggers:
+                logger.finalize("aborted")
+        resume = f"python tools/train.py {shlex.quote(f'run.dir={self.run_dir}')} resume=auto"
+        message = f"stopped by {signal.Signals(signum).name} at step {self.progress.step}; resume with: {resume}"
+        self.fabric.print(message, file=sys.stderr)
+        self.fabric.barrier()  # every process leaves together (Fabric's launcher kills the rest when one exits)
+        return TrainingInterrupted(message, signum)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def rng_devices(fabric: Fabric) -> list:
+    return [fabric.device] if fabric.device.type == "cuda" else []
+
+
+def run_evaluation(task: Task, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
+    """``task.evaluate`` in eval mode without gradients. It must not move the training RNG streams, or a resumed
+    run would diverge from an uninterrupted one, and is itself repeatable (e.g. MAE's masks on the test split)."""
+    with torch.random.fork_rng(devices=rng_devices(ctx.fabric)):
+        torch.manual_seed(ctx.cfg.run.seed)
+        with eval_mode(module), torch.no_grad():
+            return task.evaluate(module, ctx)
+
+
+def eval_loaders(fabric: Fabric, cfg: DictConfig, train_set: Any, test_set: Any) -> dict[str, Any]:
+    """The test split and the un-augmented training split, sharded over processes, batches moved to the device."""
+    batch = eval_batch_size(cfg)
+    device = fabric.device if cfg.data.on_device else None
+    loaders = {name: leave_signals_to_main(build_loader(ds, batch, False, cfg.run.seed, fabric.global_rank,
+                                                        fabric.world_size, cfg.data.num_workers, device))
+               for name, ds in (("test", test_set), ("train", train_set.without_augmentation()))}
+    if cfg.data.on_device:
+        return loaders  # their batches are on the device already
+    return dict(zip(loaders, fabric.setup_dataloaders(*loaders.values(), use_distributed_sampler=False)))
+
+
+def describe_module(module: nn.Module) -> dict[str, int]:
+    """Depth, width, heads and tokens per image of the task module's (first) transformer, and the module's
+    parameter count: what a run prints at start, logs to W&B and records in ``eval.json``."""
+    trunk = next((m for m in module.modules() if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.Sequential))), None)
+    embed = next((m for m in module.modules() if hasattr(m, "num_patches")), None)
+    first = trunk.blocks[0] if trunk is not None and len(trunk.blocks) else None
+    return {"depth": len(trunk.blocks) if trunk is not None else 0,
+            "width": int(getattr(trunk, "embed_dim", 0) or getattr(getattr(first, "norm1", None),
+                                                                  "normalized_shape", [0])[0]),
+            "heads": int(getattr(getattr(first, "attn", None), "num_heads", 0)),
+            "tokens": int(embed.num_patches) if embed is not None else 0,
+            "params": sum(p.numel() for p in module.parameters())}
+
+
+def init_report(path: str, report: Mapping[str, list[str]]) -> str:
+    def summarise(keys: list[str], shown: int = 6) -> str:
+        if not keys:
+            return "nothing"
+        return ", ".join(keys[:shown]) + (f" ... ({len(keys)} in all)" if len(keys) > shown else "")
+
+    return (f"init_from {path}: loaded {len(report['loaded'])} tensors"
+            + "".join(f" from the {s}" for s in report.get("source", []))
+            + f"; dropped {summarise(report['dropped'])}; re-initialised {summarise(report['reinitialised'])}"
+            + "".join(f"; {k} equals the model's fixed table (kept)" for k in report.get("matched_fixed", [])))
+
+
+def finished_run(run_dir: Path, resumed: Path, step: int, total_steps: int) -> Optional[dict[str, float]]:
+    """The recorded final metrics when ``resumed`` is this run's final ``last.ckpt`` and ``eval.json`` reports it."""
+    report_path, last = run_dir / "eval.json", run_dir / "checkpoints" / "last.ckpt"
+    if step < total_steps or not report_path.exists() or not last.exists() or not resumed.samefile(last):
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+    except ValueError:
+        return None
+    return report["metrics"] if report.get("step") == step and isinstance(report.get("metrics"), dict) else None
