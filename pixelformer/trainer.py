@@ -438,16 +438,13 @@ def eval_loaders(fabric: Fabric, cfg: DictConfig, train_set: Any, test_set: Any)
 
 
 def describe_module(module: nn.Module) -> dict[str, int]:
-    """Depth, width, heads and tokens per image of the task module's (first) transformer, and the module's
+    """Depth, width, heads and tokens per image of the task module's (first) transformer, and the whole module's
     parameter count: what a run prints at start, logs to W&B and records in ``eval.json``."""
-    trunk = next((m for m in module.modules() if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.Sequential))), None)
-    embed = next((m for m in module.modules() if hasattr(m, "num_patches")), None)
-    first = trunk.blocks[0] if trunk is not None and len(trunk.blocks) else None
-    return {"depth": len(trunk.blocks) if trunk is not None else 0,
-            "width": int(getattr(trunk, "embed_dim", 0) or getattr(getattr(first, "norm1", None),
-                                                                  "normalized_shape", [0])[0]),
-            "heads": int(getattr(getattr(first, "attn", None), "num_heads", 0)),
-            "tokens": int(embed.num_patches) if embed is not None else 0,
+    from .models import describe_backbone
+
+    trunk = next(m for m in module.modules() if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.Sequential)))
+    arch = describe_backbone(trunk)
+    return {"depth": arch["depth"], "width": arch["embed_dim"], "heads": arch["num_heads"], "tokens": arch["tokens"],
             "params": sum(p.numel() for p in module.parameters())}
 
 

@@ -1,6 +1,9 @@
 """The contract every registered task keeps (what a fourth task must do to plug in), checked over ``list_tasks()``."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from pixelformer.engine import evaluate_checkpoint, fit
 from pixelformer.runs import load_run
 from pixelformer.task import EvalContext, get_task, list_tasks
 from pixelformer.trainer import EMA, eval_loaders, run_evaluation
-from conftest import tiny_cfg
+from conftest import QUIET, TINY_MODEL, tiny_cfg
 
 # Per task, what makes it tiny and quick (the model itself is tiny_cfg's 1-block, 32-wide PiT).
 QUICK = {
@@ -46,6 +49,7 @@ def test_task_builds_trains_and_evaluates_its_monitored_metric(name, tmp_path):
     ema = EMA(module.get_submodule(task.ema_target), 0.9).module if task.ema_target else None
     ctx = EvalContext(fabric, cfg, info, eval_loaders(fabric, cfg, train_set, test_set), ema)
     metrics = run_evaluation(task, fabric.setup_module(module), ctx)
+    assert vars(task) == {}  # stateless: what lives across evaluations is in ctx.cache
     monitor, mode = task.monitor(cfg)
     assert mode in ("min", "max") and monitor in metrics and math.isfinite(metrics[monitor])
 
@@ -70,3 +74,62 @@ def test_task_checkpoint_round_trips(name, tmp_path):
     recorded = json.loads((run_dir / "eval.json").read_text())["metrics"]
     assert final == recorded
     assert {k: again[k] for k in again} == pytest.approx({k: v for k, v in recorded.items() if k != "epoch"})
+
+
+FOURTH_TASK = '''
+"""A fourth task, outside pixelformer: reconstruct every pixel from the unmasked image (a plain autoencoder)."""
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import nn
+
+from pixelformer.task import Task, TaskCfg, build_backbone, mean_loss, register_task
+
+
+@dataclass
+class ReconCfg(TaskCfg):
+    name: str = "recon"
+
+
+class Recon(nn.Module):
+    def __init__(self, backbone, pixels):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(backbone.embed_dim, pixels)
+
+    def forward(self, batch):
+        images, _ = batch
+        pred = self.head(self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True))
+        return {"loss": F.mse_loss(pred, images.flatten(1))}
+
+
+@register_task
+class ReconTask(Task):
+    name = "recon"
+    config_cls = ReconCfg
+
+    def build_module(self, cfg, data):
+        return Recon(build_backbone(cfg, data), data.in_chans * data.img_size ** 2)
+
+    def evaluate(self, module, ctx):
+        return {"test/loss": mean_loss(ctx.fabric, module, ctx.loaders["test"])}
+'''
+
+
+def test_a_fourth_task_plugs_in_through_an_entry_point(tmp_path):
+    # A package of the user's own, found through the pixelformer.tasks entry-point group: no pixelformer file changes.
+    site = tmp_path / "site"
+    (site / "recon_task-0.1.dist-info").mkdir(parents=True)
+    (site / "recon_task.py").write_text(FOURTH_TASK)
+    (site / "recon_task-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: recon-task\n"
+                                                                "Version: 0.1\n")
+    (site / "recon_task-0.1.dist-info" / "entry_points.txt").write_text("[pixelformer.tasks]\nrecon = recon_task\n")
+    args = [*QUIET, *TINY_MODEL, "task=recon", "trainer.max_steps=3", "trainer.precision=32-true",
+            f"run.dir={tmp_path / 'run'}"]
+    script = (f"import sys; sys.path.insert(0, {str(site)!r})\n"
+              "from pixelformer import compose, fit\nfrom pixelformer.task import list_tasks\n"
+              "assert list_tasks() == ['cls', 'dit', 'mae', 'recon'], list_tasks()\n"
+              f"print(fit(compose({args!r})))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "'test/loss'" in out.stdout and (tmp_path / "run" / "eval.json").exists()

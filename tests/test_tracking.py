@@ -26,6 +26,7 @@ def test_checkpoints_are_uploaded_as_wandb_artifacts_when_asked(run_dir, monkeyp
     (record,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     data = record.read_bytes()
     assert data.count(b"last.ckpt") == 2 and b"model-" in data  # the evaluations at steps 2 and 4
+    assert b"architecture" in data and b"heads" in data  # the resolved architecture is in the run's config
     # without the switch nothing is uploaded
     monkeypatch.setenv("WANDB_DIR", str(run_dir / "plain"))
     fit(tiny_cfg(run_dir / "plain", "trainer.max_steps=2", "logger=offline"))

@@ -61,7 +61,8 @@ def describe_backbone(model_or_name: Union[str, nn.Module], **overrides: Any) ->
     Returns ``depth``, ``embed_dim``, ``num_heads``, ``mlp_ratio``, ``qkv_bias``, ``norm_eps``, ``patch_size``,
     ``img_size``, ``in_chans``, ``grid_size``, ``num_patches``, ``num_prefix_tokens``, ``tokens`` (prefix + patches),
     ``pos_embed`` (``learned`` / ``sincos`` / ``none``), ``global_pool`` and ``num_params``. Works for any backbone
-    with timm's ViT layout (``patch_embed``, ``blocks`` with ``attn`` and ``mlp``, ``embed_dim``).
+    with timm's ViT layout (``patch_embed``, ``blocks`` with ``attn`` and ``mlp``, ``embed_dim``), and for the DiT
+    denoiser (``x_embedder`` in place of ``patch_embed``).
     """
     if isinstance(model_or_name, str):
         with torch.device("meta"):
@@ -71,7 +72,8 @@ def describe_backbone(model_or_name: Union[str, nn.Module], **overrides: Any) ->
         if overrides:
             raise TypeError("overrides apply to a registered name, not to a built model")
         model, name = model_or_name, type(model_or_name).__name__
-    embed, blocks = model.patch_embed, model.blocks
+    embed, blocks = getattr(model, "patch_embed", None) or model.x_embedder, model.blocks
+    width = int(getattr(model, "embed_dim", 0) or embed.proj.out_channels)
     first = blocks[0] if len(blocks) else None
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     pos = getattr(model, "pos_embed_kind", None)
@@ -83,9 +85,9 @@ def describe_backbone(model_or_name: Union[str, nn.Module], **overrides: Any) ->
     if in_chans is None:
         in_chans = embed.proj.in_channels
     return dict(
-        name=name, depth=len(blocks), embed_dim=int(model.embed_dim),
+        name=name, depth=len(blocks), embed_dim=width,
         num_heads=int(first.attn.num_heads) if first is not None else 0,
-        mlp_ratio=first.mlp.fc1.out_features / model.embed_dim if first is not None else 0.0,
+        mlp_ratio=first.mlp.fc1.out_features / width if first is not None else 0.0,
         qkv_bias=bool(first is not None and first.attn.qkv.bias is not None),
         norm_eps=float(norms[0].eps) if norms else None,
         patch_size=_side(embed.patch_size), img_size=_side(embed.img_size), in_chans=int(in_chans),
