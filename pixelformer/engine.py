@@ -7,6 +7,7 @@ SIGINT stop the run after the current step with a checkpoint; a run directory ha
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -30,7 +31,7 @@ __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "TrainingInterrupted", "bu
            "fit", "resolve_precision", "resolve_run_dir"]
 
 _RUN_DIR_ENV = "PIXELFORMER_RUN_DIR"  # shares the run directory with processes that Fabric launches
-_named_here: set[str] = set()  # run directories this process named (and so must forget when the run ends)
+_named_here: set[str] = set()  # default run directories this process named (a process Fabric launches inherits one)
 
 
 # -------------------------------------------------------------------------------------------- run directory
@@ -57,6 +58,8 @@ def _external_launch() -> Optional[tuple[str, int]]:
 def resolve_run_dir(cfg: DictConfig) -> Path:
     """Fill ``cfg.run.dir`` (default ``runs/<task>-<model>-<data>-<timestamp>``) identically on every process."""
     if cfg.run.dir is None:
+        if os.environ.get(_RUN_DIR_ENV) in _named_here:  # an earlier fit() in this process named it: a new run
+            del os.environ[_RUN_DIR_ENV]
         launch = _external_launch() if _RUN_DIR_ENV not in os.environ else None
         if launch is not None:
             # The launcher starts every process at once: separate timestamps would split the run.
@@ -64,8 +67,13 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
                             f"so that they all write one run")
         if _RUN_DIR_ENV not in os.environ:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            os.environ[_RUN_DIR_ENV] = f"runs/{cfg.task.name}-{cfg.model.name}-{cfg.data.name}-{stamp}"
-            _named_here.add(os.environ[_RUN_DIR_ENV])
+            name = candidate = f"runs/{cfg.task.name}-{cfg.model.name}-{cfg.data.name}-{stamp}"
+            for n in itertools.count(2):  # runs started within the same second
+                if candidate not in _named_here and not Path(candidate).expanduser().exists():
+                    break
+                candidate = f"{name}-{n}"
+            os.environ[_RUN_DIR_ENV] = candidate
+            _named_here.add(candidate)
         cfg.run.dir = os.environ[_RUN_DIR_ENV]
     return Path(cfg.run.dir).expanduser()
 
@@ -205,8 +213,6 @@ def fit(cfg: DictConfig, show_config: bool = False) -> dict[str, float]:
             return Trainer(fabric, cfg, task, run_dir, stop).fit(resume_path, saved, show_config)
     finally:
         lock.release()
-        if os.environ.get(_RUN_DIR_ENV) in _named_here:  # a second fit() in this process gets a directory of its own
-            del os.environ[_RUN_DIR_ENV]
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
