@@ -202,7 +202,8 @@ def fit(cfg: DictConfig, show_config: bool = False) -> dict[str, float]:
         check_resumable(resume_path, saved, cfg)
     resolve_precision(cfg)  # before the config is saved or logged: runs record what they ran with
     _make_run_dir(run_dir)
-    fabric = build_fabric(cfg, build_loggers(cfg, run_dir, run_dir.name))
+    loggers = build_loggers(cfg, run_dir, run_dir.name)
+    fabric = build_fabric(cfg, loggers)
     fabric.launch()
     lock = RunDirLock(run_dir)
     refusal = fabric.broadcast(lock.acquire() if fabric.is_global_zero else None)
@@ -213,6 +214,9 @@ def fit(cfg: DictConfig, show_config: bool = False) -> dict[str, float]:
             return Trainer(fabric, cfg, task, run_dir, stop).fit(resume_path, saved, show_config)
     finally:
         lock.release()
+        for logger in loggers:
+            if hasattr(logger, "close"):
+                logger.close()
 
 
 # ------------------------------------------------------------------------------------------------ evaluate

@@ -101,6 +101,12 @@ class SafeLogger(Logger):
     def finalize(self, status: str) -> None:
         self._guarded("finalize", lambda inner: inner.finalize(status))
 
+    def close(self) -> None:
+        """End the W&B run this logger started (its Fabric logger leaves it open, and a second ``fit()`` in the same
+        process would log into it). Called once the run has ended, however it ended."""
+        if self.inner is not None and getattr(self.inner, "_experiment", None) is not None:
+            self._guarded("close", lambda inner: inner.experiment.finish())
+
     def log_checkpoint(self, path: Path, aliases: list[str], step: int) -> None:
         """Upload a checkpoint file as a W&B model artifact (``logger.log_checkpoints=true``); W&B copies the file
         at once, so the next atomic replacement of ``last.ckpt`` does not change what is uploaded."""

@@ -219,13 +219,14 @@ class Checkpointer:
         self.last = run_dir / "checkpoints" / "last.ckpt"
         self.best = run_dir / "checkpoints" / "best.ckpt"
         self.saved_step: Optional[int] = None
+        self.format = CHECKPOINT_FORMAT  # a resumed run keeps its checkpoints' format (see TRANSPOSED_SINCOS_FORMAT)
 
     def save_last(self, unless_saved: bool = False) -> None:
         if unless_saved and self.saved_step == self.progress.step:
             return
         self.progress.window = self.window.state_dict()
         tmp = self.last.with_name(self.last.name + ".tmp")
-        self.fabric.save(tmp, {"format": CHECKPOINT_FORMAT, **self.state, "rng": capture_rng_state()})
+        self.fabric.save(tmp, {"format": self.format, **self.state, "rng": capture_rng_state()})
         self.fabric.barrier()
         if self.fabric.is_global_zero:
             fsync_and_replace(tmp, self.last)
@@ -245,7 +246,7 @@ class Checkpointer:
         if missing:
             raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: it was written by another task "
                             f"({ckpt.get('config', {}).get('task', {}).get('name')}) and cannot resume this one")
-        rng = ckpt["rng"]
+        rng, self.format = ckpt["rng"], ckpt.get("format", CHECKPOINT_FORMAT)
         del ckpt
         remainder = self.fabric.load(path, self.state)
         remainder.pop("rng", None)
