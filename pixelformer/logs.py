@@ -1,8 +1,8 @@
 """What a run prints, readable anywhere: a progress bar in a terminal, plain lines in log files.
 
 In a terminal (stderr is a TTY) the bar is tqdm's, on stderr, and every other line goes to stdout through
-``tqdm.write``, so evaluation lines never collide with the bar. Elsewhere (log files, SLURM, CI) a carriage-return bar would be one enormous
-line, so the run prints a plain line every ``trainer.log_every_steps`` steps instead. Either way a long evaluation
+``tqdm.write``, so evaluation lines never collide with the bar. Elsewhere (log files, SLURM, CI) a carriage-return
+bar would be one enormous line, so the run prints a plain line every ``trainer.log_every_steps`` steps instead. Either way a long evaluation
 says it is still alive at least every ``HEARTBEAT_SECONDS``. Only rank 0 prints.
 """
 from __future__ import annotations
@@ -54,7 +54,8 @@ class ProgressLog:
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         self.line(f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) "
                   f"loss {logged['train/loss']:.4f} lr {logged['train/lr']:.2e} "
-                  f"{logged.get('train/images_per_sec', 0):.0f} img/s elapsed {_duration(elapsed)} eta {_duration(eta)}")
+                  f"{logged.get('train/images_per_sec', 0):.0f} img/s elapsed {_duration(elapsed)} "
+                  f"eta {_duration(eta)}")
 
     def line(self, message: str) -> None:
         if not self.rank_zero:

@@ -7,9 +7,9 @@ A task is a stateless plug-in: a subclass of :class:`Task` decorated with ``@reg
 * ``build_module(cfg, data)``: an ``nn.Module`` whose ``forward(batch)`` returns a dict with a scalar ``"loss"``
   (Fabric wraps only ``forward``, so everything that must run under autocast/DDP happens there);
 * ``evaluate(module, ctx)``: metrics on the test split, reduced over processes; ``ctx`` is an :class:`EvalContext`;
-* optionally ``check`` (refuse a bad config before training), ``visualize`` (pictures for the run directory and W&B), ``init_from`` (start from pretrained
-  weights), ``monitor`` (the metric that picks ``best.ckpt``) and ``ema_target`` (the submodule whose exponential
-  moving average the trainer keeps when ``task.ema_decay`` is set).
+* optionally ``check`` (refuse a bad config before training), ``visualize`` (pictures for the run directory and
+  W&B), ``init_from`` (start from pretrained weights), ``monitor`` (the metric that picks ``best.ckpt``) and
+  ``ema_target`` (the submodule whose exponential moving average the trainer keeps when ``task.ema_decay`` is set).
 
 Whatever must live across evaluations of one run (an untrained baseline, a loaded FID classifier) goes in
 ``ctx.cache``, never on the task object: one task object may serve several runs in a process.
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
     from .data import DataInfo
 
-__all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "eval_mode", "get_task", "list_tasks", "mean_loss", "register_task",
-           "save_image_grid", "untrained_baseline"]
+__all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "eval_mode", "get_task", "list_tasks", "mean_loss",
+           "register_task", "save_image_grid", "untrained_baseline"]
 
 ENTRY_POINT_GROUP = "pixelformer.tasks"
 _TASKS: dict[str, type[Task]] = {}

@@ -7,7 +7,7 @@ the identity and the whole denoiser starts by predicting zero. Sizes and token l
 read off the registered model itself (:func:`~pixelformer.models.describe_backbone`): ``pit_small`` = 12 blocks x
 384 wide x 6 heads, patch 1; ``vit_small`` the same with patch 2; a user-registered backbone works the same way.
 
-The noise schedule, losses and samplers live outside the model (diffusers schedulers, ``tasks/dit.py``).
+The noise schedule, losses and samplers live outside the model (diffusers schedulers, ``pixelformer/tasks/dit.py``).
 """
 from __future__ import annotations
 

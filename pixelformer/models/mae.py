@@ -3,7 +3,7 @@
 Paper: K. He et al., "Masked Autoencoders Are Scalable Vision Learners", arXiv 2111.06377; applied to pixel tokens in
 Nguyen et al., arXiv 2406.09415 (mask ratio 0.75). The encoder is any registered :class:`VisionTransformer` and sees
 only the visible tokens; a light decoder fills the masked positions with a learned mask token, adds its own fixed
-position embedding and predicts each token's pixels. The loss lives in ``tasks/mae.py``.
+position embedding and predicts each token's pixels. The loss lives in ``pixelformer/tasks/mae.py``.
 
 Decoder parameter names (``decoder_embed``, ``mask_token``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``)
 follow the reference MAE code, whose checkpoints therefore map onto this module by name.
