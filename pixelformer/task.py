@@ -8,7 +8,7 @@ A task is a stateless plug-in: a subclass of :class:`Task` decorated with ``@reg
   (Fabric wraps only ``forward``, so everything that must run under autocast/DDP happens there);
 * ``evaluate(module, ctx)``: metrics on the test split, reduced over processes; ``ctx`` is an :class:`EvalContext`;
 * optionally ``check`` (refuse a bad config before training), ``visualize`` (pictures for the run directory and
-  W&B), ``init_from`` (start from pretrained weights), ``monitor`` (the metric that picks ``best.ckpt``) and
+  W&B), ``init_from`` (start from pretrained weights), ``monitored`` (the metric that picks ``best.ckpt``) and
   ``ema_target`` (the submodule whose exponential moving average the trainer keeps when ``task.ema_decay`` is set).
 
 Whatever must live across evaluations of one run (an untrained baseline, a loaded FID classifier) goes in
@@ -73,12 +73,14 @@ class Task:
 
     name: ClassVar[str]
     config_cls: ClassVar[type[TaskCfg]] = TaskCfg
+    #: The metric that selects ``best.ckpt``, and whether higher ("max") or lower ("min") is better.
+    monitored: ClassVar[tuple[str, str]] = ("test/loss", "min")
     #: Submodule of the built module that the trainer averages (EMA) when ``cfg.task.ema_decay`` is set.
     ema_target: ClassVar[Optional[str]] = None
 
     def monitor(self, cfg: DictConfig) -> tuple[str, str]:
-        """The metric that selects ``best.ckpt``, and whether higher ("max") or lower ("min") is better."""
-        return "test/loss", "min"
+        """``monitored``, unless the config changes what can be measured (e.g. DiT's FID needs a classifier)."""
+        return self.monitored
 
     def check(self, cfg: DictConfig, data: DataInfo) -> None:
         """Refuse bad ``task.*`` values and missing files before training starts, one line each (the trainer calls

@@ -36,9 +36,7 @@ class Classifier(nn.Module):
 class ClassificationTask(Task):
     name = "cls"
     config_cls = ClsTaskCfg
-
-    def monitor(self, cfg: DictConfig) -> tuple[str, str]:
-        return "test/acc1", "max"
+    monitored = ("test/acc1", "max")
 
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
         return Classifier(build_backbone(cfg, data, num_classes=data.num_classes), cfg.task.label_smoothing)

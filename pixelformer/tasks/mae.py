@@ -152,9 +152,7 @@ def check_task_config(t: DictConfig) -> None:
 class MAETask(Task):
     name = "mae"
     config_cls = MAETaskCfg
-
-    def monitor(self, cfg: DictConfig) -> tuple[str, str]:
-        return "test/knn_acc", "max"
+    monitored = ("test/knn_acc", "max")
 
     def check(self, cfg: DictConfig, data: DataInfo) -> None:
         check_task_config(cfg.task)
