@@ -92,13 +92,12 @@ def _make_run_dir(run_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- fabric
 def _model_width(cfg: DictConfig) -> int:
-    """The configured backbone's token width, read off a copy built on the meta device (no memory, no init)."""
-    from .models import create_backbone
+    """The configured backbone's token width (``describe_backbone`` builds it on the meta device: no memory)."""
+    from .models import describe_backbone
 
     overrides = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
     try:
-        with torch.device("meta"):
-            return int(create_backbone(cfg.model.name, **overrides).embed_dim)
+        return int(describe_backbone(cfg.model.name, **overrides)["embed_dim"])
     except (ValueError, TypeError, KeyError):  # the real build reports the problem, with the data's sizes
         return 0
 
