@@ -340,12 +340,12 @@ def training_cost(run_dir: Path) -> tuple[float, int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from .runs import load_run
+    from .trainer import describe_module
 
     _, info, _, module = load_run(run_dir)
     module.train()  # training FLOPs: dropout, drop path and label dropout as in training
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    grids = [m.grid_size for m in module.modules() if hasattr(m, "grid_size") and hasattr(m, "patch_size")]
-    tokens = int(grids[0]) ** 2 if grids else 0
+    tokens = describe_module(module)["patches"]
     batch = (torch.randn(2, info.in_chans, info.img_size, info.img_size),
              torch.randint(0, max(info.num_classes, 1), (2,)))
     counter = FlopCounterMode(display=False)

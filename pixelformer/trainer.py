@@ -438,14 +438,15 @@ def eval_loaders(fabric: Fabric, cfg: DictConfig, train_set: Any, test_set: Any)
 
 
 def describe_module(module: nn.Module) -> dict[str, int]:
-    """Depth, width, heads and tokens per image of the task module's (first) transformer, and the whole module's
-    parameter count: what a run prints at start, logs to W&B and records in ``eval.json``."""
+    """Depth, width, heads, tokens per image (prefix tokens included) and patches of the task module's (first)
+    transformer, and the whole module's parameter count: what a run prints at start, logs to W&B and records in
+    ``eval.json``."""
     from .models import describe_backbone
 
     trunk = next(m for m in module.modules() if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.Sequential)))
     arch = describe_backbone(trunk)
     return {"depth": arch["depth"], "width": arch["embed_dim"], "heads": arch["num_heads"], "tokens": arch["tokens"],
-            "params": sum(p.numel() for p in module.parameters())}
+            "patches": arch["num_patches"], "params": sum(p.numel() for p in module.parameters())}
 
 
 def init_report(path: str, report: Mapping[str, list[str]]) -> str:
