@@ -6,13 +6,14 @@ the schedulers' clipping of the predicted clean image is right.
 """
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Callable, ContextManager, Iterator, Literal, Optional
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
-__all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "guided_eps", "sample"]
+__all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "guided_eps", "sample", "sample_chunks"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
@@ -67,3 +68,40 @@ def sample(model: nn.Module, train_config: dict, labels: torch.Tensor, shape: tu
         kwargs = {"generator": generator} if sampler != "dpm" or generator is not None else {}
         x = scheduler.step(eps.float(), t, x, **kwargs).prev_sample
     return x.clamp(-1, 1)
+
+
+def _draw_like_sample(generator: torch.Generator, count: int, shape: tuple[int, int, int], steps: int,
+                      sampler: Literal["ddpm", "ddim", "dpm"], train_config: dict) -> None:
+    """Advance ``generator`` exactly as :func:`sample` would for ``count`` images, without running the model: the
+    initial noise, plus DDPM's noise at every step but the last (DDIM with eta 0 and DPM-Solver++ draw none). A test
+    holds this to diffusers' schedulers (sharded sampling equals one process's, sampler by sampler)."""
+    size = (count, *shape)
+    torch.randn(size, generator=generator, device=generator.device, dtype=torch.float32)
+    if sampler == "ddpm":
+        scheduler = build_sampling_scheduler(train_config, sampler)
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            if int(t) > 0:
+                torch.randn(size, generator=generator, device=generator.device, dtype=torch.float32)
+
+
+def sample_chunks(model: nn.Module, train_config: dict, labels: torch.Tensor, shape: tuple[int, int, int],
+                  steps: int, cfg_scale: float, sampler: Literal["ddpm", "ddim", "dpm"], null_label: int, seed: int,
+                  batch_size: int, rank: int = 0, world_size: int = 1,
+                  precision: Optional[Callable[[], ContextManager]] = None
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(chunk index, labels, images in [-1, 1])`` for this process's share of ``labels``.
+
+    ``labels`` is cut into chunks of ``batch_size``, generated in order from one generator seeded with ``seed``.
+    Process ``rank`` of ``world_size`` samples chunks ``rank``, ``rank + world_size``, ... and only advances the
+    generator past the others, so every process produces exactly the samples one process would: the set depends on
+    the seed and the batch size, not on the number of processes.
+    """
+    generator = torch.Generator(labels.device).manual_seed(seed)
+    for index, chunk in enumerate(labels.split(batch_size)):
+        if index % world_size != rank:
+            _draw_like_sample(generator, len(chunk), shape, steps, sampler, train_config)
+            continue
+        with precision() if precision is not None else contextlib.nullcontext():
+            images = sample(model, train_config, chunk, shape, steps, cfg_scale, sampler, null_label, generator)
+        yield index, chunk, images.float()

@@ -7,9 +7,9 @@ import torch
 
 from pixelformer import UserError, create_backbone, list_backbones
 from pixelformer.checkpoint import read_checkpoint
-from pixelformer.diffusion import build_train_scheduler, guided_eps, sample
+from pixelformer.diffusion import build_train_scheduler, guided_eps, sample, sample_chunks
 from pixelformer.trainer import EMA
-from pixelformer.engine import fit
+from pixelformer.engine import evaluate_checkpoint, fit
 from pixelformer.metrics import ClassifierFeatures, build_fid
 from pixelformer.models import create_dit
 from pixelformer.models.dit import DiTBlock
@@ -147,8 +147,8 @@ def test_tiny_dit_run_lowers_the_loss_and_keeps_ema(run_dir, classifier_ckpt):
                    "sampler=dpm", f"out={run_dir / 'sampled'}", "device=cpu")
     assert out.returncode == 0, out.stderr
     saved = np.load(run_dir / "sampled" / "samples.npz")
-    assert saved["images"].shape == (20, 8, 8, 1) and saved["images"].dtype == np.uint8
-    assert saved["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert saved["arr_0"].shape == (20, 8, 8, 1) and saved["arr_0"].dtype == np.uint8
+    assert saved["arr_1"].tolist() == [c for c in range(10) for _ in range(2)]
     bad = run_tool("sample", f"ckpt={classifier_ckpt}")
     assert bad.returncode == 2 and "not a dit checkpoint" in bad.stderr
 
@@ -170,3 +170,49 @@ def test_dit_resume_restores_weights_and_ema_exactly(tmp_path, monkeypatch):
     for part in ("model", "ema"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm", "ddpm"])
+def test_sharded_sampling_gives_the_same_samples_whatever_the_number_of_processes(sampler):
+    model = perturbed(create_dit("pit_mini", **TINY)).eval()
+    config = dict(build_train_scheduler().config)
+    labels = torch.arange(10) % 5
+    # one process, one generator over the chunks in order: what sample() gives chunk by chunk
+    generator, expected = torch.Generator().manual_seed(7), []
+    for chunk in labels.split(3):
+        expected.append(sample(model, config, chunk, (3, 8, 8), 3, 2.0, sampler, 5, generator))
+
+    def shards(world):
+        out = {}
+        for rank in range(world):
+            for index, chunk, images in sample_chunks(model, config, labels, (3, 8, 8), 3, 2.0, sampler, 5, seed=7,
+                                                      batch_size=3, rank=rank, world_size=world):
+                assert index % world == rank
+                out[index] = (chunk, images)
+        return out
+    one = shards(1)
+    assert sorted(one) == [0, 1, 2, 3]  # 10 labels in chunks of 3
+    assert all(torch.equal(one[i][1], expected[i]) for i in one)
+    for world in (2, 3, 5):
+        split = shards(world)
+        assert sorted(split) == sorted(one)
+        for index in one:
+            assert torch.equal(split[index][0], one[index][0]) and torch.equal(split[index][1], one[index][1])
+
+
+@pytest.mark.slow
+def test_two_process_fid_scores_all_samples_once(tmp_path, classifier_ckpt):
+    # Each DDP process samples its share; the Fréchet statistics and correct counts are summed over processes. The
+    # same checkpoint evaluated again by one process scores the same samples: the same FID and sample accuracy.
+    run_dir = tmp_path / "ddp"
+    out = run_tool("train", *DIT_ARGS, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "trainer.max_steps=4", "trainer.precision=32-true", "trainer.progress_bar=false", "logger=disabled",
+                   "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "task.num_eval_samples=50",
+                   "data.eval_batch_size=8", f"task.classifier_ckpt={classifier_ckpt}", f"run.dir={run_dir}",
+                   timeout=400)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    two = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    one, _, _ = evaluate_checkpoint(run_dir / "checkpoints" / "last.ckpt", ["trainer.strategy=auto",
+                                                                           "trainer.devices=1"])
+    for key in ("test/fid", "test/sample_acc", "test/fid_untrained", "test/sample_acc_untrained"):
+        assert one[key] == pytest.approx(two[key], rel=1e-6, abs=1e-9), key

@@ -386,7 +386,7 @@ def test_sampling_tool_generates_in_chunks_of_batch_size(bf16_dit, tmp_path):
     assert tool.main([f"ckpt={bf16_dit[0]}", "class=3", "num_samples=5", "batch_size=2", "steps=2", "cfg_scale=2",
                       "device=cpu", f"out={tmp_path}"]) == 0
     saved = np.load(tmp_path / "samples.npz")
-    assert saved["images"].shape == (5, 8, 8, 1) and saved["labels"].tolist() == [3] * 5
+    assert saved["arr_0"].shape == (5, 8, 8, 1) and saved["arr_1"].tolist() == [3] * 5
 
 
 def test_sampling_tool_without_a_checkpoint_says_so():

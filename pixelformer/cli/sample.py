@@ -2,7 +2,8 @@
 
     python tools/sample.py ckpt=runs/<run>/checkpoints/last.ckpt num_samples=64 cfg_scale=2 steps=50 sampler=dpm
 
-Writes ``samples.png`` (one row per class) and ``samples.npz`` (``images`` uint8 N x H x W x C, ``labels``) into
+Writes ``samples.png`` (one row per class) and ``samples.npz`` in the layout of the ADM evaluation suite
+(guided-diffusion's ``evaluator.py``: ``arr_0`` uint8 N x H x W x C images, ``arr_1`` their class labels) into
 ``out=`` (default: the run directory). Options: ``sampler=dpm|ddim|ddpm`` (default dpm with ``cfg_scale=2.0``, as in
 configs/task/dit.yaml), ``seed=0``, ``device=cpu|cuda|cuda:N``, ``class=K`` (only class K), ``batch_size=256``
 (samples generated at once: bounds memory; the samples depend on it).
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import torch
 
-    from ..diffusion import SAMPLERS, sample
+    from ..diffusion import SAMPLERS, sample_chunks
     from ..task import save_image_grid
     from ..tasks.dit import load_for_sampling
 
@@ -99,17 +100,16 @@ def main(argv: list[str]) -> int:
     else:  # one row per class
         per_row = math.ceil(num_samples / info.num_classes)
         labels = torch.arange(info.num_classes, device=device).repeat_interleave(per_row)[:num_samples]
-    generator = torch.Generator(device).manual_seed(seed)
     shape = (info.in_chans, info.img_size, info.img_size)
-    images01 = torch.cat([((sample(denoiser, schedule, chunk, shape, steps, cfg_scale, opts["sampler"],
-                                   info.num_classes, generator) + 1) / 2).cpu()
-                          for chunk in labels.split(batch_size)])  # one chunk on the device at a time
+    # one chunk of batch_size on the device at a time (pixelformer.diffusion.sample_chunks)
+    images01 = torch.cat([((images + 1) / 2).cpu() for _, _, images in sample_chunks(
+        denoiser, schedule, labels, shape, steps, cfg_scale, opts["sampler"], info.num_classes, seed, batch_size)])
     out_dir = Path(opts["out"]) if opts["out"] else (ckpt.parent.parent if ckpt.parent.name == "checkpoints"
                                                       else ckpt.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_image_grid(images01, out_dir / "samples.png", nrow=per_row)
     pixels = (images01 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.savez(out_dir / "samples.npz", images=pixels, labels=labels.cpu().numpy())
+    np.savez(out_dir / "samples.npz", arr_0=pixels, arr_1=labels.cpu().numpy())
     print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'samples.npz'} ({num_samples} samples, "
           f"{opts['sampler']} {steps} steps, guidance {cfg_scale})")
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -25,7 +24,7 @@ from torch import nn
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import eval_batch_size
 from pixelformer.data import DataInfo
-from pixelformer.diffusion import build_train_scheduler, sample
+from pixelformer.diffusion import build_train_scheduler, sample_chunks
 from pixelformer.errors import CheckpointError, UserError
 from pixelformer.layers import is_sincos_table, resize_pos_embed
 from pixelformer.metrics import ClassifierFeatures, build_fid, load_classifier
@@ -231,8 +230,6 @@ class DiTTask(Task):
         metrics = {"test/loss": mean_loss(ctx.fabric, module, ctx.loaders["test"])}
         if ctx.cfg.task.classifier_ckpt is None:
             return metrics
-        if ctx.fabric.world_size > 1:
-            warnings.warn("sample metrics are computed on rank 0's samples only", stacklevel=2)
         schedule = dict(module.scheduler.config)
         metrics.update(self.sample_metrics(ctx, ctx.ema, schedule, ""))
         if ctx.cfg.task.untrained_baseline:
@@ -254,18 +251,25 @@ class DiTTask(Task):
     def sample_metrics(self, ctx: EvalContext, denoiser: nn.Module, schedule: dict, suffix: str) -> dict[str, float]:
         """FID between samples and the real images, and the classifier's accuracy on the samples.
 
-        Samples are generated, scored and dropped one chunk at a time: memory does not grow with
+        Every process generates its share of ``task.num_eval_samples`` (chunks of the eval batch, dealt round-robin);
+        the Fréchet statistics and the correct counts are summed over processes, so N GPUs take 1/N of the time
+        and score the same samples as one. Chunks are scored and dropped one at a time: memory does not grow with
         ``task.num_eval_samples``.
         """
         classifier, fid = self.scorers(ctx)
+        fabric = ctx.fabric
         fid.reset()  # drops the previous samples' statistics, keeps the real images' (reset_real_features=False)
-        labels = torch.arange(ctx.cfg.task.num_eval_samples, device=ctx.fabric.device) % ctx.data.num_classes
-        correct = 0
-        for chunk, fake in generate_chunks(denoiser, schedule, labels, ctx.data, ctx.cfg, ctx.fabric.device):
+        labels = torch.arange(ctx.cfg.task.num_eval_samples, device=fabric.device) % ctx.data.num_classes
+        correct = torch.zeros((), device=fabric.device, dtype=torch.float64)
+        for chunk, fake in generate_chunks(denoiser, schedule, labels, ctx.data, ctx.cfg, fabric.device,
+                                           fabric.global_rank, fabric.world_size):
             fake01 = (fake + 1) / 2
             fid.update(fake01, real=False)
-            correct += int((classifier.logits(fake01).argmax(dim=1) == chunk).sum())
-        return {f"test/fid{suffix}": float(fid.compute()), f"test/sample_acc{suffix}": 100.0 * correct / len(labels)}
+            correct += (classifier.logits(fake01).argmax(dim=1) == chunk).sum()
+        correct = fabric.all_reduce(correct, reduce_op="sum")
+        # torchmetrics sums the real and generated feature statistics of every process in compute()
+        return {f"test/fid{suffix}": float(fid.compute()), f"test/sample_acc{suffix}": 100.0 * float(correct) /
+                len(labels)}
 
     def visualize(self, module: nn.Module, ctx: EvalContext, out_dir: Path, step: int) -> list[Path]:
         """``samples.png``: one row per class, EMA weights, the configured sampler and guidance."""
@@ -289,20 +293,19 @@ def real_image_fid(fabric: Any, classifier: ClassifierFeatures, loader: Any, dat
 
 
 def generate_chunks(denoiser: nn.Module, schedule: dict, labels: torch.Tensor, data: DataInfo, cfg: DictConfig,
-                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(labels, images)`` chunks of at most the eval batch size, images float32 in [-1, 1], (B, C, H, W).
-
-    One generator over all chunks: the samples depend on ``task.seed`` and the eval batch size. The denoiser runs in
-    eval mode (no label dropout) whatever mode it is in, and is put back afterwards.
+                    device: torch.device, rank: int = 0, world_size: int = 1
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(labels, images)`` chunks of at most the eval batch size, images float32 in [-1, 1], (B, C, H, W): this
+    process's share of ``labels`` (``pixelformer.diffusion.sample_chunks``: the set of samples depends on
+    ``task.seed`` and the eval batch size, not on the number of processes). The denoiser runs in eval mode (no label
+    dropout) whatever mode it is in, and is put back afterwards.
     """
     t = cfg.task
-    generator = torch.Generator(device).manual_seed(t.seed)
-    shape = (data.in_chans, data.img_size, data.img_size)
     with eval_mode(denoiser):
-        for chunk in labels.split(eval_batch_size(cfg)):
-            with sampling_precision(device, cfg.trainer.precision):
-                images = sample(denoiser, schedule, chunk, shape, t.sample_steps, t.cfg_scale, t.sampler,
-                                data.num_classes, generator).float()
+        for _, chunk, images in sample_chunks(
+                denoiser, schedule, labels.to(device), (data.in_chans, data.img_size, data.img_size), t.sample_steps,
+                t.cfg_scale, t.sampler, data.num_classes, t.seed, eval_batch_size(cfg), rank, world_size,
+                lambda: sampling_precision(device, cfg.trainer.precision)):
             yield chunk, images
 
 
