@@ -57,8 +57,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.ckpt:
         from pixelformer.tasks.dit import load_for_sampling
-        model, info, config = load_for_sampling(args.ckpt)
-        shape, classes, name = (info.in_chans, info.img_size, info.img_size), info.num_classes, args.ckpt
+        module, info = load_for_sampling(args.ckpt)
+        model, config = module.denoiser, dict(module.scheduler.config)
+        shape, classes, name = module.sample_shape, info.num_classes, args.ckpt  # a latent run: its latent shape
     else:
         size = dict(depth=2, embed_dim=64, num_heads=2) if args.quick else {}
         img = 16 if args.quick else args.img

@@ -7,13 +7,16 @@ the schedulers' clipping of the predicted clean image is right.
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Literal, Optional
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
-__all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "guided_eps", "sample", "sample_chunks"]
+__all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "guided_eps", "latent_geometry", "load_vae",
+           "sample", "sample_chunks"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
@@ -105,3 +108,36 @@ def sample_chunks(model: nn.Module, train_config: dict, labels: torch.Tensor, sh
         with precision() if precision is not None else contextlib.nullcontext():
             images = sample(model, train_config, chunk, shape, steps, cfg_scale, sampler, null_label, generator)
         yield index, chunk, images.float()
+
+
+def load_vae(name: str):
+    """A frozen diffusers ``AutoencoderKL`` in eval mode, from a folder written by ``save_pretrained`` or a hub id.
+
+    A hub id is fetched only when online; with ``HF_HUB_OFFLINE=1`` it must already be in the local cache.
+    """
+    from diffusers import AutoencoderKL
+
+    from .errors import UserError
+
+    path = Path(name).expanduser()
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(path) if path.exists() else name, local_files_only=offline)
+    except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... depending on what is missing
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if path.exists():
+            raise UserError(f"task.vae={name}: no diffusers AutoencoderKL in that folder ({reason}); point it at a "
+                            f"folder written by AutoencoderKL.save_pretrained") from None
+        raise UserError(f"task.vae={name}: not a local folder, and the hub id could not be loaded ({reason}); "
+                        f"offline (HF_HUB_OFFLINE=1, or no network) a hub id loads only from the local cache: download "
+                        f"it once, or point task.vae at a local folder written by AutoencoderKL.save_pretrained") from None
+    return vae.eval().requires_grad_(False)
+
+
+def latent_geometry(vae, img_size: int) -> tuple[int, int]:
+    """``(channels, side)`` of the latents of ``img_size`` x ``img_size`` images: the encoder halves the side once
+    per block but the last."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if img_size % factor:
+        raise ValueError(f"the VAE downsamples by {factor}, which does not divide the image size {img_size}")
+    return int(vae.config.latent_channels), img_size // factor

@@ -22,7 +22,6 @@ from pixelformer.layers.patch_embed import PatchEmbed
 from pixelformer.metrics import ClassifierFeatures, build_fid
 from pixelformer.task import EvalContext, get_task
 from pixelformer.trainer import EMA
-from pixelformer.diffusion import build_train_scheduler
 from pixelformer.tasks.dit import generate_chunks
 from pixelformer.tasks.mae import knn_accuracy
 from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg
@@ -273,17 +272,17 @@ def test_dit_samples_do_not_depend_on_the_denoisers_mode():
     info = fake_info()
     cfg = small_cfg("task=dit", "task.label_dropout=0.5", "task.sample_steps=3")
     task = get_task("dit")
-    denoiser = task.build_module(cfg, info).denoiser
+    trainer_module = task.build_module(cfg, info)
+    denoiser = trainer_module.denoiser
     torch.manual_seed(1)
     with torch.no_grad():  # nudge every weight so that the label embedding matters
         for p in denoiser.parameters():
             p.add_(0.05 * torch.randn_like(p))
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
     labels = torch.arange(10).repeat(2)
-    schedule = dict(build_train_scheduler().config)
 
     def generate(module):
-        return torch.cat([x for _, x in generate_chunks(module, schedule, labels, info, cfg, fabric.device)])
+        return torch.cat([x for _, x in generate_chunks(trainer_module, module, labels, cfg, fabric.device)])
     torch.manual_seed(2)
     in_train_mode = generate(denoiser.train())
     assert denoiser.training  # put back as it was

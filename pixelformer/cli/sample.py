@@ -86,24 +86,26 @@ def main(argv: list[str]) -> int:
         raise UserError(f"sampler={opts['sampler']}: choose one of {', '.join(SAMPLERS)}")
     device = _device(opts["device"])
     ckpt = Path(opts["ckpt"]).expanduser()
-    denoiser, info, schedule = load_for_sampling(ckpt, cfg_scale=cfg_scale)
+    module, info = load_for_sampling(ckpt, cfg_scale=cfg_scale)
+    schedule = dict(module.scheduler.config)
     if steps > schedule["num_train_timesteps"]:
         raise UserError(f"steps={steps} exceeds the {schedule['num_train_timesteps']} timesteps this checkpoint was "
                         f"trained with: use steps<={schedule['num_train_timesteps']} (e.g. 50)")
     if class_id is not None and not 0 <= class_id < info.num_classes:  # num_classes itself is the null class
         raise UserError(f"class={class_id} is outside this checkpoint's classes: use 0 to {info.num_classes - 1}, "
                         f"or leave class= out for one row per class")
-    denoiser = denoiser.to(device)
+    module = module.to(device)
     if class_id is not None:
         labels = torch.full((num_samples,), class_id, device=device)
         per_row = min(num_samples, 8)
     else:  # one row per class
         per_row = math.ceil(num_samples / info.num_classes)
         labels = torch.arange(info.num_classes, device=device).repeat_interleave(per_row)[:num_samples]
-    shape = (info.in_chans, info.img_size, info.img_size)
-    # one chunk of batch_size on the device at a time (pixelformer.diffusion.sample_chunks)
-    images01 = torch.cat([((images + 1) / 2).cpu() for _, _, images in sample_chunks(
-        denoiser, schedule, labels, shape, steps, cfg_scale, opts["sampler"], info.num_classes, seed, batch_size)])
+    # one chunk of batch_size on the device at a time (pixelformer.diffusion.sample_chunks), decoded through the run's
+    # VAE for a latent run
+    images01 = torch.cat([((module.decode(generated) + 1) / 2).cpu() for _, _, generated in sample_chunks(
+        module.denoiser, schedule, labels, module.sample_shape, steps, cfg_scale, opts["sampler"], info.num_classes,
+        seed, batch_size)])
     out_dir = Path(opts["out"]) if opts["out"] else (ckpt.parent.parent if ckpt.parent.name == "checkpoints"
                                                       else ckpt.parent)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -24,7 +25,7 @@ from torch import nn
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import eval_batch_size
 from pixelformer.data import DataInfo
-from pixelformer.diffusion import build_train_scheduler, sample_chunks
+from pixelformer.diffusion import build_train_scheduler, latent_geometry, load_vae, sample_chunks
 from pixelformer.errors import CheckpointError, UserError
 from pixelformer.layers import is_sincos_table, resize_pos_embed
 from pixelformer.metrics import ClassifierFeatures, build_fid, load_classifier
@@ -51,30 +52,63 @@ class DiTTaskCfg(TaskCfg):
     num_eval_samples: int = 200
     untrained_baseline: bool = True  # also report FID / accuracy of an untrained denoiser's samples
     samples_per_class: int = 8  # columns of samples.png (one row per class)
+    # Latent diffusion: a diffusers AutoencoderKL (a save_pretrained folder, or a hub id when online) whose scaled
+    # latents the denoiser learns; samples are decoded through it. None: pixel space.
+    vae: Optional[str] = None
+    vae_scaling_factor: Optional[float] = None  # None: the VAE's own config.scaling_factor (SD's: 0.18215)
 
 
 class DiffusionTrainer(nn.Module):
-    """``forward(batch)`` noises the images at random timesteps and returns the epsilon-prediction loss."""
+    """``forward(batch)`` noises the images (or their VAE latents) at random timesteps and returns the
+    epsilon-prediction loss; ``decode`` maps what the denoiser generates back to images in [-1, 1]."""
 
-    def __init__(self, denoiser: DiT, scheduler, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, denoiser: DiT, scheduler, mean: tuple[float, ...], std: tuple[float, ...], vae: Any = None,
+                 latent_scale: float = 1.0) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.scheduler = scheduler
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        # In a tuple, not a submodule: the frozen VAE is neither trained nor saved in checkpoints (it is loaded again
+        # from task.vae); it follows the inputs to their device.
+        self._vae = (vae,)
+        self.latent_scale = latent_scale
+        self.sample_shape = (denoiser.in_chans, denoiser.x_embedder.img_size, denoiser.x_embedder.img_size)
+
+    @property
+    def vae(self) -> Any:
+        return self._vae[0]
 
     def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
-        """Dataset-normalised images -> [-1, 1], the range the schedulers' clipping assumes."""
+        """Dataset-normalised images -> [-1, 1], the range the schedulers' clipping (and a VAE) assume."""
         return ((images * self.std + self.mean) * 2 - 1).clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode(self, images01: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> what the denoiser learns to generate: themselves, or scaled latents sampled from the
+        VAE's posterior (B, C_latent, H / f, W / f)."""
+        if self.vae is None:
+            return images01
+        vae = self.vae.to(images01.device)
+        latents = vae.encode(images01.to(vae.dtype)).latent_dist.sample()
+        return (latents * self.latent_scale).float()
+
+    @torch.no_grad()
+    def decode(self, generated: torch.Tensor) -> torch.Tensor:
+        """What the denoiser generated -> images in [-1, 1] (B, C, H, W)."""
+        if self.vae is None:
+            return generated
+        vae = self.vae.to(generated.device)
+        return vae.decode((generated / self.latent_scale).to(vae.dtype)).sample.float().clamp(-1, 1)
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch
-        x0 = self.to_unit_range(images)
+        x0 = self.encode(self.to_unit_range(images))
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         xt = self.scheduler.add_noise(x0, noise, t)
-        pred = self.denoiser(xt, t, labels)
-        return {"loss": F.mse_loss(pred[:, : x0.shape[1]].float(), noise)}
+        pred = self.denoiser(xt.to(images.dtype), t, labels)
+        return {"loss": F.mse_loss(pred[:, : x0.shape[1]].float(), noise.float())}
 
 
 def check_task_config(t: DictConfig) -> None:
@@ -216,8 +250,22 @@ class DiTTask(Task):
             build_fid("inception", None, t.inception_weights, (data.in_chans, data.img_size, data.img_size))
 
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
-        scheduler = build_train_scheduler(cfg.task.num_train_timesteps, cfg.task.beta_schedule)
-        return DiffusionTrainer(build_denoiser(cfg, data), scheduler, data.mean, data.std)
+        t = cfg.task
+        scheduler = build_train_scheduler(t.num_train_timesteps, t.beta_schedule)
+        if t.vae is None:
+            return DiffusionTrainer(build_denoiser(cfg, data), scheduler, data.mean, data.std)
+        vae = load_vae(t.vae)
+        try:
+            channels, side = latent_geometry(vae, data.img_size)
+        except ValueError as e:
+            raise UserError(f"task.vae={t.vae} on {data.img_size}x{data.img_size} images: {e}; resize with "
+                            f"data.img_size") from None
+        if vae.config.in_channels != data.in_chans:
+            raise UserError(f"task.vae={t.vae} encodes {vae.config.in_channels}-channel images but {data.name} has "
+                            f"{data.in_chans}: use a VAE made for the data's channels")
+        scale = t.vae_scaling_factor if t.vae_scaling_factor is not None else vae.config.scaling_factor
+        latents = dataclasses.replace(data, in_chans=channels, img_size=side)
+        return DiffusionTrainer(build_denoiser(cfg, latents), scheduler, data.mean, data.std, vae, scale)
 
     def init_from(self, module: nn.Module, path: str) -> dict[str, list[str]]:
         """Start the denoiser (and so its EMA) from another DiT's weights; see :func:`load_denoiser_weights`."""
@@ -230,11 +278,12 @@ class DiTTask(Task):
         metrics = {"test/loss": mean_loss(ctx.fabric, module, ctx.loaders["test"])}
         if ctx.cfg.task.classifier_ckpt is None:
             return metrics
-        schedule = dict(module.scheduler.config)
-        metrics.update(self.sample_metrics(ctx, ctx.ema, schedule, ""))
+        metrics.update(self.sample_metrics(ctx, module, ctx.ema, ""))
         if ctx.cfg.task.untrained_baseline:
-            metrics.update(untrained_baseline(ctx, lambda: build_denoiser(ctx.cfg, ctx.data),
-                                              lambda fresh: self.sample_metrics(ctx, fresh, schedule, "_untrained")))
+            chans, side, _ = module.sample_shape  # the pixels', or a latent run's latents
+            generated = dataclasses.replace(ctx.data, in_chans=chans, img_size=side)
+            metrics.update(untrained_baseline(ctx, lambda: build_denoiser(ctx.cfg, generated),
+                                              lambda fresh: self.sample_metrics(ctx, module, fresh, "_untrained")))
         return metrics
 
     def scorers(self, ctx: EvalContext) -> tuple[ClassifierFeatures, Any]:
@@ -248,8 +297,10 @@ class DiTTask(Task):
             ctx.cache["fid"] = real_image_fid(fabric, classifier, ctx.loaders["test"], data, t)
         return classifier, ctx.cache["fid"]
 
-    def sample_metrics(self, ctx: EvalContext, denoiser: nn.Module, schedule: dict, suffix: str) -> dict[str, float]:
-        """FID between samples and the real images, and the classifier's accuracy on the samples.
+    def sample_metrics(self, ctx: EvalContext, module: nn.Module, denoiser: nn.Module,
+                       suffix: str) -> dict[str, float]:
+        """FID between ``denoiser``'s samples (decoded by ``module``) and the real images, and the classifier's
+        accuracy on the samples.
 
         Every process generates its share of ``task.num_eval_samples`` (chunks of the eval batch, dealt round-robin);
         the Fréchet statistics and the correct counts are summed over processes, so N GPUs take 1/N of the time
@@ -261,8 +312,8 @@ class DiTTask(Task):
         fid.reset()  # drops the previous samples' statistics, keeps the real images' (reset_real_features=False)
         labels = torch.arange(ctx.cfg.task.num_eval_samples, device=fabric.device) % ctx.data.num_classes
         correct = torch.zeros((), device=fabric.device, dtype=torch.float64)
-        for chunk, fake in generate_chunks(denoiser, schedule, labels, ctx.data, ctx.cfg, fabric.device,
-                                           fabric.global_rank, fabric.world_size):
+        for chunk, fake in generate_chunks(module, denoiser, labels, ctx.cfg, fabric.device, fabric.global_rank,
+                                           fabric.world_size):
             fake01 = (fake + 1) / 2
             fid.update(fake01, real=False)
             correct += (classifier.logits(fake01).argmax(dim=1) == chunk).sum()
@@ -276,8 +327,7 @@ class DiTTask(Task):
         per_class = ctx.cfg.task.samples_per_class
         labels = torch.arange(ctx.data.num_classes, device=ctx.fabric.device).repeat_interleave(per_class)
         denoiser = ctx.ema if ctx.ema is not None else module.denoiser
-        images = torch.cat([x for _, x in generate_chunks(denoiser, dict(module.scheduler.config), labels, ctx.data,
-                                                           ctx.cfg, ctx.fabric.device)])
+        images = torch.cat([x for _, x in generate_chunks(module, denoiser, labels, ctx.cfg, ctx.fabric.device)])
         return [save_image_grid((images + 1) / 2, out_dir / "samples.png", nrow=per_class)]
 
 
@@ -292,21 +342,22 @@ def real_image_fid(fabric: Any, classifier: ClassifierFeatures, loader: Any, dat
     return fid
 
 
-def generate_chunks(denoiser: nn.Module, schedule: dict, labels: torch.Tensor, data: DataInfo, cfg: DictConfig,
+def generate_chunks(module: DiffusionTrainer, denoiser: nn.Module, labels: torch.Tensor, cfg: DictConfig,
                     device: torch.device, rank: int = 0, world_size: int = 1
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(labels, images)`` chunks of at most the eval batch size, images float32 in [-1, 1], (B, C, H, W): this
     process's share of ``labels`` (``pixelformer.diffusion.sample_chunks``: the set of samples depends on
-    ``task.seed`` and the eval batch size, not on the number of processes). The denoiser runs in eval mode (no label
-    dropout) whatever mode it is in, and is put back afterwards.
+    ``task.seed`` and the eval batch size, not on the number of processes), generated by ``denoiser`` on
+    ``module``'s noise schedule and decoded by ``module`` (through its VAE for latent runs). The denoiser runs in
+    eval mode (no label dropout) whatever mode it is in, and is put back afterwards.
     """
     t = cfg.task
     with eval_mode(denoiser):
-        for _, chunk, images in sample_chunks(
-                denoiser, schedule, labels.to(device), (data.in_chans, data.img_size, data.img_size), t.sample_steps,
-                t.cfg_scale, t.sampler, data.num_classes, t.seed, eval_batch_size(cfg), rank, world_size,
+        for _, chunk, generated in sample_chunks(
+                denoiser, dict(module.scheduler.config), labels.to(device), module.sample_shape, t.sample_steps,
+                t.cfg_scale, t.sampler, denoiser.num_classes, t.seed, eval_batch_size(cfg), rank, world_size,
                 lambda: sampling_precision(device, cfg.trainer.precision)):
-            yield chunk, images
+            yield chunk, module.decode(generated)
 
 
 _HALF = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16,
@@ -323,9 +374,10 @@ def sampling_precision(device: torch.device, precision: str) -> contextlib.Abstr
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tuple[DiT, DataInfo, dict]:
-    """The EMA denoiser of a dit run (float32, eval mode), its data description and its training noise schedule.
-    With ``cfg_scale``, refuses guidance that the checkpoint's training (no label dropout) cannot support."""
+def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tuple[DiffusionTrainer, DataInfo]:
+    """A dit run's module with the EMA weights in its denoiser (float32, eval mode; ``module.decode`` turns what the
+    denoiser generates into images, through the run's VAE for latent runs), and its data description. With
+    ``cfg_scale``, refuses guidance that the checkpoint's training (no label dropout) cannot support."""
     from pixelformer.runs import load_run
 
     try:
@@ -338,4 +390,4 @@ def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tu
         raise UserError(f"{path} was trained with task.label_dropout=0, so its null-class embedding is untrained and "
                         f"cfg_scale={cfg_scale} would guide with it: sample with cfg_scale=1.0, or train with "
                         f"task.label_dropout>0 (DiT uses 0.1)")
-    return module.denoiser, info, dict(module.scheduler.config)
+    return module, info

@@ -1,0 +1,84 @@
+"""Latent diffusion: the dit task on the latents of a diffusers AutoencoderKL (a tiny random one, saved locally;
+nothing is downloaded)."""
+import numpy as np
+import pytest
+import torch
+
+from pixelformer import UserError
+from pixelformer.checkpoint import read_checkpoint
+from pixelformer.config import compose
+from pixelformer.data import DataInfo
+from pixelformer.diffusion import latent_geometry, load_vae
+from pixelformer.engine import fit
+from pixelformer.task import get_task
+from conftest import QUIET, TINY_MODEL, run_tool, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A 1-channel AutoencoderKL that halves the side once: 8x8 digits -> 4x4x4 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=8, scaling_factor=0.5)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def test_a_saved_vae_loads_frozen_and_round_trips_shapes(tiny_vae):
+    vae = load_vae(str(tiny_vae))
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    assert latent_geometry(vae, 8) == (4, 4)
+    with pytest.raises(ValueError, match="downsamples by 2"):
+        latent_geometry(vae, 7)
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    latents = vae.encode(images).latent_dist.mean
+    assert latents.shape == (3, 4, 4, 4) and vae.decode(latents).sample.shape == (3, 1, 8, 8)
+
+
+def test_the_denoiser_works_on_latents_and_decodes_to_images(tiny_vae):
+    cfg = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.vae={tiny_vae}"])
+    module = get_task("dit").build_module(cfg, DataInfo("digits", 10, 1, 8, (0.5,), (0.25,)))
+    assert module.sample_shape == (4, 4, 4) and module.latent_scale == 0.5  # the VAE config's scaling factor
+    assert module.denoiser.x_embedder.img_size == 4 and module.denoiser.in_chans == 4
+    assert "vae" not in " ".join(module.state_dict())  # frozen and loaded again from task.vae: not in checkpoints
+    images = torch.randn(2, 1, 8, 8)
+    out = module((images, torch.tensor([1, 2])))
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert module.decode(torch.randn(2, 4, 4, 4)).shape == (2, 1, 8, 8)
+    scaled = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.vae={tiny_vae}", "task.vae_scaling_factor=0.18215"])
+    assert get_task("dit").build_module(scaled, DataInfo("digits", 10, 1, 8, (0.5,), (0.25,))).latent_scale == 0.18215
+
+
+def test_latent_training_lowers_the_loss_then_samples_images(tiny_vae, tmp_path):
+    run_dir = tmp_path / "latent"
+    clf = tmp_path / "clf"
+    fit(tiny_cfg(clf, "trainer.max_steps=20"))
+    metrics = fit(tiny_cfg(run_dir, "task=dit", f"task.vae={tiny_vae}", "data.batch_size=64", "optim.lr=2e-3",
+                           "trainer.max_steps=60", "trainer.log_every_steps=10", "task.ema_decay=0.9",
+                           "task.sample_steps=5", "task.samples_per_class=1", "task.num_eval_samples=20",
+                           f"task.classifier_ckpt={clf / 'checkpoints' / 'last.ckpt'}"))
+    losses = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in line]
+    first, last = (float(line.split('"train/loss": ')[1].split(",")[0]) for line in (losses[0], losses[-1]))
+    assert last < 0.8 * first, (first, last)
+    assert np.isfinite(metrics["test/fid"]) and "test/sample_acc" in metrics
+    assert (run_dir / "samples.png").stat().st_size > 0
+    assert not any(k.startswith("vae") for k in read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["model"])
+    # the sampling tool decodes through the same VAE: images at the data's size
+    out = run_tool("sample", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=6", "steps=3",
+                   "device=cpu", f"out={tmp_path / 'sampled'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert np.load(tmp_path / "sampled" / "samples.npz")["arr_0"].shape == (6, 8, 8, 1)
+
+
+def test_a_hub_id_offline_and_a_wrong_folder_are_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        load_vae("nobody/no-such-vae")
+    assert "HF_HUB_OFFLINE" in str(e.value) and "save_pretrained" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no diffusers AutoencoderKL in that folder"):
+        load_vae(str(tmp_path / "empty"))
