@@ -82,3 +82,29 @@ def test_a_hub_id_offline_and_a_wrong_folder_are_one_clear_line(tmp_path, monkey
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no diffusers AutoencoderKL in that folder"):
         load_vae(str(tmp_path / "empty"))
+
+
+def test_inception_fid_needs_no_classifier_and_reports_no_sample_accuracy(tmp_path, monkeypatch):
+    # Inception's weights are not here: a stand-in feature network takes their place, so what is tested is that an
+    # Inception-FID run (the paper's ImageNet setting) scores its samples without a classifier checkpoint.
+    import pixelformer.tasks.dit as dit
+    from pixelformer import create_backbone
+    from pixelformer.metrics import ClassifierFeatures, build_fid
+
+    torch.manual_seed(0)
+    stand_in = ClassifierFeatures(create_backbone("pit_mini", img_size=8, in_chans=1, depth=1, num_classes=10),
+                                  (0.5,), (0.25,))
+    calls = []
+
+    def fake_build_fid(features, classifier, weights, shape, reset_real_features=True):
+        calls.append((features, classifier, weights))
+        return build_fid("classifier", stand_in, None, shape, reset_real_features)
+    monkeypatch.setattr(dit, "build_fid", fake_build_fid)
+    cfg = tiny_cfg(tmp_path / "run", "task=dit", "task.fid_features=inception", "task.inception_weights=inception.pth",
+                   "trainer.max_steps=4", "task.sample_steps=2", "task.num_eval_samples=10",
+                   "task.samples_per_class=1")
+    assert get_task("dit").monitor(cfg) == ("test/fid", "min")
+    metrics = fit(cfg)
+    assert np.isfinite(metrics["test/fid"]) and np.isfinite(metrics["test/fid_untrained"])
+    assert not any("sample_acc" in k for k in metrics)
+    assert calls and all(c[0] == "inception" and c[1] is None and c[2] == "inception.pth" for c in calls)

@@ -236,7 +236,7 @@ class DiTTask(Task):
     ema_target = "denoiser"  # the trainer keeps its EMA (task.ema_decay); evaluation and sampling use that copy
 
     def monitor(self, cfg: DictConfig) -> tuple[str, str]:
-        return ("test/fid", "min") if cfg.task.classifier_ckpt is not None else ("test/loss", "min")
+        return ("test/fid", "min") if scores_samples(cfg.task) else ("test/loss", "min")
 
     def check(self, cfg: DictConfig, data: DataInfo) -> None:
         t = cfg.task
@@ -276,7 +276,7 @@ class DiTTask(Task):
         """The diffusion loss on the test split (training weights); with a classifier, FID and sample accuracy of
         the EMA denoiser's samples, next to an untrained denoiser's."""
         metrics = {"test/loss": mean_loss(ctx.fabric, module, ctx.loaders["test"])}
-        if ctx.cfg.task.classifier_ckpt is None:
+        if not scores_samples(ctx.cfg.task):
             return metrics
         metrics.update(self.sample_metrics(ctx, module, ctx.ema, ""))
         if ctx.cfg.task.untrained_baseline:
@@ -286,13 +286,16 @@ class DiTTask(Task):
                                               lambda fresh: self.sample_metrics(ctx, module, fresh, "_untrained")))
         return metrics
 
-    def scorers(self, ctx: EvalContext) -> tuple[ClassifierFeatures, Any]:
-        """The FID classifier and a Fréchet-distance metric holding the real test images' feature statistics
-        (fed batch by batch), made once per run."""
+    def scorers(self, ctx: EvalContext) -> tuple[Optional[ClassifierFeatures], Any]:
+        """The classifier (``None`` without ``task.classifier_ckpt``: Inception FID only, no sample accuracy) and a
+        Fréchet-distance metric holding the real test images' feature statistics (fed batch by batch), made once
+        per run."""
         t, data, fabric = ctx.cfg.task, ctx.data, ctx.fabric
         if "classifier" not in ctx.cache:
-            ctx.cache["classifier"] = load_classifier(t.classifier_ckpt)
-        classifier = ctx.cache["classifier"] = fabric.to_device(ctx.cache["classifier"])
+            ctx.cache["classifier"] = load_classifier(t.classifier_ckpt) if t.classifier_ckpt is not None else None
+        classifier = ctx.cache["classifier"]
+        if classifier is not None:
+            classifier = ctx.cache["classifier"] = fabric.to_device(classifier)
         if "fid" not in ctx.cache:
             ctx.cache["fid"] = real_image_fid(fabric, classifier, ctx.loaders["test"], data, t)
         return classifier, ctx.cache["fid"]
@@ -316,11 +319,14 @@ class DiTTask(Task):
                                            fabric.world_size):
             fake01 = (fake + 1) / 2
             fid.update(fake01, real=False)
-            correct += (classifier.logits(fake01).argmax(dim=1) == chunk).sum()
+            if classifier is not None:
+                correct += (classifier.logits(fake01).argmax(dim=1) == chunk).sum()
         correct = fabric.all_reduce(correct, reduce_op="sum")
         # torchmetrics sums the real and generated feature statistics of every process in compute()
-        return {f"test/fid{suffix}": float(fid.compute()), f"test/sample_acc{suffix}": 100.0 * float(correct) /
-                len(labels)}
+        metrics = {f"test/fid{suffix}": float(fid.compute())}
+        if classifier is not None:
+            metrics[f"test/sample_acc{suffix}"] = 100.0 * float(correct) / len(labels)
+        return metrics
 
     def visualize(self, module: nn.Module, ctx: EvalContext, out_dir: Path, step: int) -> list[Path]:
         """``samples.png``: one row per class, EMA weights, the configured sampler and guidance."""
@@ -329,6 +335,12 @@ class DiTTask(Task):
         denoiser = ctx.ema if ctx.ema is not None else module.denoiser
         images = torch.cat([x for _, x in generate_chunks(module, denoiser, labels, ctx.cfg, ctx.fabric.device)])
         return [save_image_grid((images + 1) / 2, out_dir / "samples.png", nrow=per_class)]
+
+
+def scores_samples(t: DictConfig) -> bool:
+    """Whether evaluation generates samples and scores them: with a classifier (its features for FID, and sample
+    accuracy) or with Inception features (FID only)."""
+    return t.classifier_ckpt is not None or t.fid_features == "inception"
 
 
 def real_image_fid(fabric: Any, classifier: ClassifierFeatures, loader: Any, data: DataInfo, t: DictConfig) -> Any:
