@@ -1,5 +1,9 @@
 """Latent diffusion: the dit task on the latents of a diffusers AutoencoderKL (a tiny random one, saved locally;
 nothing is downloaded)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +15,7 @@ from pixelformer.data import DataInfo
 from pixelformer.diffusion import latent_geometry, load_vae
 from pixelformer.engine import fit
 from pixelformer.task import get_task
-from conftest import QUIET, TINY_MODEL, run_tool, tiny_cfg
+from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +76,12 @@ def test_latent_training_lowers_the_loss_then_samples_images(tiny_vae, tmp_path)
                    "device=cpu", f"out={tmp_path / 'sampled'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert np.load(tmp_path / "sampled" / "samples.npz")["arr_0"].shape == (6, 8, 8, 1)
+    # the sampling benchmark times a latent run with its decoding
+    bench = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampling.py"), "--ckpt",
+                            str(run_dir / "checkpoints" / "last.ckpt"), "--batch", "4", "--repeats", "1"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "VAE decoding included" in bench.stdout and "dpm" in bench.stdout
 
 
 def test_a_hub_id_offline_and_a_wrong_folder_are_one_clear_line(tmp_path, monkeypatch):
