@@ -7,9 +7,10 @@ A task is a stateless plug-in: a subclass of :class:`Task` decorated with ``@reg
 * ``build_module(cfg, data)``: an ``nn.Module`` whose ``forward(batch)`` returns a dict with a scalar ``"loss"``
   (Fabric wraps only ``forward``, so everything that must run under autocast/DDP happens there);
 * ``evaluate(module, ctx)``: metrics on the test split, reduced over processes; ``ctx`` is an :class:`EvalContext`;
-* optionally ``check`` (refuse a bad config before training), ``visualize`` (pictures for the run directory and
-  W&B), ``init_from`` (start from pretrained weights), ``monitored`` (the metric that picks ``best.ckpt``) and
-  ``ema_target`` (the submodule whose exponential moving average the trainer keeps when ``task.ema_decay`` is set).
+* optionally ``check`` (refuse a bad config before training), ``training_set`` (what the training loader draws
+  from), ``visualize`` (pictures for the run directory and W&B), ``init_from`` (start from pretrained weights),
+  ``monitored`` (the metric that picks ``best.ckpt``) and ``ema_target`` (the submodule whose exponential moving
+  average the trainer keeps when ``task.ema_decay`` is set).
 
 Whatever must live across evaluations of one run (an untrained baseline, a loaded FID classifier) goes in
 ``ctx.cache``, never on the task object: one task object may serve several runs in a process.
@@ -35,7 +36,7 @@ from .errors import UserError, did_you_mean
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
     from omegaconf import DictConfig
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from .data import DataInfo
 
@@ -89,6 +90,11 @@ class Task:
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
         """The trainable module; ``module(batch)`` returns ``{"loss": tensor, ...}``."""
         raise NotImplementedError
+
+    def training_set(self, fabric: Fabric, cfg: DictConfig, module: nn.Module, train_set: Dataset) -> Dataset:
+        """What the training loader draws from: ``train_set``, or a cache of what ``module`` would compute from each
+        image (e.g. VAE latents)."""
+        return train_set
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
         """Metrics, identical on every process (the trainer runs this in eval mode, without gradients)."""

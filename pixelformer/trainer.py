@@ -210,9 +210,9 @@ class Trainer:
         self.architecture = describe_module(module)
         optimizer = build_optimizer(module, cfg.optim, fabric.device)
 
-        batch_size = cfg.data.batch_size
+        batch_size, train_data = cfg.data.batch_size, task.training_set(fabric, cfg, module, train_set)
         self.train_loader = leave_signals_to_main(build_loader(
-            train_set, batch_size, True, cfg.run.seed, fabric.global_rank, fabric.world_size, cfg.data.num_workers,
+            train_data, batch_size, True, cfg.run.seed, fabric.global_rank, fabric.world_size, cfg.data.num_workers,
             fabric.device if cfg.data.on_device else None))
         if len(self.train_loader) == 0:
             raise UserError(f"the training split has {len(train_set)} images, fewer than one batch per process")

@@ -118,3 +118,46 @@ def test_inception_fid_needs_no_classifier_and_reports_no_sample_accuracy(tmp_pa
     assert np.isfinite(metrics["test/fid"]) and np.isfinite(metrics["test/fid_untrained"])
     assert not any("sample_acc" in k for k in metrics)
     assert calls and all(c[0] == "inception" and c[1] is None and c[2] == "inception.pth" for c in calls)
+
+
+def test_cached_latents_are_written_once_checked_and_trained_on(tiny_vae, tmp_path):
+    cache_dir = tmp_path / "cache"
+    args = ("task=dit", f"task.vae={tiny_vae}", "task.cache_latents=true", f"task.latent_cache_dir={cache_dir}",
+            "data.limit_train=128", "data.batch_size=32", "trainer.max_steps=8", "task.sample_steps=2",
+            "task.samples_per_class=1")
+    out = run_tool("cache_latents", *QUIET[2:], f"task.vae={tiny_vae}", f"task.latent_cache_dir={cache_dir}",
+                   "data.limit_train=128")
+    assert out.returncode == 0, out.stderr[-2000:]
+    path = cache_dir / "digits-8px.pt"
+    assert "wrote" in out.stdout and str(path) in out.stdout and "128 images" in out.stdout
+    saved = torch.load(path, weights_only=True)
+    assert saved["params"].shape == (128, 8, 4, 4) and saved["manifest"]["vae"] == str(tiny_vae)
+    assert (saved["params"][:, 4:] > 0).all()  # the second half is the posterior's standard deviation
+    before = path.stat().st_mtime_ns
+    fit(tiny_cfg(tmp_path / "run", *args))
+    assert path.stat().st_mtime_ns == before  # read, not written again
+    again = run_tool("cache_latents", *QUIET[2:], f"task.vae={tiny_vae}", f"task.latent_cache_dir={cache_dir}",
+                     "data.limit_train=128")
+    assert again.returncode == 0 and again.stdout.startswith("checked")
+    # a cache made for other data is refused, naming the key, both values and the fix
+    with pytest.raises(UserError, match=r"was made with limit_train=128, this run has 64: delete it"):
+        fit(tiny_cfg(tmp_path / "other", *args[:-5], "data.limit_train=64", "trainer.max_steps=1"))
+    with pytest.raises(UserError, match="stores one latent per image, without data.augment=flip"):
+        fit(tiny_cfg(tmp_path / "aug", *args, "data.augment=flip"))
+    with pytest.raises(UserError, match="task.cache_latents=true caches VAE latents: set task.vae"):
+        fit(tiny_cfg(tmp_path / "pixels", "task=dit", "task.cache_latents=true", "trainer.max_steps=1"))
+
+
+def test_a_cached_posterior_trains_like_encoding_at_every_step(tiny_vae):
+    # The same images through the cache (mean, std) or the encoder: the same distribution of latents per image.
+    from pixelformer.latents import encode_posteriors
+
+    cfg = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.vae={tiny_vae}"])
+    module = get_task("dit").build_module(cfg, DataInfo("digits", 10, 1, 8, (0.5,), (0.25,)))
+    images = torch.randn(4, 1, 8, 8)
+    params = encode_posteriors(module.vae, [(x, 0) for x in images], module.to_unit_range, torch.device("cpu"))
+    torch.manual_seed(3)
+    cached = module((params, torch.arange(4)))["loss"]
+    torch.manual_seed(3)
+    encoded = module((images, torch.arange(4)))["loss"]
+    assert torch.allclose(cached, encoded, atol=1e-5)

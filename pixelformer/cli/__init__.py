@@ -15,14 +15,14 @@ from typing import Callable
 
 from ..errors import UserError
 
-__all__ = ["eval_main", "groups_help", "parse_kv", "prog", "report_main", "run_main", "sample_main", "sweep_main",
-           "train_main", "usage"]
+__all__ = ["cache_latents_main", "eval_main", "groups_help", "parse_kv", "prog", "report_main", "run_main",
+           "sample_main", "sweep_main", "train_main", "usage"]
 
 
 def prog(command: str) -> str:
     """How ``command`` was started: ``pixelformer-train`` as the console script, else ``python tools/train.py``."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return name if name == f"pixelformer-{command}" else f"python tools/{command}.py"
+    return name if name == f"pixelformer-{command.replace('_', '-')}" else f"python tools/{command}.py"
 
 
 def usage(text: str, command: str) -> str:
@@ -98,6 +98,12 @@ def sweep_main() -> None:
     """``pixelformer-sweep``: :func:`pixelformer.cli.sweep.main`."""
     from . import sweep
     run_main(sweep.main)
+
+
+def cache_latents_main() -> None:
+    """``pixelformer-cache-latents``: :func:`pixelformer.cli.cache_latents.main`."""
+    from . import cache_latents
+    run_main(cache_latents.main)
 
 
 def report_main() -> None:

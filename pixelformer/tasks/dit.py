@@ -56,6 +56,8 @@ class DiTTaskCfg(TaskCfg):
     # latents the denoiser learns; samples are decoded through it. None: pixel space.
     vae: Optional[str] = None
     vae_scaling_factor: Optional[float] = None  # None: the VAE's own config.scaling_factor (SD's: 0.18215)
+    cache_latents: bool = False  # encode the training split once (pixelformer/latents.py), not at every step
+    latent_cache_dir: Optional[str] = None  # None: <data.root>/latent-cache (runs/latent-cache for embedded data)
 
 
 class DiffusionTrainer(nn.Module):
@@ -103,7 +105,13 @@ class DiffusionTrainer(nn.Module):
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch
-        x0 = self.encode(self.to_unit_range(images))
+        if self.vae is not None and images.shape[1:] == (2 * self.sample_shape[0], *self.sample_shape[1:]):
+            mean, std = images.float().chunk(2, dim=1)  # a cached posterior (pixelformer.latents): a fresh draw,
+            # in logical order like diffusers' posterior.sample() (randn_like would follow a channels-last layout)
+            draw = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+            x0 = (mean + std * draw) * self.latent_scale
+        else:
+            x0 = self.encode(self.to_unit_range(images))
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         xt = self.scheduler.add_noise(x0, noise, t)
@@ -266,6 +274,21 @@ class DiTTask(Task):
         scale = t.vae_scaling_factor if t.vae_scaling_factor is not None else vae.config.scaling_factor
         latents = dataclasses.replace(data, in_chans=channels, img_size=side)
         return DiffusionTrainer(build_denoiser(cfg, latents), scheduler, data.mean, data.std, vae, scale)
+
+    def training_set(self, fabric: Any, cfg: DictConfig, module: nn.Module, train_set: Any) -> Any:
+        """With ``task.cache_latents``: the training split's VAE posteriors, encoded once (``pixelformer.latents``)."""
+        if not cfg.task.cache_latents:
+            return train_set
+        if module.vae is None:
+            raise UserError("task.cache_latents=true caches VAE latents: set task.vae=<AutoencoderKL folder or hub id>, "
+                            "or task.cache_latents=false")
+        if module.sample_shape[1:] == (train_set[0][0].shape[-2], train_set[0][0].shape[-1]):
+            raise UserError(f"task.cache_latents=true needs a VAE that downsamples: task.vae={cfg.task.vae} keeps the "
+                            f"image size, so cached latents and images could not be told apart")
+        from pixelformer.latents import latent_training_set
+
+        return latent_training_set(cfg, module.vae, train_set, module.to_unit_range, fabric.device,
+                                   write=fabric.is_global_zero, wait=fabric.barrier)
 
     def init_from(self, module: nn.Module, path: str) -> dict[str, list[str]]:
         """Start the denoiser (and so its EMA) from another DiT's weights; see :func:`load_denoiser_weights`."""
