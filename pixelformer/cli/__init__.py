@@ -6,6 +6,7 @@ package (``pixelformer-train``, ``pixelformer-eval``, ``pixelformer-sample``, ``
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -76,37 +77,20 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
 
 
 # ------------------------------------------------------------------------------------- console scripts (setup.cfg)
-def train_main() -> None:
-    """``pixelformer-train``: :func:`pixelformer.cli.train.main`."""
-    from . import train
-    run_main(train.main)
+def _console_script(command: str) -> Callable[[], None]:
+    """The ``pixelformer-<command>`` entry point: runs :func:`pixelformer.cli.<command>.main` through
+    :func:`run_main`, importing the command's module only when it is started."""
+    def entry_point() -> None:
+        run_main(importlib.import_module(f"{__name__}.{command}").main)
+
+    entry_point.__name__ = entry_point.__qualname__ = f"{command}_main"
+    entry_point.__doc__ = f"``pixelformer-{command.replace('_', '-')}``: :func:`pixelformer.cli.{command}.main`."
+    return entry_point
 
 
-def eval_main() -> None:
-    """``pixelformer-eval``: :func:`pixelformer.cli.eval.main`."""
-    from . import eval as eval_
-    run_main(eval_.main)
-
-
-def sample_main() -> None:
-    """``pixelformer-sample``: :func:`pixelformer.cli.sample.main`."""
-    from . import sample
-    run_main(sample.main)
-
-
-def sweep_main() -> None:
-    """``pixelformer-sweep``: :func:`pixelformer.cli.sweep.main`."""
-    from . import sweep
-    run_main(sweep.main)
-
-
-def cache_latents_main() -> None:
-    """``pixelformer-cache-latents``: :func:`pixelformer.cli.cache_latents.main`."""
-    from . import cache_latents
-    run_main(cache_latents.main)
-
-
-def report_main() -> None:
-    """``pixelformer-report``: :func:`pixelformer.cli.report.main`."""
-    from . import report
-    run_main(report.main)
+train_main = _console_script("train")
+eval_main = _console_script("eval")
+sample_main = _console_script("sample")
+sweep_main = _console_script("sweep")
+cache_latents_main = _console_script("cache_latents")
+report_main = _console_script("report")
