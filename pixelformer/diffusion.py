@@ -7,6 +7,7 @@ the schedulers' clipping of the predicted clean image is right.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Literal, Optional
@@ -15,8 +16,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
-__all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "guided_eps", "latent_geometry", "load_vae",
-           "sample", "sample_chunks"]
+__all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "guided_output", "latent_geometry",
+           "learned_range_log_variance", "load_vae", "sample", "sample_chunks", "variational_bound"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
@@ -27,10 +28,14 @@ def build_train_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = 
                          prediction_type="epsilon", clip_sample=True)
 
 
-def build_sampling_scheduler(train_config: dict, sampler: Literal["ddpm", "ddim", "dpm"]):
-    """A sampler on the training schedule: ``ddpm`` (ancestral), ``ddim`` (eta 0) or ``dpm`` (DPM-Solver++ 2M)."""
+def build_sampling_scheduler(train_config: dict, sampler: Literal["ddpm", "ddim", "dpm"],
+                             learned_variance: bool = False):
+    """A sampler on the training schedule: ``ddpm`` (ancestral), ``ddim`` (eta 0) or ``dpm`` (DPM-Solver++ 2M).
+    With ``learned_variance`` DDPM takes each step's variance from the denoiser's second half of channels (DiT's
+    learned sigma); DDIM and DPM-Solver++ are deterministic and use the noise half only."""
     if sampler == "ddpm":
-        return DDPMScheduler.from_config(train_config)
+        extra = {"variance_type": "learned_range"} if learned_variance else {}
+        return DDPMScheduler.from_config(train_config, **extra)
     if sampler == "ddim":
         return DDIMScheduler.from_config(train_config)
     if sampler == "dpm":
@@ -38,17 +43,18 @@ def build_sampling_scheduler(train_config: dict, sampler: Literal["ddpm", "ddim"
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-               null_label: int) -> torch.Tensor:
+def guided_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                  null_label: int) -> torch.Tensor:
     """Classifier-free guidance: ``eps_uncond + s * (eps_cond - eps_uncond)``, one doubled batch.
 
-    Only the noise channels are guided and returned (a learned-variance half, if any, is dropped); the channel count
-    comes from the input, never a hard-coded 3.
+    Only the noise channels are guided; a learned-variance half, if the denoiser has one, is the conditional pass's
+    and follows them (as in DiT's ``forward_with_cfg``). The channel count comes from the input, never a hard-coded 3.
     """
     chans = x.shape[1]
     both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
-    cond, uncond = both[:, :chans].chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    cond, uncond = both.chunk(2)
+    guided = uncond[:, :chans] + cfg_scale * (cond[:, :chans] - uncond[:, :chans])
+    return torch.cat([guided, cond[:, chans:]], dim=1)
 
 
 @torch.no_grad()
@@ -56,7 +62,8 @@ def sample(model: nn.Module, train_config: dict, labels: torch.Tensor, shape: tu
            cfg_scale: float, sampler: Literal["ddpm", "ddim", "dpm"], null_label: int,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Generate images in [-1, 1] of ``shape`` (C, H, W), one per label, deterministically under ``generator``."""
-    scheduler = build_sampling_scheduler(train_config, sampler)
+    learned_variance = getattr(model, "out_chans", shape[0]) == 2 * shape[0]
+    scheduler = build_sampling_scheduler(train_config, sampler, learned_variance)
     scheduler.set_timesteps(steps)
     device = labels.device
     model_dtype = next(model.parameters()).dtype
@@ -67,9 +74,11 @@ def sample(model: nn.Module, train_config: dict, labels: torch.Tensor, shape: tu
     for t in scheduler.timesteps:
         t_batch = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
         model_in = scheduler.scale_model_input(x, t).to(model_dtype)
-        eps = guided_eps(model, model_in, t_batch, labels, cfg_scale, null_label)
+        out = guided_output(model, model_in, t_batch, labels, cfg_scale, null_label)
+        if not (learned_variance and sampler == "ddpm"):
+            out = out[:, : shape[0]]
         kwargs = {"generator": generator} if sampler != "dpm" or generator is not None else {}
-        x = scheduler.step(eps.float(), t, x, **kwargs).prev_sample
+        x = scheduler.step(out.float(), t, x, **kwargs).prev_sample
     return x.clamp(-1, 1)
 
 
@@ -141,3 +150,64 @@ def latent_geometry(vae, img_size: int) -> tuple[int, int]:
     if img_size % factor:
         raise ValueError(f"the VAE downsamples by {factor}, which does not divide the image size {img_size}")
     return int(vae.config.latent_channels), img_size // factor
+
+
+def _posterior_tables(scheduler: DDPMScheduler, device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-timestep float64 tables of q(x_{t-1} | x_t, x_0) on the scheduler's betas (DiT's gaussian_diffusion.py
+    has the same ones): the clipped log variance repeats step 1's at step 0, where the true variance is 0."""
+    betas = scheduler.betas.double().to(device)
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    variance = betas * (1 - prev) / (1 - alphas_cumprod)
+    return {"alphas_cumprod": alphas_cumprod, "log_beta": betas.log(),
+            "log_variance": torch.cat([variance[1:2], variance[1:]]).log(),
+            "mean_x0": betas * prev.sqrt() / (1 - alphas_cumprod),
+            "mean_xt": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod)}
+
+
+def _at(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return table[t].view(-1, 1, 1, 1)
+
+
+def learned_range_log_variance(tables: dict[str, torch.Tensor], t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The denoiser's log variance from its output ``v`` in [-1, 1]: a log-space interpolation between the posterior
+    variance (v = -1) and beta_t (v = +1), Improved DDPM's "learned range" (diffusers' ``variance_type``)."""
+    frac = (v.double() + 1) / 2
+    return frac * _at(tables["log_beta"], t) + (1 - frac) * _at(tables["log_variance"], t)
+
+
+def _gaussian_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
+
+
+def _discretized_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(x) of 8-bit data in [-1, 1] (bins of width 2/255, the two edge bins open-ended) under N(mean, scale^2).
+    The normal CDF is ``torch.special.ndtr`` (DiT uses a tanh approximation of it)."""
+    inv_scale = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv_scale * (x - mean + 1 / 255))
+    cdf_min = torch.special.ndtr(inv_scale * (x - mean - 1 / 255))
+    log_bin = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                          torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(),
+                                      (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    return log_bin
+
+
+def variational_bound(scheduler: DDPMScheduler, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                      eps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-sample term L_t of the variational bound in bits per dimension, (B,): KL(q(x_{t-1}|x_t,x_0) ||
+    p(x_{t-1}|x_t)) for t > 0 and the decoder's negative log-likelihood of x_0 at t = 0.
+
+    p's mean comes from the predicted noise ``eps`` and its variance from ``v`` (:func:`learned_range_log_variance`).
+    DiT's hybrid loss adds this to the noise MSE with ``eps`` detached, so the bound trains the variance only.
+    Written here because diffusers has schedulers for sampling but no variational-bound loss for training.
+    """
+    tables = _posterior_tables(scheduler, xt.device)
+    x0, xt, eps = x0.double(), xt.double(), eps.double()
+    abar = _at(tables["alphas_cumprod"], t)
+    x0_pred = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+    true_mean = _at(tables["mean_x0"], t) * x0 + _at(tables["mean_xt"], t) * xt
+    model_mean = _at(tables["mean_x0"], t) * x0_pred + _at(tables["mean_xt"], t) * xt
+    model_log_var = learned_range_log_variance(tables, t, v)
+    kl = _gaussian_kl(true_mean, _at(tables["log_variance"], t), model_mean, model_log_var).flatten(1).mean(1)
+    nll = -_discretized_log_likelihood(x0, model_mean, 0.5 * model_log_var).flatten(1).mean(1)
+    return (torch.where(t == 0, nll, kl) / math.log(2)).float()

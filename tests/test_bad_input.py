@@ -116,7 +116,6 @@ CATALOGUE = [
     ("mask ratio of 1", ["task=mae", "task.mask_ratio=1.0"], "task.mask_ratio must be in [0, 1)"),
     ("norm_pix_loss on 1-channel pixels", ["task=mae", "task.norm_pix_loss=true"], "single value"),
     ("FID classifier checkpoint missing", ["task=dit", "task.classifier_ckpt={tmp}/none.ckpt"], "not found"),
-    ("learned sigma without a VLB loss", ["task=dit", "task.learn_sigma=true"], "variational-bound"),
     ("positions switched off for DiT", ["task=dit", "model.pos_embed=none"], "needs positions"),
     ("depth 0", ["model.depth=0"], "model.depth must be positive (or null for the model's default), got 0"),
     ("MLP ratio 0", ["model.mlp_ratio=0"], "model.mlp_ratio must be positive"),

@@ -1,5 +1,6 @@
 """DiT: adaLN-Zero, shapes for every size, training, EMA, deterministic guided sampling, offline FID."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 from pixelformer import UserError, create_backbone, list_backbones
 from pixelformer.checkpoint import read_checkpoint
-from pixelformer.diffusion import build_train_scheduler, guided_eps, sample, sample_chunks
+from pixelformer.diffusion import build_sampling_scheduler, build_train_scheduler, guided_output, sample, sample_chunks, \
+    variational_bound
 from pixelformer.trainer import EMA
 from pixelformer.engine import evaluate_checkpoint, fit
 from pixelformer.metrics import ClassifierFeatures, build_fid
@@ -52,10 +54,14 @@ def test_denoiser_for_every_registered_size(name):
 def test_guidance_scale_one_is_the_conditional_prediction():
     model = perturbed(create_dit("pit_mini", **TINY)).eval()
     x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 2, 4])
-    assert torch.allclose(guided_eps(model, x, t, y, 1.0, null_label=5), model(x, t, y), atol=1e-6)
-    assert torch.allclose(guided_eps(model, x, t, y, 0.0, null_label=5), model(x, t, torch.full_like(y, 5)),
+    assert torch.allclose(guided_output(model, x, t, y, 1.0, null_label=5), model(x, t, y), atol=1e-6)
+    assert torch.allclose(guided_output(model, x, t, y, 0.0, null_label=5), model(x, t, torch.full_like(y, 5)),
                           atol=1e-6)
-    assert not torch.allclose(guided_eps(model, x, t, y, 4.0, null_label=5), model(x, t, y), atol=1e-4)
+    assert not torch.allclose(guided_output(model, x, t, y, 4.0, null_label=5), model(x, t, y), atol=1e-4)
+    # a learned variance is not guided: it is the conditional pass's, as in DiT's forward_with_cfg
+    sigma = perturbed(create_dit("pit_mini", **TINY, learn_sigma=True)).eval()
+    out = guided_output(sigma, x, t, y, 4.0, null_label=5)
+    assert out.shape == (3, 6, 8, 8) and torch.allclose(out[:, 3:], sigma(x, t, y)[:, 3:], atol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm", "ddpm"])
@@ -116,8 +122,6 @@ def test_missing_feature_extractor_and_unsupported_options_are_explained(run_dir
         fit(tiny_cfg(run_dir, "task=dit", f"task.classifier_ckpt={tmp_path / 'nope.ckpt'}", "trainer.max_steps=1"))
     with pytest.raises(UserError, match="Inception|torch-fidelity"):
         fit(tiny_cfg(run_dir, "task=dit", "task.fid_features=inception", "trainer.max_steps=1"))
-    with pytest.raises(UserError, match="variational-bound"):
-        fit(tiny_cfg(run_dir, "task=dit", "task.learn_sigma=true", "trainer.max_steps=1"))
 
 
 DIT_ARGS = ("task=dit", "data.batch_size=64", "optim.lr=2e-3", "trainer.max_steps=60", "trainer.log_every_steps=10",
@@ -172,9 +176,9 @@ def test_dit_resume_restores_weights_and_ema_exactly(tmp_path, monkeypatch):
             assert torch.equal(a[part][key], b[part][key]), (part, key)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm", "ddpm"])
-def test_sharded_sampling_gives_the_same_samples_whatever_the_number_of_processes(sampler):
-    model = perturbed(create_dit("pit_mini", **TINY)).eval()
+@pytest.mark.parametrize("sampler,learn_sigma", [("ddim", False), ("dpm", False), ("ddpm", False), ("ddpm", True)])
+def test_sharded_sampling_gives_the_same_samples_whatever_the_number_of_processes(sampler, learn_sigma):
+    model = perturbed(create_dit("pit_mini", **TINY, learn_sigma=learn_sigma)).eval()
     config = dict(build_train_scheduler().config)
     labels = torch.arange(10) % 5
     # one process, one generator over the chunks in order: what sample() gives chunk by chunk
@@ -216,3 +220,91 @@ def test_two_process_fid_scores_all_samples_once(tmp_path, classifier_ckpt):
                                                                            "trainer.devices=1"])
     for key in ("test/fid", "test/sample_acc", "test/fid_untrained", "test/sample_acc_untrained"):
         assert one[key] == pytest.approx(two[key], rel=1e-6, abs=1e-9), key
+
+
+def _step_distribution(scheduler, output, t, xt):
+    """Mean and standard deviation of the Gaussian that diffusers' DDPM ``step`` draws x_{t-1} from, read off two
+    draws with known noise (``randn_tensor`` on the CPU is ``torch.randn`` under the generator)."""
+    draws, noises = [], []
+    for seed in (1, 2):
+        draws.append(scheduler.step(output, t, xt, generator=torch.Generator().manual_seed(seed)).prev_sample)
+        noises.append(torch.randn(xt.shape, generator=torch.Generator().manual_seed(seed)))
+    std = (draws[0] - draws[1]) / (noises[0] - noises[1])
+    return draws[0] - std * noises[0], std
+
+
+def test_variational_bound_is_the_kl_to_the_distribution_diffusers_ddpm_samples_from():
+    # The training bound and the sampler must agree on p(x_{t-1} | x_t): the KL computed here from diffusers' own
+    # DDPM steps (learned_range variance, full 1,000-step schedule) equals variational_bound's, in bits per dim.
+    torch.manual_seed(0)
+    train = build_train_scheduler()
+    config = {**dict(train.config), "clip_sample": False}
+    scheduler = build_sampling_scheduler(config, "ddpm", learned_variance=True)
+    assert scheduler.config.variance_type == "learned_range"
+    scheduler.set_timesteps(1000)
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    for step in (1, 37, 500, 999):
+        t = torch.full((2,), step)
+        xt = train.add_noise(x0, noise, t)
+        eps = noise + 0.3 * torch.randn_like(noise)  # an imperfect denoiser
+        v = torch.rand_like(x0) * 2 - 1
+        true_mean, true_std = _step_distribution(scheduler, torch.cat([noise, -torch.ones_like(v)], 1), step, xt)
+        model_mean, model_std = _step_distribution(scheduler, torch.cat([eps, v], 1), step, xt)
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(true_mean.double(), true_std.double()),
+                                               torch.distributions.Normal(model_mean.double(), model_std.double()))
+        expected = kl.flatten(1).mean(1) / math.log(2)
+        got = variational_bound(train, x0, xt, t, eps, v)
+        assert torch.allclose(got.double(), expected, rtol=2e-3, atol=1e-5), (step, got, expected)
+    # the exact noise and the true variance (v = -1): no gap between the model and the posterior
+    t = torch.full((2,), 300)
+    xt = train.add_noise(x0, noise, t)
+    assert variational_bound(train, x0, xt, t, noise, -torch.ones_like(x0)).abs().max() < 1e-4
+
+
+def test_decoder_likelihood_at_step_zero_is_a_distribution_over_the_256_pixel_values():
+    from pixelformer.diffusion import _discretized_log_likelihood
+    values = (torch.arange(256, dtype=torch.float64) / 255 * 2 - 1).view(-1, 1)
+    for mean, log_scale in ((0.0, -3.0), (0.7, -5.0), (-1.2, -1.0)):
+        log_p = _discretized_log_likelihood(values, torch.full_like(values, mean), torch.full_like(values, log_scale))
+        assert abs(float(log_p.exp().sum()) - 1) < 1e-6, (mean, log_scale)
+    # at step 0 the bound is that likelihood, in bits: a perfect denoiser with the smallest variance (v = -1: step
+    # 1's posterior variance, as DiT clips it) puts the pixel's bin under N(x0, var)
+    train = build_train_scheduler()
+    x0 = (torch.randint(1, 255, (2, 1, 4, 4)) / 255 * 2 - 1).float()  # inner bins: both edges finite
+    noise = torch.randn_like(x0)
+    t = torch.zeros(2, dtype=torch.long)
+    xt = train.add_noise(x0, noise, t)
+    betas = train.betas.double()
+    abar = torch.cumprod(1 - betas, 0)
+    std = (betas[1] * (1 - abar[0]) / (1 - abar[1])).sqrt()
+    normal = torch.distributions.Normal(0.0, std)
+    expected = -math.log2(float(normal.cdf(torch.tensor(1 / 255)) - normal.cdf(torch.tensor(-1 / 255))))
+    got = variational_bound(train, x0, xt, t, noise, -torch.ones_like(x0))
+    assert torch.allclose(got.double(), torch.full((2,), expected, dtype=torch.float64), rtol=1e-4), (got, expected)
+
+
+def test_learned_sigma_trains_with_the_hybrid_loss_and_samples_with_its_variance(run_dir):
+    metrics = fit(tiny_cfg(run_dir, *DIT_ARGS, "task.learn_sigma=true", "task.sampler=ddpm"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/loss" in r]
+    assert {"train/mse", "train/vb"} <= set(train[-1])
+    assert all(abs(r["train/loss"] - r["train/mse"] - r["train/vb"]) < 1e-4 for r in train)
+    assert train[-1]["train/loss"] < 0.7 * train[0]["train/loss"] and train[-1]["train/vb"] < train[0]["train/vb"]
+    assert math.isfinite(metrics["test/loss"]) and (run_dir / "samples.png").exists()
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["ema"]["final_layer.linear.weight"].shape[0] == 2 * 1  # noise and variance for the 1 digit channel
+    # the ddpm sampler draws with the learned variance: changing the variance output changes the samples
+    model = create_dit("pit_mini", **TINY, learn_sigma=True).eval()
+    config = dict(build_train_scheduler().config)
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        model.final_layer.linear.bias[3:] = -1.0
+        low = sample(model, config, labels, (3, 8, 8), 5, 1.0, "ddpm", 5, torch.Generator().manual_seed(0))
+        model.final_layer.linear.bias[3:] = 1.0
+        high = sample(model, config, labels, (3, 8, 8), 5, 1.0, "ddpm", 5, torch.Generator().manual_seed(0))
+        ddim = [sample(model, config, labels, (3, 8, 8), 5, 1.0, "ddim", 5, torch.Generator().manual_seed(0))]
+        model.final_layer.linear.bias[3:] = -1.0
+        ddim.append(sample(model, config, labels, (3, 8, 8), 5, 1.0, "ddim", 5, torch.Generator().manual_seed(0)))
+    assert not torch.allclose(low, high)
+    assert torch.equal(ddim[0], ddim[1])  # deterministic samplers use the noise half only

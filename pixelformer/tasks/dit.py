@@ -6,7 +6,9 @@ the test split and, with ``task.classifier_ckpt`` (a ``cls`` checkpoint of the s
 between generated and real test images on that classifier's features and its accuracy on the samples given their
 conditioning labels, next to the same numbers for an untrained denoiser.
 
-diffusers provides no variational-bound loss, so the variance is not learned here (``learn_sigma`` is refused).
+With ``task.learn_sigma`` the denoiser also outputs a per-pixel variance (DiT's and Improved DDPM's "learned
+range"), trained by DiT's hybrid loss: the noise MSE plus the variational bound with the predicted noise held fixed
+(``pixelformer.diffusion.variational_bound``); DDPM sampling then takes its step variances from the denoiser.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import nn
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import eval_batch_size
 from pixelformer.data import DataInfo
-from pixelformer.diffusion import build_train_scheduler, latent_geometry, load_vae, sample_chunks
+from pixelformer.diffusion import build_train_scheduler, latent_geometry, load_vae, sample_chunks, variational_bound
 from pixelformer.errors import CheckpointError, UserError
 from pixelformer.layers import is_sincos_table, resize_pos_embed
 from pixelformer.metrics import ClassifierFeatures, build_fid, load_classifier
@@ -40,7 +42,7 @@ class DiTTaskCfg(TaskCfg):
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     label_dropout: float = 0.1  # probability of training a sample unconditionally (classifier-free guidance)
-    learn_sigma: bool = False  # refused: diffusers has no variational-bound loss to train it
+    learn_sigma: bool = False  # also learn the variance (DiT's hybrid loss); used by the ddpm sampler
     ema_decay: float = 0.9999  # ramped up from (1 + step) / (10 + step) early in training
     sampler: Literal["ddpm", "ddim", "dpm"] = "ddim"
     sample_steps: int = 50
@@ -62,7 +64,8 @@ class DiTTaskCfg(TaskCfg):
 
 class DiffusionTrainer(nn.Module):
     """``forward(batch)`` noises the images (or their VAE latents) at random timesteps and returns the
-    epsilon-prediction loss; ``decode`` maps what the denoiser generates back to images in [-1, 1]."""
+    epsilon-prediction loss (plus the variational bound for a denoiser that learns its variance: DiT's hybrid
+    loss); ``decode`` maps what the denoiser generates back to images in [-1, 1]."""
 
     def __init__(self, denoiser: DiT, scheduler, mean: tuple[float, ...], std: tuple[float, ...], vae: Any = None,
                  latent_scale: float = 1.0) -> None:
@@ -115,8 +118,14 @@ class DiffusionTrainer(nn.Module):
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         xt = self.scheduler.add_noise(x0, noise, t)
-        pred = self.denoiser(xt.to(images.dtype), t, labels)
-        return {"loss": F.mse_loss(pred[:, : x0.shape[1]].float(), noise.float())}
+        pred = self.denoiser(xt.to(images.dtype), t, labels).float()
+        eps, variance = pred[:, : x0.shape[1]], pred[:, x0.shape[1]:]
+        mse = (eps - noise.float()).square().flatten(1).mean(1)
+        if variance.shape[1] == 0:
+            return {"loss": mse.mean()}
+        # DiT's hybrid loss: the bound sees the noise prediction detached, so it trains the variance only
+        vb = variational_bound(self.scheduler, x0, xt, t, eps.detach(), variance)
+        return {"loss": (mse + vb).mean(), "mse": mse.mean().detach(), "vb": vb.mean().detach()}
 
 
 def check_task_config(t: DictConfig) -> None:
@@ -162,7 +171,8 @@ def build_denoiser(cfg: DictConfig, data: DataInfo) -> DiT:
         return create_dit(model.name, img_size=data.img_size, in_chans=data.in_chans, num_classes=data.num_classes,
                           patch_size=model.patch_size, depth=model.depth, embed_dim=model.embed_dim,
                           num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, pos_embed=model.pos_embed,
-                          norm_eps=model.norm_eps, class_dropout_prob=cfg.task.label_dropout)
+                          norm_eps=model.norm_eps, class_dropout_prob=cfg.task.label_dropout,
+                          learn_sigma=cfg.task.learn_sigma)
     except ValueError as e:
         raise UserError(f"cannot build a DiT {model.name} for {data.name} ({data.img_size}x{data.img_size}x"
                         f"{data.in_chans}): {e}") from None
@@ -230,7 +240,7 @@ def load_denoiser_weights(denoiser: DiT, state: dict[str, torch.Tensor], source:
         raise CheckpointError(
             f"the checkpoint's {source} do not fit this dit denoiser:\n  " + "\n  ".join(problems[:10]) + more
             + "\n  Configure the model like the checkpoint's (model=<its size>, model.depth, model.embed_dim, "
-              "model.num_heads, model.patch_size, model.pos_embed) on data with the same channels."
+              "model.num_heads, model.patch_size, model.pos_embed, task.learn_sigma) on data with the same channels."
         )
     denoiser.load_state_dict(loaded, strict=False)
     return {"loaded": sorted(loaded), "dropped": [], "reinitialised": sorted(reinitialised),
@@ -248,9 +258,6 @@ class DiTTask(Task):
 
     def check(self, cfg: DictConfig, data: DataInfo) -> None:
         t = cfg.task
-        if t.learn_sigma:
-            raise UserError("task.learn_sigma=true needs a variational-bound loss, which diffusers does not provide; "
-                            "train epsilon only (learn_sigma=false)")
         check_task_config(t)
         if t.classifier_ckpt is not None:
             load_classifier(t.classifier_ckpt)  # a missing or wrong file fails now, not at the first evaluation
