@@ -45,11 +45,11 @@ def main() -> None:
     data = ["data=fashion_mnist", "data.train_subset=6400"]
     common = ["tools/train.py", "task=dit", *data, "model=pit_mini", "data.batch_size=64",
               f"trainer.max_steps={opts.steps}", "trainer.log_every_steps=50", f"trainer.eval_every_steps={opts.steps}",
-              f"task.vae={out / 'vae'}", "logger=disabled", "trainer.progress_bar=false", "data.limit_test=256"]
+              f"task.latent.vae={out / 'vae'}", "logger=disabled", "trainer.progress_bar=false", "data.limit_test=256"]
     walls = {"encode every step": run([*common, f"run.dir={out / 'encode'}"])}
-    walls["write the cache"] = run(["tools/cache_latents.py", *data, f"task.vae={out / 'vae'}",
-                                    f"task.latent_cache_dir={out / 'cache'}"])
-    walls["from the cache"] = run([*common, "task.cache_latents=true", f"task.latent_cache_dir={out / 'cache'}",
+    walls["write the cache"] = run(["tools/cache_latents.py", *data, f"task.latent.vae={out / 'vae'}",
+                                    f"task.latent.cache_dir={out / 'cache'}"])
+    walls["from the cache"] = run([*common, "task.latent.cache=true", f"task.latent.cache_dir={out / 'cache'}",
                                    f"run.dir={out / 'cached'}"])
     print(f"{'run':<18} {'wall s':>7} {'img/s per window (set-up excluded)':<40} {'median':>7}")
     rates = {}

@@ -135,11 +135,11 @@ def load_vae(name: str):
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... depending on what is missing
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if path.exists():
-            raise UserError(f"task.vae={name}: no diffusers AutoencoderKL in that folder ({reason}); point it at a "
+            raise UserError(f"task.latent.vae={name}: no diffusers AutoencoderKL in that folder ({reason}); point it at a "
                             f"folder written by AutoencoderKL.save_pretrained") from None
-        raise UserError(f"task.vae={name}: not a local folder, and the hub id could not be loaded ({reason}); "
+        raise UserError(f"task.latent.vae={name}: not a local folder, and the hub id could not be loaded ({reason}); "
                         f"offline (HF_HUB_OFFLINE=1, or no network) a hub id loads only from the local cache: download "
-                        f"it once, or point task.vae at a local folder written by AutoencoderKL.save_pretrained") from None
+                        f"it once, or point task.latent.vae at a local folder written by AutoencoderKL.save_pretrained") from None
     return vae.eval().requires_grad_(False)
 
 

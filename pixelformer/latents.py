@@ -1,11 +1,12 @@
 """A cache of VAE latents for latent diffusion: the posterior of every training image, encoded once.
 
 DiT encodes its training set once before training (its ``extract_features.py``) instead of running the VAE encoder
-at every step. Here ``task.cache_latents=true`` (or ``tools/cache_latents.py``) writes the posterior mean and standard
+at every step. Here ``task.latent.cache=true`` (or ``tools/cache_latents.py``) writes the posterior mean and standard
 deviation of every training image to ``<dir>/<dataset>-<size>px.pt`` with a manifest naming the VAE, its config,
 the dataset, the image size and the subset; training samples from the cached posterior (a fresh draw every step, as
-encoding would give) and refuses a cache whose manifest differs from the run's. One latent per image: the cache
-holds no augmentation.
+encoding would give) and refuses a cache whose manifest differs from the run's. With ``data.augment=flip`` (DiT's
+recipe) the cache also holds the posterior of every image's mirror image, and each step takes one of the two at
+random (seeded per sample, like the pixel-space flip); other augmentations cannot be cached.
 """
 from __future__ import annotations
 
@@ -27,33 +28,44 @@ CACHE_FORMAT = "pixelformer-latents/1"
 
 
 def cache_manifest(cfg: DictConfig, img_size: int, vae: Any, images: int) -> dict[str, Any]:
-    """What the cached latents depend on: the VAE (name and a digest of its config), the data and its subset."""
+    """What the cached latents depend on: the VAE (name and a digest of its config), the data, its subset and
+    whether mirror images are held."""
     vae_config = json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")}, sort_keys=True,
                             default=str)
-    return {"format": CACHE_FORMAT, "vae": str(cfg.task.vae),
+    return {"format": CACHE_FORMAT, "vae": str(cfg.task.latent.vae),
             "vae_config": hashlib.sha256(vae_config.encode()).hexdigest()[:16], "dataset": cfg.data.name,
             "img_size": img_size, "train_subset": cfg.data.train_subset, "subset_seed": cfg.data.subset_seed,
-            "limit_train": cfg.data.limit_train, "images": images}
+            "limit_train": cfg.data.limit_train, "images": images, "flips": cfg.data.augment == "flip"}
 
 
 def cache_file(cfg: DictConfig, img_size: int) -> Path:
-    """``task.latent_cache_dir``, else ``<data.root>/latent-cache`` (``runs/latent-cache`` for embedded data)."""
-    folder = cfg.task.latent_cache_dir or (Path(cfg.data.root) / "latent-cache" if cfg.data.root else
+    """``task.latent.cache_dir``, else ``<data.root>/latent-cache`` (``runs/latent-cache`` for embedded data)."""
+    folder = cfg.task.latent.cache_dir or (Path(cfg.data.root) / "latent-cache" if cfg.data.root else
                                            Path("runs") / "latent-cache")
     return Path(folder).expanduser() / f"{cfg.data.name}-{img_size}px.pt"
 
 
 @torch.no_grad()
 def encode_posteriors(vae: Any, dataset: ImageTensorDataset, to_unit_range: Callable[[torch.Tensor], torch.Tensor],
-                      device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """(N, 2 x latent channels, h, w) float32: the posterior mean and standard deviation of every image."""
+                      device: torch.device, batch_size: int = 64, flips: bool = False) -> torch.Tensor:
+    """(N, 2 x latent channels, h, w) float32: the posterior mean and standard deviation of every image; with
+    ``flips``, (N, 2, 2 x latent channels, h, w): the image's and its horizontal mirror's."""
     vae = vae.to(device)
     params = []
     for start in range(0, len(dataset), batch_size):
         images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
-        posterior = vae.encode(to_unit_range(images.to(device)).to(vae.dtype)).latent_dist
-        params.append(torch.cat([posterior.mean, posterior.std], dim=1).float().cpu())
+        views = [images, images.flip(-1)] if flips else [images]
+        encoded = []
+        for view in views:
+            posterior = vae.encode(to_unit_range(view.to(device)).to(vae.dtype)).latent_dist
+            encoded.append(torch.cat([posterior.mean, posterior.std], dim=1).float().cpu())
+        params.append(torch.stack(encoded, dim=1) if flips else encoded[0])
     return torch.cat(params)
+
+
+def _either_view(pair: torch.Tensor) -> torch.Tensor:
+    """One of an image's two cached posteriors (itself, its mirror), drawn from the per-sample seeded generator."""
+    return pair[int(torch.randint(2, (1,)))]
 
 
 def write_cache(path: Path, params: torch.Tensor, labels: torch.Tensor, manifest: dict[str, Any]) -> None:
@@ -76,7 +88,7 @@ def read_cache(path: Path, expected: dict[str, Any]) -> tuple[torch.Tensor, torc
     if changed:
         k = changed[0]
         raise UserError(f"latent cache {path} was made with {k}={manifest.get(k)!r}, this run has {expected[k]!r}: "
-                        f"delete it (it is encoded again), or set task.latent_cache_dir to another folder")
+                        f"delete it (it is encoded again), or set task.latent.cache_dir to another folder")
     return saved["params"], saved["labels"]
 
 
@@ -85,16 +97,18 @@ def latent_training_set(cfg: DictConfig, vae: Any, train_set: ImageTensorDataset
                         write: bool = True, wait: Callable[[], None] = lambda: None) -> ImageTensorDataset:
     """The training split as cached posteriors, written first when missing (by the process with ``write``; the
     others ``wait`` for it)."""
-    if cfg.data.augment != "none":
-        raise UserError(f"task.cache_latents=true stores one latent per image, without data.augment="
-                        f"{cfg.data.augment}: set data.augment=none, or task.cache_latents=false to encode augmented "
-                        f"images at every step")
+    if cfg.data.augment not in ("none", "flip"):
+        raise UserError(f"task.latent.cache=true stores each image's latent (and its mirror's with data.augment=flip), "
+                        f"not data.augment={cfg.data.augment}: set data.augment=flip or none, or task.latent.cache=false "
+                        f"to encode augmented images at every step")
+    flips = cfg.data.augment == "flip"
+    train_set = train_set.without_augmentation()
     img_size = int(train_set[0][0].shape[-1])
     path = cache_file(cfg, img_size)
     expected = cache_manifest(cfg, img_size, vae, len(train_set))
     if write and not path.exists():
-        params = encode_posteriors(vae, train_set, to_unit_range, device)
+        params = encode_posteriors(vae, train_set, to_unit_range, device, flips=flips)
         write_cache(path, params, train_set.labels.clone(), expected)
     wait()
     params, labels = read_cache(path, expected)
-    return ImageTensorDataset(params, labels, normalize=lambda x: x)
+    return ImageTensorDataset(params, labels, normalize=lambda x: x, augment=_either_view if flips else None)

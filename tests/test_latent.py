@@ -44,16 +44,16 @@ def test_a_saved_vae_loads_frozen_and_round_trips_shapes(tiny_vae):
 
 
 def test_the_denoiser_works_on_latents_and_decodes_to_images(tiny_vae):
-    cfg = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.vae={tiny_vae}"])
+    cfg = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.latent.vae={tiny_vae}"])
     module = get_task("dit").build_module(cfg, DataInfo("digits", 10, 1, 8, (0.5,), (0.25,)))
     assert module.sample_shape == (4, 4, 4) and module.latent_scale == 0.5  # the VAE config's scaling factor
     assert module.denoiser.x_embedder.img_size == 4 and module.denoiser.in_chans == 4
-    assert "vae" not in " ".join(module.state_dict())  # frozen and loaded again from task.vae: not in checkpoints
+    assert "vae" not in " ".join(module.state_dict())  # frozen and loaded again from task.latent.vae: not in checkpoints
     images = torch.randn(2, 1, 8, 8)
     out = module((images, torch.tensor([1, 2])))
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     assert module.decode(torch.randn(2, 4, 4, 4)).shape == (2, 1, 8, 8)
-    scaled = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.vae={tiny_vae}", "task.vae_scaling_factor=0.18215"])
+    scaled = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.latent.vae={tiny_vae}", "task.latent.scaling_factor=0.18215"])
     assert get_task("dit").build_module(scaled, DataInfo("digits", 10, 1, 8, (0.5,), (0.25,))).latent_scale == 0.18215
 
 
@@ -61,7 +61,7 @@ def test_latent_training_lowers_the_loss_then_samples_images(tiny_vae, tmp_path)
     run_dir = tmp_path / "latent"
     clf = tmp_path / "clf"
     fit(tiny_cfg(clf, "trainer.max_steps=20"))
-    metrics = fit(tiny_cfg(run_dir, "task=dit", f"task.vae={tiny_vae}", "data.batch_size=64", "optim.lr=2e-3",
+    metrics = fit(tiny_cfg(run_dir, "task=dit", f"task.latent.vae={tiny_vae}", "data.batch_size=64", "optim.lr=2e-3",
                            "trainer.max_steps=60", "trainer.log_every_steps=10", "task.ema_decay=0.9",
                            "task.sample_steps=5", "task.samples_per_class=1", "task.num_eval_samples=20",
                            f"task.classifier_ckpt={clf / 'checkpoints' / 'last.ckpt'}"))
@@ -122,10 +122,10 @@ def test_inception_fid_needs_no_classifier_and_reports_no_sample_accuracy(tmp_pa
 
 def test_cached_latents_are_written_once_checked_and_trained_on(tiny_vae, tmp_path):
     cache_dir = tmp_path / "cache"
-    args = ("task=dit", f"task.vae={tiny_vae}", "task.cache_latents=true", f"task.latent_cache_dir={cache_dir}",
+    args = ("task=dit", f"task.latent.vae={tiny_vae}", "task.latent.cache=true", f"task.latent.cache_dir={cache_dir}",
             "data.limit_train=128", "data.batch_size=32", "trainer.max_steps=8", "task.sample_steps=2",
             "task.samples_per_class=1")
-    out = run_tool("cache_latents", *QUIET[2:], f"task.vae={tiny_vae}", f"task.latent_cache_dir={cache_dir}",
+    out = run_tool("cache_latents", *QUIET[2:], f"task.latent.vae={tiny_vae}", f"task.latent.cache_dir={cache_dir}",
                    "data.limit_train=128")
     assert out.returncode == 0, out.stderr[-2000:]
     path = cache_dir / "digits-8px.pt"
@@ -136,23 +136,23 @@ def test_cached_latents_are_written_once_checked_and_trained_on(tiny_vae, tmp_pa
     before = path.stat().st_mtime_ns
     fit(tiny_cfg(tmp_path / "run", *args))
     assert path.stat().st_mtime_ns == before  # read, not written again
-    again = run_tool("cache_latents", *QUIET[2:], f"task.vae={tiny_vae}", f"task.latent_cache_dir={cache_dir}",
+    again = run_tool("cache_latents", *QUIET[2:], f"task.latent.vae={tiny_vae}", f"task.latent.cache_dir={cache_dir}",
                      "data.limit_train=128")
     assert again.returncode == 0 and again.stdout.startswith("checked")
     # a cache made for other data is refused, naming the key, both values and the fix
     with pytest.raises(UserError, match=r"was made with limit_train=128, this run has 64: delete it"):
         fit(tiny_cfg(tmp_path / "other", *args[:-5], "data.limit_train=64", "trainer.max_steps=1"))
-    with pytest.raises(UserError, match="stores one latent per image, without data.augment=flip"):
-        fit(tiny_cfg(tmp_path / "aug", *args, "data.augment=flip"))
-    with pytest.raises(UserError, match="task.cache_latents=true caches VAE latents: set task.vae"):
-        fit(tiny_cfg(tmp_path / "pixels", "task=dit", "task.cache_latents=true", "trainer.max_steps=1"))
+    with pytest.raises(UserError, match="not data.augment=crop_flip: set data.augment=flip or none"):
+        fit(tiny_cfg(tmp_path / "aug", *args, "data.augment=crop_flip"))
+    with pytest.raises(UserError, match="task.latent.cache=true caches VAE latents: set task.latent.vae"):
+        fit(tiny_cfg(tmp_path / "pixels", "task=dit", "task.latent.cache=true", "trainer.max_steps=1"))
 
 
 def test_a_cached_posterior_trains_like_encoding_at_every_step(tiny_vae):
     # The same images through the cache (mean, std) or the encoder: the same distribution of latents per image.
     from pixelformer.latents import encode_posteriors
 
-    cfg = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.vae={tiny_vae}"])
+    cfg = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.latent.vae={tiny_vae}"])
     module = get_task("dit").build_module(cfg, DataInfo("digits", 10, 1, 8, (0.5,), (0.25,)))
     images = torch.randn(4, 1, 8, 8)
     params = encode_posteriors(module.vae, [(x, 0) for x in images], module.to_unit_range, torch.device("cpu"))
@@ -161,3 +161,35 @@ def test_a_cached_posterior_trains_like_encoding_at_every_step(tiny_vae):
     torch.manual_seed(3)
     encoded = module((images, torch.arange(4)))["loss"]
     assert torch.allclose(cached, encoded, atol=1e-5)
+
+
+def test_with_flips_the_cache_holds_each_image_and_its_mirror_and_training_draws_both(tiny_vae, tmp_path):
+    # DiT's recipe flips images; a cache for data.augment=flip holds both posteriors, and each step takes one of
+    # them, seeded per sample like the pixel-space flip (so a resumed run draws the same).
+    from pixelformer.data import build_datasets
+    from pixelformer.latents import encode_posteriors, latent_training_set
+
+    cache_dir = tmp_path / "cache"
+    overrides = [*QUIET, *TINY_MODEL, "task=dit", f"task.latent.vae={tiny_vae}", f"task.latent.cache_dir={cache_dir}",
+                 "data.limit_train=16", "data.augment=flip"]
+    cfg = compose(overrides)
+    train_set, _, info = build_datasets(cfg.data)
+    module = get_task("dit").build_module(cfg, info)
+    cached = latent_training_set(cfg, module.vae, train_set, module.to_unit_range, torch.device("cpu"))
+    saved = torch.load(cache_dir / "digits-8px.pt", weights_only=True)
+    assert saved["params"].shape == (16, 2, 8, 4, 4) and saved["manifest"]["flips"] is True
+    plain = train_set.without_augmentation()
+    images = torch.stack([plain[i][0] for i in range(16)])
+    for view, batch in enumerate((images, images.flip(-1))):
+        expected = encode_posteriors(module.vae, [(x, 0) for x in batch], module.to_unit_range, torch.device("cpu"))
+        assert torch.allclose(saved["params"][:, view], expected, atol=1e-6)
+    draws = [cached[(seed, 3)][0] for seed in range(20)]
+    assert all(any(torch.equal(d, saved["params"][3, v]) for v in (0, 1)) for d in draws)
+    assert {int(torch.equal(d, saved["params"][3, 1])) for d in draws} == {0, 1}  # both views are drawn
+    assert torch.equal(cached[(5, 3)][0], cached[(5, 3)][0])  # seeded: the same key draws the same view
+    # a cache without mirror images is not taken for one with them
+    with pytest.raises(UserError, match="was made with flips=True, this run has False"):
+        latent_training_set(compose(overrides[:-1]), module.vae, train_set, module.to_unit_range, torch.device("cpu"))
+    fit(tiny_cfg(tmp_path / "run", "task=dit", f"task.latent.vae={tiny_vae}", "task.latent.cache=true",
+                 f"task.latent.cache_dir={cache_dir}", "data.limit_train=16", "data.augment=flip",
+                 "data.batch_size=8", "trainer.max_steps=3", "task.sample_steps=2", "task.samples_per_class=1"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
@@ -37,6 +37,15 @@ from pixelformer.task import EvalContext, Task, TaskCfg, eval_mode, mean_loss, r
 
 
 @dataclass
+class LatentCfg:
+    """``task.latent.*``: diffuse the latents of a diffusers ``AutoencoderKL`` instead of pixels."""
+    vae: Optional[str] = None  # a save_pretrained folder, or a hub id when online; None: pixel space
+    scaling_factor: Optional[float] = None  # None: the VAE's own config.scaling_factor (SD's: 0.18215)
+    cache: bool = False  # encode the training split once (pixelformer/latents.py), not at every step
+    cache_dir: Optional[str] = None  # None: <data.root>/latent-cache (runs/latent-cache for embedded data)
+
+
+@dataclass
 class DiTTaskCfg(TaskCfg):
     name: str = "dit"
     num_train_timesteps: int = 1000
@@ -54,12 +63,7 @@ class DiTTaskCfg(TaskCfg):
     num_eval_samples: int = 200
     untrained_baseline: bool = True  # also report FID / accuracy of an untrained denoiser's samples
     samples_per_class: int = 8  # columns of samples.png (one row per class)
-    # Latent diffusion: a diffusers AutoencoderKL (a save_pretrained folder, or a hub id when online) whose scaled
-    # latents the denoiser learns; samples are decoded through it. None: pixel space.
-    vae: Optional[str] = None
-    vae_scaling_factor: Optional[float] = None  # None: the VAE's own config.scaling_factor (SD's: 0.18215)
-    cache_latents: bool = False  # encode the training split once (pixelformer/latents.py), not at every step
-    latent_cache_dir: Optional[str] = None  # None: <data.root>/latent-cache (runs/latent-cache for embedded data)
+    latent: LatentCfg = field(default_factory=LatentCfg)  # latent diffusion through a VAE (task.latent.vae=...)
 
 
 class DiffusionTrainer(nn.Module):
@@ -75,7 +79,7 @@ class DiffusionTrainer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         # In a tuple, not a submodule: the frozen VAE is neither trained nor saved in checkpoints (it is loaded again
-        # from task.vae); it follows the inputs to their device.
+        # from task.latent.vae); it follows the inputs to their device.
         self._vae = (vae,)
         self.latent_scale = latent_scale
         self.sample_shape = (denoiser.in_chans, denoiser.x_embedder.img_size, denoiser.x_embedder.img_size)
@@ -267,30 +271,30 @@ class DiTTask(Task):
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
         t = cfg.task
         scheduler = build_train_scheduler(t.num_train_timesteps, t.beta_schedule)
-        if t.vae is None:
+        if t.latent.vae is None:
             return DiffusionTrainer(build_denoiser(cfg, data), scheduler, data.mean, data.std)
-        vae = load_vae(t.vae)
+        vae = load_vae(t.latent.vae)
         try:
             channels, side = latent_geometry(vae, data.img_size)
         except ValueError as e:
-            raise UserError(f"task.vae={t.vae} on {data.img_size}x{data.img_size} images: {e}; resize with "
+            raise UserError(f"task.latent.vae={t.latent.vae} on {data.img_size}x{data.img_size} images: {e}; resize with "
                             f"data.img_size") from None
         if vae.config.in_channels != data.in_chans:
-            raise UserError(f"task.vae={t.vae} encodes {vae.config.in_channels}-channel images but {data.name} has "
+            raise UserError(f"task.latent.vae={t.latent.vae} encodes {vae.config.in_channels}-channel images but {data.name} has "
                             f"{data.in_chans}: use a VAE made for the data's channels")
-        scale = t.vae_scaling_factor if t.vae_scaling_factor is not None else vae.config.scaling_factor
+        scale = t.latent.scaling_factor if t.latent.scaling_factor is not None else vae.config.scaling_factor
         latents = dataclasses.replace(data, in_chans=channels, img_size=side)
         return DiffusionTrainer(build_denoiser(cfg, latents), scheduler, data.mean, data.std, vae, scale)
 
     def training_set(self, fabric: Any, cfg: DictConfig, module: nn.Module, train_set: Any) -> Any:
-        """With ``task.cache_latents``: the training split's VAE posteriors, encoded once (``pixelformer.latents``)."""
-        if not cfg.task.cache_latents:
+        """With ``task.latent.cache``: the training split's VAE posteriors, encoded once (``pixelformer.latents``)."""
+        if not cfg.task.latent.cache:
             return train_set
         if module.vae is None:
-            raise UserError("task.cache_latents=true caches VAE latents: set task.vae=<AutoencoderKL folder or hub id>, "
-                            "or task.cache_latents=false")
+            raise UserError("task.latent.cache=true caches VAE latents: set task.latent.vae=<AutoencoderKL folder or hub id>, "
+                            "or task.latent.cache=false")
         if module.sample_shape[1:] == (train_set[0][0].shape[-2], train_set[0][0].shape[-1]):
-            raise UserError(f"task.cache_latents=true needs a VAE that downsamples: task.vae={cfg.task.vae} keeps the "
+            raise UserError(f"task.latent.cache=true needs a VAE that downsamples: task.latent.vae={cfg.task.latent.vae} keeps the "
                             f"image size, so cached latents and images could not be told apart")
         from pixelformer.latents import latent_training_set
 
