@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
