@@ -84,6 +84,9 @@ class DataCfg:
     # A stratified subset of N training images, fixed by subset_seed (not run.seed: seeds then vary the model only)
     train_subset: Optional[int] = None
     subset_seed: int = 0
+    # Seed of one fixed random shuffle of the H*W pixel positions (after resizing and augmentation, the same for
+    # every channel and image), applied to training and test images alike; None: pixels stay in place.
+    permute_pixels: Optional[int] = None
 
 
 @dataclass
@@ -316,6 +319,9 @@ def validate(cfg: DictConfig) -> None:
     if not _in_range(data.rrc_scale_min, 0, 1, low_open=True, high_open=False):
         problems.append(f"data.rrc_scale_min must be in (0, 1] (the smallest crop's share of the image), got "
                         f"{data.rrc_scale_min}")
+    if data.permute_pixels is not None and not 0 <= data.permute_pixels < 2 ** 63:
+        problems.append(f"data.permute_pixels is the seed of a pixel permutation and must be in [0, 2**63) (or null "
+                        f"for none), got {data.permute_pixels}")
     if data.on_device and data.name == "imagefolder":
         problems.append("data.on_device=true needs the whole dataset in memory, but imagefolder decodes files as it "
                         "goes: set data.on_device=false")

@@ -8,6 +8,10 @@ and ``imagefolder`` (``root/train/<class>/*.png`` and ``root/val/<class>/*`` or 
 ``data.train_subset=N`` keeps a stratified, seeded (``data.subset_seed``) subset of N training images: the same
 images on every machine and for every ``run.seed``, so small-scale sweeps differ only in what they vary.
 
+``data.permute_pixels=<seed>`` shuffles the pixel positions of every training and test image by one fixed random
+permutation (after resizing and augmentation, the same for every channel): a pixel transformer without position
+embeddings cannot tell, and the analysis (``pixelformer.analysis``) measures how much other models lose.
+
 Data from elsewhere is checked before training: CIFAR pickles are read by an unpickler that builds numpy arrays
 and plain containers only (a crafted file cannot run code) and their shapes and labels are validated; an image
 folder needs at least two classes, and every file a run reads is opened once at start (unreadable ones are named and
@@ -35,7 +39,8 @@ from torchvision.transforms import v2
 
 from .errors import UserError, did_you_mean
 
-__all__ = ["DATASETS", "DataInfo", "DeviceTensorLoader", "ShardedEpochSampler", "build_datasets", "build_loader"]
+__all__ = ["DATASETS", "DataInfo", "DeviceTensorLoader", "ShardedEpochSampler", "build_datasets", "build_loader",
+           "permute_pixels", "pixel_permutation"]
 
 
 @dataclass
@@ -477,15 +482,37 @@ def build_train_transform(cfg: DictConfig, info: DataInfo) -> Optional[Callable]
     return v2.Compose(steps) if steps else None
 
 
-class _Normalize:
-    """uint8 (..., C, H, W) -> float32 normalised with the dataset's mean and std."""
+def pixel_permutation(img_size: int, seed: int) -> torch.Tensor:
+    """A fixed random permutation (img_size * img_size,) of the pixel positions in row-major order, the same for a
+    seed on every machine (its own CPU generator: the global RNG is not touched)."""
+    return torch.randperm(img_size * img_size, generator=torch.Generator().manual_seed(seed))
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+
+def permute_pixels(images: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """(..., C, H, W) images whose pixel k (row-major) is the input's pixel ``permutation[k]``, in every channel
+    alike: the pixels move, their colours stay together."""
+    return images.flatten(-2)[..., permutation.to(images.device)].reshape(images.shape)
+
+
+class _Normalize:
+    """uint8 (..., C, H, W) -> float32 normalised with the dataset's mean and std, then with the pixels shuffled by
+    ``permutation`` (``data.permute_pixels``), when one is given. Applied last, after resizing and augmentation, so a
+    crop or flip acts on the real image and the shuffle is the same for every image."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...],
+                 permutation: Optional[torch.Tensor] = None) -> None:
         self.mean = torch.tensor(mean).view(-1, 1, 1) * 255.0
         self.std = torch.tensor(std).view(-1, 1, 1) * 255.0
+        self.permutation = permutation
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return (image.float() - self.mean) / self.std
+        image = (image.float() - self.mean) / self.std
+        return image if self.permutation is None else permute_pixels(image, self.permutation)
+
+
+def _normalizer(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, ...], size: int) -> _Normalize:
+    seed = cfg.get("permute_pixels")  # absent from configs saved before the option existed
+    return _Normalize(mean, std, None if seed is None else pixel_permutation(size, seed))
 
 
 # ---------------------------------------------------------------------------------------------------- build
@@ -520,7 +547,7 @@ def build_datasets(cfg: DictConfig) -> tuple[ImageTensorDataset, ImageTensorData
     else:
         mean, std = spec.mean, spec.std
     info = DataInfo(cfg.name, spec.num_classes, spec.in_chans, size, mean, std, names)
-    normalize = _Normalize(mean, std)
+    normalize = _normalizer(cfg, mean, std, size)
     train = ImageTensorDataset(x_train, y_train, normalize, build_train_transform(cfg, info))
     test = ImageTensorDataset(x_test, y_test, normalize)
     return train, test, info
@@ -572,7 +599,7 @@ def _build_imagefolder(cfg: DictConfig, spec: _Spec) -> tuple[ImageTensorDataset
                         f"({', '.join(train_folder.classes)}); put the images in at least 2 class sub-folders")
     info = DataInfo(cfg.name, len(train_folder.classes), spec.in_chans, cfg.img_size, spec.mean, spec.std,
                     list(train_folder.classes))
-    normalize = _Normalize(spec.mean, spec.std)
+    normalize = _normalizer(cfg, spec.mean, spec.std, cfg.img_size)
     subset = (cfg.train_subset, cfg.subset_seed) if cfg.train_subset is not None else None
     train = ImageFileDataset(train_folder, cfg.img_size, info.in_chans, normalize, build_train_transform(cfg, info),
                              cfg.limit_train, subset)
