@@ -69,7 +69,7 @@ def test_the_wheel_ships_every_config_and_only_the_package(wheel):
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     commands = zipfile.ZipFile(wheel).read(entry_points).decode()
     for command in ("pixelformer-train", "pixelformer-eval", "pixelformer-sample", "pixelformer-sweep",
-                    "pixelformer-report", "pixelformer-cache-latents"):
+                    "pixelformer-report", "pixelformer-cache-latents", "pixelformer-analyze"):
         assert f"{command} = pixelformer.cli:" in commands
 
 

@@ -2,7 +2,8 @@
 
 Each program is one module here whose ``main(argv)`` does the work; it runs as a console script installed with the
 package (``pixelformer-train``, ``pixelformer-eval``, ``pixelformer-sample``, ``pixelformer-sweep``,
-``pixelformer-report``: setup.cfg) or, from a checkout, as ``python tools/<name>.py`` (a thin wrapper).
+``pixelformer-report``, ``pixelformer-cache-latents``, ``pixelformer-analyze``: setup.cfg) or, from a checkout, as
+``python tools/<name>.py`` (a thin wrapper).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Callable
 
 from ..errors import UserError
 
-__all__ = ["cache_latents_main", "eval_main", "groups_help", "parse_kv", "prog", "report_main", "run_main",
-           "sample_main", "sweep_main", "train_main", "usage"]
+__all__ = ["analyze_main", "cache_latents_main", "eval_main", "groups_help", "parse_kv", "prog", "report_main",
+           "run_main", "sample_main", "sweep_main", "train_main", "usage"]
 
 
 def prog(command: str) -> str:
@@ -94,3 +95,4 @@ sample_main = _console_script("sample")
 sweep_main = _console_script("sweep")
 cache_latents_main = _console_script("cache_latents")
 report_main = _console_script("report")
+analyze_main = _console_script("analyze")
