@@ -245,11 +245,14 @@ def parse_options(args: Sequence[str]) -> AnalysisCfg:
         key = getattr(e, "full_key", None)
         raise UserError(f"analysis option error: {first}" + (f" (key: analysis.{key})" if key else "")) from None
     opts = AnalysisCfg(**OmegaConf.to_container(cfg))
-    for key, low in (("images", 1), ("map_images", 0), ("queries", 1), ("batch_size", 1)):
+    for key, low, what in (("images", 1, "test images the attention distance averages over"),
+                           ("map_images", 0, "test images whose attention maps are drawn"),
+                           ("queries", 1, "query pixels per attention map"), ("batch_size", 1, "images per forward")):
         if getattr(opts, key) < low:
-            raise UserError(f"analysis.{key}={getattr(opts, key)} must be at least {low}")
+            raise UserError(f"analysis.{key}={getattr(opts, key)} must be at least {low} ({what}; default "
+                            f"{getattr(AnalysisCfg, key)})")
     if opts.queries > len(QUERY_PLACES):
-        raise UserError(f"analysis.queries={opts.queries}: at most {len(QUERY_PLACES)} query pixels per map")
+        raise UserError(f"analysis.queries={opts.queries}: use 1 to {len(QUERY_PLACES)} query pixels per map")
     if not 0 <= opts.permute_seed < 2 ** 63:
         raise UserError(f"analysis.permute_seed={opts.permute_seed} must be in [0, 2**63)")
     if opts.weights not in (None, "model", "ema"):
@@ -296,16 +299,16 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
     weights = opts.weights or ("ema" if isinstance(saved.get("ema"), dict) else "model")
     cfg, info, _, module = load_run(path, weights=weights, overrides=overrides, ckpt=saved)
     del saved
-    try:  # once the checkpoint is known to load: a bad one leaves no empty folder behind
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output folder {out_dir} ({e.strerror}): pass a writable "
-                        f"analysis.out=PATH") from None
     module = module.float().to(device)
     _, test_set, _ = build_datasets(cfg.data)
     loader = torch.utils.data.DataLoader(test_set, batch_size=opts.batch_size, num_workers=cfg.data.num_workers)
     first = [t.to(device) for t in next(iter(loader))]
     target = analysis_target(cfg.task.name, module, tuple(first), opts.timestep)
+    try:  # once the run is known to be analysable: a refused one leaves no empty folder behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out_dir} ({e.strerror}): pass a writable "
+                        f"analysis.out=PATH") from None
     images = _first_images(test_set, opts.images).to(device)
     positions = token_positions(target.grid, target.patch_size)
     report: dict[str, Any] = {

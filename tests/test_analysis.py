@@ -255,7 +255,8 @@ def test_analyze_dit_runs_on_the_denoiser_with_its_ema(tmp_path, capsys):
     assert "no classifier" in report["permutation"]["skipped"]
     assert "pixel permutation: skipped" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"analysis.timestep=1000 .* use 0 to 999"):
-        main([f"ckpt={run_dir}", "analysis.timestep=1000"])
+        main([f"ckpt={run_dir}", "analysis.timestep=1000", f"analysis.out={tmp_path / 'refused'}"])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_bad_analysis_input_is_one_line(cls_run, tmp_path):
@@ -264,8 +265,12 @@ def test_bad_analysis_input_is_one_line(cls_run, tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "ckpt=" in out.stderr and "no such checkpoint" in out.stderr
     with pytest.raises(UserError, match=r"Did you mean.*analysis.imgs"):
         parse_options(["analysis.imgs=3"])
-    with pytest.raises(UserError, match=r"analysis.images=0 must be at least 1"):
+    with pytest.raises(UserError, match=r"analysis.images=0 must be at least 1 \(test images .*default 64\)"):
         parse_options(["analysis.images=0"])
+    with pytest.raises(UserError, match=r"could not be converted to Integer \(key: analysis.images\)"):
+        parse_options(["analysis.images=abc"])
+    with pytest.raises(UserError, match=r"analysis.device=gpu is not a device .* use cpu, cuda or cuda:N"):
+        parse_options(["analysis.device=gpu"])
     with pytest.raises(UserError, match=r"analysis.queries=9"):
         parse_options(["analysis.queries=9"])
     with pytest.raises(UserError, match=r"analysis.weights=best"):
