@@ -302,8 +302,8 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
     module = module.float().to(device)
     _, test_set, _ = build_datasets(cfg.data)
     loader = torch.utils.data.DataLoader(test_set, batch_size=opts.batch_size, num_workers=cfg.data.num_workers)
-    first = [t.to(device) for t in next(iter(loader))]
-    target = analysis_target(cfg.task.name, module, tuple(first), opts.timestep)
+    sample = tuple(t[:2].to(device) for t in next(iter(loader)))  # two images tell whether it classifies
+    target = analysis_target(cfg.task.name, module, sample, opts.timestep)
     try:  # once the run is known to be analysable: a refused one leaves no empty folder behind
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
