@@ -219,9 +219,11 @@ def fit(cfg: DictConfig, show_config: bool = False) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
-def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str]) -> tuple[dict[str, float], DictConfig, Any]:
+def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str],
+                        details: Optional[dict[str, Any]] = None) -> tuple[dict[str, float], DictConfig, Any]:
     """Evaluate a saved run on its test split; ``overrides`` change the saved config (e.g. ``data.img_size=16``,
-    where a learned position embedding is resized to the new grid)."""
+    where a learned position embedding is resized to the new grid). ``details``, when given, receives what the
+    evaluation found besides its scalar metrics (``EvalContext.details``: e.g. a classifier's confusion matrix)."""
     import copy
 
     from .checkpoint import read_checkpoint
@@ -242,4 +244,7 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str]) -> tuple[
     train_set, test_set, info = build_datasets(cfg.data)
     ctx = EvalContext(fabric, cfg, info, eval_loaders(fabric, cfg, train_set, test_set),
                       fabric.to_device(ema) if ema is not None else None)
-    return run_evaluation(task, fabric.setup_module(module), ctx), cfg, info
+    metrics = run_evaluation(task, fabric.setup_module(module), ctx)
+    if details is not None:
+        details.update(ctx.details)
+    return metrics, cfg, info

@@ -8,9 +8,9 @@ A task is a stateless plug-in: a subclass of :class:`Task` decorated with ``@reg
   (Fabric wraps only ``forward``, so everything that must run under autocast/DDP happens there);
 * ``evaluate(module, ctx)``: metrics on the test split, reduced over processes; ``ctx`` is an :class:`EvalContext`;
 * optionally ``check`` (refuse a bad config before training), ``training_set`` (what the training loader draws
-  from), ``visualize`` (pictures for the run directory and W&B), ``init_from`` (start from pretrained weights),
-  ``monitored`` (the metric that picks ``best.ckpt``) and ``ema_target`` (the submodule whose exponential moving
-  average the trainer keeps when ``task.ema_decay`` is set).
+  from), ``visualize`` (pictures for the run directory and W&B, e.g. of ``ctx.details``), ``init_from`` (start from
+  pretrained weights), ``monitored`` (the metric that picks ``best.ckpt``) and ``ema_target`` (the submodule whose
+  exponential moving average the trainer keeps when ``task.ema_decay`` is set).
 
 Whatever must live across evaluations of one run (an untrained baseline, a loaded FID classifier) goes in
 ``ctx.cache``, never on the task object: one task object may serve several runs in a process.
@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError, did_you_mean
@@ -40,8 +42,9 @@ if TYPE_CHECKING:
 
     from .data import DataInfo
 
-__all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "eval_mode", "get_task", "list_tasks", "mean_loss",
-           "register_task", "save_image_grid", "untrained_baseline"]
+__all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "eval_mode", "evaluate_classifier", "get_task",
+           "list_tasks", "mean_loss", "register_task", "save_confusion_matrix", "save_image_grid",
+           "untrained_baseline"]
 
 ENTRY_POINT_GROUP = "pixelformer.tasks"
 _TASKS: dict[str, type[Task]] = {}
@@ -60,6 +63,11 @@ class EvalContext:
     ``loaders["test"]`` is the test split, ``loaders["train"]`` the training split without augmentation (for k-NN
     or probes); both are sharded over processes and yield batches on the device. ``ema`` is the averaged copy of
     the task's ``ema_target`` (float32, eval mode) when the run keeps one. ``cache`` lives as long as the run.
+
+    ``details``: what the latest evaluation found besides its scalar metrics (e.g. a confusion matrix), as plain
+    JSON values, identical on every process. Emptied before each evaluation; the trainer writes it into
+    ``eval.json`` under ``"details"`` (so does ``tools/eval.py``) and ``visualize`` may draw it. Scalars that
+    should be logged and plotted over training belong in the returned metrics instead.
     """
     fabric: Fabric
     cfg: DictConfig
@@ -67,6 +75,7 @@ class EvalContext:
     loaders: dict[str, DataLoader]
     ema: Optional[nn.Module] = None
     cache: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Task:
@@ -208,4 +217,73 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int, min_side: int =
     scale = max(1, min_side // images.shape[-1])
     images = torch.nn.functional.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
     save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ classifiers
+def evaluate_classifier(module: nn.Module, ctx: EvalContext) -> dict[str, float]:
+    """Test loss, top-1 and top-5 accuracy (%) of a module whose ``forward(batch)`` returns ``"logits"`` (B, classes),
+    summed over every process; the confusion matrix and per-class top-1 go to ``ctx.details``.
+
+    ``ctx.details`` gets ``confusion_matrix`` (classes x classes counts, rows the true class, columns the
+    prediction), ``per_class_acc1`` (% of each class's test images classified right; ``None`` for a class with no
+    test image, where torchmetrics would report 0) and ``class_names``. torchmetrics keeps them and sums them over
+    processes in ``compute()``; the predictions they count are the top-1 of ``test/acc1``, so the matrix's trace is
+    its count exactly.
+    """
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+    fabric, num_classes = ctx.fabric, ctx.data.num_classes
+    per_class = MetricCollection({"confusion": MulticlassConfusionMatrix(num_classes),
+                                  "accuracy": MulticlassAccuracy(num_classes, average=None)}).to(fabric.device)
+    totals = torch.zeros(4, device=fabric.device, dtype=torch.float64)  # loss sum, top-1, top-5, count
+    for batch in ctx.loaders["test"]:
+        logits, labels = module(batch)["logits"].float(), batch[1]
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+        totals[1] += (topk[:, 0] == labels).sum()
+        totals[2] += (topk == labels[:, None]).any(dim=1).sum()
+        totals[3] += labels.numel()
+        per_class.update(topk[:, 0], labels)
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    found = per_class.compute()  # every process joins: torchmetrics gathers the other processes' counts here
+    confusion, accuracy = found["confusion"].cpu(), found["accuracy"].cpu()
+    seen = confusion.sum(dim=1) > 0
+    ctx.details.update(
+        confusion_matrix=confusion.tolist(),
+        per_class_acc1=[100 * a if s else None for a, s in zip(accuracy.tolist(), seen.tolist())],
+        class_names=list(ctx.data.class_names) or [str(i) for i in range(num_classes)])
+    count = totals[3].clamp(min=1)
+    return {"test/loss": (totals[0] / count).item(), "test/acc1": (100 * totals[1] / count).item(),
+            "test/acc5": (100 * totals[2] / count).item()}
+
+
+#: Above this many classes the confusion-matrix picture leaves out the counts in its cells (they would not fit).
+CONFUSION_TEXT_MAX_CLASSES = 20
+
+
+def save_confusion_matrix(details: dict[str, Any], path: Path) -> Optional[Path]:
+    """Draw ``details["confusion_matrix"]`` (from :func:`evaluate_classifier`) as a PNG with torchmetrics' plot,
+    counts in the cells up to ``CONFUSION_TEXT_MAX_CLASSES`` classes; ``None`` when the details hold no matrix.
+
+    On a matplotlib ``Figure`` of its own rather than pyplot's, so drawing neither needs a display nor touches the
+    figures of a notebook the run lives in.
+    """
+    if "confusion_matrix" not in details:
+        return None
+    from matplotlib.figure import Figure
+    from torchmetrics.utilities.plot import plot_confusion_matrix
+
+    matrix = torch.tensor(details["confusion_matrix"])
+    n = len(matrix)
+    side = min(max(6.0, 0.6 * n), 24.0)
+    fig = Figure(figsize=(side, side), layout="constrained")
+    ax = fig.add_subplot()
+    with warnings.catch_warnings():  # torchmetrics hands imshow a tensor, whose __array__ predates numpy 2's copy=
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        plot_confusion_matrix(matrix, ax=ax, add_text=n <= CONFUSION_TEXT_MAX_CLASSES,
+                              labels=details.get("class_names"))
+    ax.set_title("confusion matrix on the test split")
+    fig.savefig(path, dpi=80)
     return path

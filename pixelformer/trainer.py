@@ -391,7 +391,8 @@ class Trainer:
         if self.fabric.is_global_zero:
             report = {"metrics": metrics, "step": p.step, "epoch": p.epoch,
                       "best": {self.monitor: p.best, "step": p.best_step}, "checkpoint": str(self.checkpointer.last),
-                      "architecture": self.architecture}
+                      "architecture": self.architecture,
+                      **({"details": self.context.details} if self.context.details else {})}
             (self.run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
             for logger in self.fabric.loggers:
                 logger.finalize("success")
@@ -418,7 +419,9 @@ def rng_devices(fabric: Fabric) -> list:
 
 def run_evaluation(task: Task, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
     """``task.evaluate`` in eval mode without gradients. It must not move the training RNG streams, or a resumed
-    run would diverge from an uninterrupted one, and is itself repeatable (e.g. MAE's masks on the test split)."""
+    run would diverge from an uninterrupted one, and is itself repeatable (e.g. MAE's masks on the test split).
+    ``ctx.details`` is emptied first, so it holds this evaluation's details only."""
+    ctx.details.clear()
     with torch.random.fork_rng(devices=rng_devices(ctx.fabric)):
         torch.manual_seed(ctx.cfg.run.seed)
         with eval_mode(module), torch.no_grad():

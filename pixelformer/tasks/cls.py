@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
 from pixelformer.data import DataInfo
-from pixelformer.task import EvalContext, Task, TaskCfg, build_backbone, register_task
+from pixelformer.task import (EvalContext, Task, TaskCfg, build_backbone, evaluate_classifier, register_task,
+                              save_confusion_matrix)
 
 
 @dataclass
@@ -42,17 +45,9 @@ class ClassificationTask(Task):
         return Classifier(build_backbone(cfg, data, num_classes=data.num_classes), cfg.task.label_smoothing)
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
-        totals = torch.zeros(4, device=ctx.fabric.device, dtype=torch.float64)  # loss sum, top-1, top-5, count
-        for batch in ctx.loaders["test"]:
-            out = module(batch)
-            logits, labels = out["logits"].float(), batch[1]
-            k = min(5, logits.shape[1])
-            topk = logits.topk(k, dim=1).indices
-            totals[0] += F.cross_entropy(logits, labels, reduction="sum")
-            totals[1] += (topk[:, 0] == labels).sum()
-            totals[2] += (topk == labels[:, None]).any(dim=1).sum()
-            totals[3] += labels.numel()
-        totals = ctx.fabric.all_reduce(totals, reduce_op="sum")
-        count = totals[3].clamp(min=1)
-        return {"test/loss": (totals[0] / count).item(), "test/acc1": (100 * totals[1] / count).item(),
-                "test/acc5": (100 * totals[2] / count).item()}
+        return evaluate_classifier(module, ctx)
+
+    def visualize(self, module: nn.Module, ctx: EvalContext, out_dir: Path, step: int) -> list[Path]:
+        """``confusion_matrix.png``: the test confusion matrix of the evaluation just run."""
+        path = save_confusion_matrix(ctx.details, out_dir / "confusion_matrix.png")
+        return [path] if path is not None else []
