@@ -58,4 +58,3 @@ def per_class_table(details: dict[str, Any]) -> str:
     lines = [f"  {name:>{width}}: " + (f"{acc:5.1f} %" if acc is not None else "    - ") + f"  ({n} test images)"
              for name, acc, n in zip(details["class_names"], details["per_class_acc1"], counts)]
     return "per-class top-1 (test split):\n" + "\n".join(lines)
-
