@@ -91,11 +91,11 @@ class DataCfg:
 
 @dataclass
 class OptimCfg:
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd", "lars"] = "adamw"  # lars: timm's LARS, MAE's linear-probing optimizer
     lr: float = 1e-3  # peak learning rate, reached after warmup
     weight_decay: float = 0.05  # not applied to biases, norms, position embeddings and the CLS token
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.9  # sgd only
+    momentum: float = 0.9  # sgd and lars only
     fused: Optional[bool] = None  # None: fused AdamW where torch supports it on the device
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = 0.0  # linear warmup, converted to steps

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = ["build_optimizer", "build_scheduler", "param_groups"]
@@ -59,6 +59,13 @@ def build_optimizer(module: nn.Module, cfg: DictConfig, device: torch.device) ->
         group["lr"] = cfg.lr * group["lr_scale"]  # the schedule scales each group's own base lr
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.name == "lars":
+        # MAE's LARS adapts (update scaled by 0.001 * |w| / |g|, timm's trust_coeff) the weight matrices only, also
+        # without weight decay (its linear probe has none); timm's adapts a group only when its weight decay is set
+        # or always_adapt is, so always_adapt marks the group of matrices (timm never decays 1-D parameters).
+        for group in groups:
+            group["always_adapt"] = all(p.ndim > 1 for p in group["params"])
+        return Lars(groups, lr=cfg.lr, momentum=cfg.momentum)
     # The fused kernel exists for CUDA and CPU in current torch; None picks it where the device supports it.
     fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
