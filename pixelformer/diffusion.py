@@ -120,7 +120,9 @@ def sample_chunks(model: nn.Module, train_config: dict, labels: torch.Tensor, sh
 
 
 def load_vae(name: str):
-    """A frozen diffusers ``AutoencoderKL`` in eval mode, from a folder written by ``save_pretrained`` or a hub id.
+    """A frozen diffusers ``AutoencoderKL`` in eval mode, from a folder written by ``save_pretrained``, a hub id, or
+    a pixelformer run that trained one (a ``.ckpt`` file or run directory of ``task=vae``: its scaling factor is the
+    inverse of the latent standard deviation the run measured).
 
     A hub id is fetched only when online; with ``HF_HUB_OFFLINE=1`` it must already be in the local cache.
     """
@@ -129,17 +131,37 @@ def load_vae(name: str):
     from .errors import UserError
 
     path = Path(name).expanduser()
+    if path.is_file() or (path / "checkpoints").is_dir():
+        return _vae_of_run(name)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         vae = AutoencoderKL.from_pretrained(str(path) if path.exists() else name, local_files_only=offline)
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... depending on what is missing
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if path.exists():
-            raise UserError(f"task.latent.vae={name}: no diffusers AutoencoderKL in that folder ({reason}); point it at a "
-                            f"folder written by AutoencoderKL.save_pretrained") from None
+            raise UserError(f"task.latent.vae={name}: no diffusers AutoencoderKL in that folder ({reason}); point it "
+                            f"at a folder written by AutoencoderKL.save_pretrained, or a task=vae run") from None
         raise UserError(f"task.latent.vae={name}: not a local folder, and the hub id could not be loaded ({reason}); "
                         f"offline (HF_HUB_OFFLINE=1, or no network) a hub id loads only from the local cache: download "
-                        f"it once, or point task.latent.vae at a local folder written by AutoencoderKL.save_pretrained") from None
+                        f"it once, or point task.latent.vae at a local folder written by "
+                        f"AutoencoderKL.save_pretrained") from None
+    return vae.eval().requires_grad_(False)
+
+
+def _vae_of_run(name: str):
+    """The ``AutoencoderKL`` of a saved run whose module holds one as ``vae`` (a ``task=vae`` run), with the run's
+    measured scaling factor written into its config."""
+    from diffusers import AutoencoderKL
+
+    from .errors import UserError
+    from .runs import load_run
+
+    module = load_run(name).module
+    vae = getattr(module, "vae", None)
+    if not isinstance(vae, AutoencoderKL) or not hasattr(module, "scaling_factor"):
+        raise UserError(f"task.latent.vae={name} is a checkpoint without a trained autoencoder: point it at a "
+                        f"task=vae run's checkpoint, a save_pretrained folder or a hub id")
+    vae.register_to_config(scaling_factor=module.scaling_factor)
     return vae.eval().requires_grad_(False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,12 +31,18 @@ CACHE_FORMAT = "pixelformer-latents/1"
 def cache_manifest(cfg: DictConfig, img_size: int, vae: Any, images: int) -> dict[str, Any]:
     """What the cached latents depend on: the VAE (name and a digest of its config), the data, its subset and
     whether mirror images are held."""
-    vae_config = json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")}, sort_keys=True,
-                            default=str)
+    # the latents are cached unscaled: the scaling factor is applied when they are drawn, so it is not part of the key
+    vae_config = json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")
+                             and k != "scaling_factor"}, sort_keys=True, default=str)
+    weights = hashlib.sha256()  # a retrained VAE at the same path has the same config but not the same latents
+    for tensor in vae.state_dict().values():
+        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return {"format": CACHE_FORMAT, "vae": str(cfg.task.latent.vae),
-            "vae_config": hashlib.sha256(vae_config.encode()).hexdigest()[:16], "dataset": cfg.data.name,
+            "vae_config": hashlib.sha256(vae_config.encode()).hexdigest()[:16],
+            "vae_weights": weights.hexdigest()[:16], "dataset": cfg.data.name,
             "img_size": img_size, "train_subset": cfg.data.train_subset, "subset_seed": cfg.data.subset_seed,
-            "limit_train": cfg.data.limit_train, "images": images, "flips": cfg.data.augment == "flip"}
+            "limit_train": cfg.data.limit_train, "images": images, "flips": cfg.data.augment == "flip",
+            "permute_pixels": cfg.data.get("permute_pixels")}
 
 
 def cache_file(cfg: DictConfig, img_size: int) -> Path:
@@ -71,7 +78,7 @@ def _either_view(pair: torch.Tensor) -> torch.Tensor:
 def write_cache(path: Path, params: torch.Tensor, labels: torch.Tensor, manifest: dict[str, Any]) -> None:
     """Atomically: a kill while writing leaves no half cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two runs starting at once each write their own
     torch.save({"manifest": manifest, "params": params, "labels": labels}, tmp)
     fsync_and_replace(tmp, path)
 

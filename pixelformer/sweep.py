@@ -345,7 +345,7 @@ def training_cost(run_dir: Path) -> tuple[float, int, int]:
     _, info, _, module = load_run(run_dir)
     module.train()  # training FLOPs: dropout, drop path and label dropout as in training
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    tokens = describe_module(module)["patches"]
+    tokens = describe_module(module).get("patches", 0)  # 0: no transformer (the vae task)
     batch = (torch.randn(2, info.in_chans, info.img_size, info.img_size),
              torch.randint(0, max(info.num_classes, 1), (2,)))
     counter = FlopCounterMode(display=False)

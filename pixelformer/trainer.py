@@ -266,8 +266,9 @@ class Trainer:
         if show_config and fabric.is_global_zero:
             print(OmegaConf.to_yaml(cfg), end="---\n")
         a, d = self.architecture, self.data
-        fabric.print(f"task={cfg.task.name} model={cfg.model.name}: {a['depth']} blocks x {a['width']} wide x "
-                     f"{a['heads']} heads, {a['tokens']} tokens/image, {a['params'] / 1e6:.2f} M params | "
+        arch = (f"model={cfg.model.name}: {a['depth']} blocks x {a['width']} wide x {a['heads']} heads, "
+                f"{a['tokens']} tokens/image, " if "depth" in a else "(no transformer): ")
+        fabric.print(f"task={cfg.task.name} {arch}{a['params'] / 1e6:.2f} M params | "
                      f"data={cfg.data.name} ({len(train_set)} train / {len(test_set)} test, "
                      f"{d.img_size}x{d.img_size}x{d.in_chans}) | steps={self.total_steps} "
                      f"precision={cfg.trainer.precision} devices={fabric.world_size}\nrun dir: {self.run_dir}")
@@ -443,13 +444,17 @@ def eval_loaders(fabric: Fabric, cfg: DictConfig, train_set: Any, test_set: Any)
 def describe_module(module: nn.Module) -> dict[str, int]:
     """Depth, width, heads, tokens per image (prefix tokens included) and patches of the task module's (first)
     transformer, and the whole module's parameter count: what a run prints at start, logs to W&B and records in
-    ``eval.json``."""
+    ``eval.json``. A task without a transformer (the vae task's autoencoder) gets the parameter count only."""
     from .models import describe_backbone
 
-    trunk = next(m for m in module.modules() if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.Sequential)))
+    params = sum(p.numel() for p in module.parameters())
+    trunk = next((m for m in module.modules()
+                  if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.Sequential))), None)
+    if trunk is None:
+        return {"params": params}
     arch = describe_backbone(trunk)
     return {"depth": arch["depth"], "width": arch["embed_dim"], "heads": arch["num_heads"], "tokens": arch["tokens"],
-            "patches": arch["num_patches"], "params": sum(p.numel() for p in module.parameters())}
+            "patches": arch["num_patches"], "params": params}
 
 
 def init_report(path: str, report: Mapping[str, list[str]]) -> str:

@@ -1,5 +1,7 @@
 """Latent diffusion: the dit task on the latents of a diffusers AutoencoderKL (a tiny random one, saved locally;
 nothing is downloaded)."""
+import json
+import math
 import os
 import subprocess
 import sys
@@ -193,3 +195,44 @@ def test_with_flips_the_cache_holds_each_image_and_its_mirror_and_training_draws
     fit(tiny_cfg(tmp_path / "run", "task=dit", f"task.latent.vae={tiny_vae}", "task.latent.cache=true",
                  f"task.latent.cache_dir={cache_dir}", "data.limit_train=16", "data.augment=flip",
                  "data.batch_size=8", "trainer.max_steps=3", "task.sample_steps=2", "task.samples_per_class=1"))
+
+
+VAE_RUN = ("task=vae", "task.block_out_channels=[8,16]", "task.norm_num_groups=8", "task.scale_images=256",
+           "data.batch_size=32", "optim.lr=3e-3", "optim.warmup_epochs=0", "trainer.log_every_steps=5")
+
+
+def test_a_vae_trained_here_reconstructs_and_a_latent_dit_trains_on_it(tmp_path):
+    # task=vae trains an AutoencoderKL on the run's data; its checkpoint is what task.latent.vae points at, with
+    # the scaling factor the run measured (unit-variance latents, as SD's 0.18215 gives for its VAE).
+    vae_dir = tmp_path / "vae"
+    metrics = fit(tiny_cfg(vae_dir, *VAE_RUN, "trainer.max_steps=60"))
+    rows = [json.loads(line) for line in (vae_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/l1" in r]
+    assert train[-1]["train/l1"] < 0.85 * train[0]["train/l1"], (train[0], train[-1])
+    assert metrics["test/psnr"] > metrics["test/psnr_untrained"] + 2 and metrics["test/latent_std"] > 0
+    assert abs(metrics["test/psnr"] + 10 * math.log10(metrics["test/mse"])) < 1e-6
+    assert (vae_dir / "reconstructions.png").stat().st_size > 0
+    vae = load_vae(str(vae_dir / "checkpoints" / "last.ckpt"))
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    assert vae.config.scaling_factor == pytest.approx(1 / metrics["test/latent_std"])
+    assert load_vae(str(vae_dir)).config.scaling_factor == vae.config.scaling_factor  # a run directory works too
+
+    run = fit(tiny_cfg(tmp_path / "dit", "task=dit", f"task.latent.vae={vae_dir}", "task.latent.cache=true",
+                       f"task.latent.cache_dir={tmp_path / 'cache'}", "data.limit_train=128", "data.batch_size=32",
+                       "trainer.max_steps=4", "task.sample_steps=2", "task.samples_per_class=1"))
+    assert math.isfinite(run["test/loss"])
+    module = get_task("dit").build_module(compose([*QUIET, *TINY_MODEL, "task=dit", f"task.latent.vae={vae_dir}"]),
+                                          DataInfo("digits", 10, 1, 8, (0.5,), (0.25,)))
+    assert module.latent_scale == pytest.approx(1 / metrics["test/latent_std"]) and module.sample_shape == (4, 4, 4)
+    # retrained at the same path, same config, other weights: its latents are not the cached ones
+    fit(tiny_cfg(vae_dir, *VAE_RUN, "trainer.max_steps=62", "resume=auto"))
+    with pytest.raises(UserError, match="was made with vae_weights="):
+        fit(tiny_cfg(tmp_path / "dit2", "task=dit", f"task.latent.vae={vae_dir}", "task.latent.cache=true",
+                     f"task.latent.cache_dir={tmp_path / 'cache'}", "data.limit_train=128", "trainer.max_steps=1"))
+    # a checkpoint that holds no autoencoder, and an architecture the image size cannot take, are one line each
+    cls_dir = tmp_path / "cls"
+    fit(tiny_cfg(cls_dir, "trainer.max_steps=1"))
+    with pytest.raises(UserError, match="without a trained autoencoder"):
+        load_vae(str(cls_dir))
+    with pytest.raises(UserError, match=r"downsample 8x8 images by 16: .* set data.img_size to a multiple of 16"):
+        fit(tiny_cfg(tmp_path / "bad", "task=vae", "task.block_out_channels=[8,8,8,8,8]", "task.norm_num_groups=8"))
