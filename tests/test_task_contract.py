@@ -22,6 +22,7 @@ QUICK = {
     "mae": ["task.decoder_dim=16", "task.decoder_heads=2", "task.decoder_depth=1"],
     "dit": ["task.sample_steps=2", "task.samples_per_class=1"],
     "linprobe": [],  # without init_from: the probe of a randomly initialised backbone (it warns)
+    "vae": ["task.block_out_channels=[8,16]", "task.norm_num_groups=8", "task.scale_images=32"],
 }
 
 
