@@ -35,7 +35,8 @@ from .errors import UserError
 from .task import eval_mode
 
 __all__ = ["AnalysisCfg", "Target", "accuracy", "analysis_target", "analyze", "attention_rollout",
-           "attention_weights", "mean_attention_distance", "parse_options", "pos_embed_similarity", "token_positions"]
+           "attention_weights", "compare_distances", "mean_attention_distance", "parse_options", "pos_embed_similarity",
+           "token_positions"]
 
 #: Query pixels of the attention maps, as fractions of the image's (row, column): the centre, the four quarter
 #: points, then three more; ``analysis.queries`` takes the first ones.
@@ -180,7 +181,7 @@ def analysis_target(task_name: str, module: nn.Module, sample: tuple[torch.Tenso
                  "(the denoiser), and any task whose module has a ViT .backbone")
     if isinstance(denoiser, DiT):
         if getattr(module, "vae", None) is not None:
-            raise UserError(f"task {task_name}: this dit run learns VAE latents (task.vae), whose tokens are not "
+            raise UserError(f"task {task_name}: this dit run learns VAE latents (task.latent.vae), whose tokens are not "
                             f"pixels of the image; {supported}")
         steps = module.scheduler.config.num_train_timesteps
         t = steps // 2 if timestep is None else timestep
@@ -409,6 +410,45 @@ def _plot_distance(distance: torch.Tensor, uniform: float, report: dict[str, Any
     ax.set_xticks(layers.tolist())
     ax.legend(fontsize=7)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def compare_distances(analyses: Sequence[str | os.PathLike], path: str | os.PathLike,
+                      labels: Optional[Sequence[str]] = None) -> Path:
+    """Runs side by side: one panel per run's ``analysis.json`` (or its run directory, whose ``analysis/`` holds
+    it), mean attention distance per head vs depth on a shared y axis, each with its uniform-attention line."""
+    from matplotlib.figure import Figure
+
+    reports = []
+    for item in analyses:
+        item = Path(item).expanduser()
+        found = next((c for c in (item, item / "analysis.json", item / "analysis" / "analysis.json") if c.is_file()),
+                     None)
+        if found is None:
+            raise UserError(f"compare: {item} is neither an analysis.json nor a run analysed by tools/analyze.py "
+                            f"(run tools/analyze.py ckpt={item} first)")
+        reports.append(json.loads(found.read_text()))
+    if labels is not None and len(labels) != len(reports):
+        raise UserError(f"compare: {len(labels)} labels for {len(reports)} runs; give one label per run")
+    names = labels or [f"{r['model']} p={r['patch_size']}" for r in reports]
+    top = 1.1 * max(max(max(map(max, r["attention_distance"]["per_layer_head"])),
+                        r["attention_distance"]["uniform_attention"]) for r in reports)
+    fig = Figure(figsize=(3.2 * len(reports), 3.3))
+    axes = fig.subplots(1, len(reports), squeeze=False)[0]
+    for ax, report, name in zip(axes, reports, names):
+        distance = torch.tensor(report["attention_distance"]["per_layer_head"])
+        depth, heads = distance.shape
+        layers = torch.arange(1, depth + 1)
+        ax.scatter(layers.repeat_interleave(heads).numpy(), distance.flatten().numpy(), s=14, alpha=0.7)
+        ax.plot(layers.numpy(), distance.mean(dim=1).numpy(), color="black", lw=1)
+        ax.axhline(report["attention_distance"]["uniform_attention"], color="grey", ls="--", lw=1)
+        ax.set(xlabel="block", ylim=(0, top), title=f"{name}\n{report['data']} {report['img_size']}px")
+        ax.set_xticks(layers.tolist())
+    axes[0].set_ylabel("mean attention distance (pixels)")
+    fig.tight_layout()
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
 

@@ -215,6 +215,14 @@ def test_analyze_a_cls_checkpoint(cls_run):
     assert sorted(report["files"]) == ["attention_distance.png", "attention_maps_0.png", "attention_maps_1.png",
                                        "pos_embed_similarity.png"]
     assert all((out / f).stat().st_size > 1000 for f in report["files"])
+    # two analysed runs side by side (here the same run twice), and what compare= refuses
+    figure = cls_run / "compare.png"
+    assert main([f"compare={cls_run},{out / 'analysis.json'}", f"out={figure}", "labels=PiT,again"]) == 0
+    assert figure.stat().st_size > 1000
+    with pytest.raises(UserError, match="2 labels for 1 runs"):
+        main([f"compare={cls_run}", f"out={figure}", "labels=a,b"])
+    with pytest.raises(UserError, match="neither an analysis.json nor a run analysed"):
+        main([f"compare={cls_run / 'checkpoints'}", f"out={figure}"])
 
 
 def test_analysis_goes_to_wandb_when_the_run_logs_there(cls_run, tmp_path, monkeypatch):

@@ -13,6 +13,9 @@ accuracy: no classifier); pixel-space dit checkpoints on their denoiser (EMA wei
 ``analysis.timestep``, null label; no accuracy). W&B gets the same when the run's logger is online or offline
 (add ``logger.wandb.mode=disabled`` to skip it).
 
+Runs side by side (after analysing each): ``python tools/analyze.py compare=<run>,<run>[,...] out=<png>
+[labels=PiT,ViT/2]`` draws their mean attention distance vs depth in one figure.
+
 Options: analysis.images=64 (test images the distance averages over), analysis.map_images=3, analysis.queries=4
 (query pixels per map, at most 8), analysis.rollout=true, analysis.permute_seed=0, analysis.batch_size=256,
 analysis.timestep (dit; default the middle of the schedule), analysis.weights=model|ema, analysis.device=cpu|cuda,
@@ -29,7 +32,19 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage(__doc__, "analyze"))
         return 0
-    own, rest = parse_kv(argv, {"ckpt": "checkpoint path"})
+    own, rest = parse_kv(argv, {"ckpt": "checkpoint path", "compare": "runs to compare", "out": "figure path",
+                                "labels": "one label per compared run"})
+    if "compare" in own:
+        from ..analysis import compare_distances
+
+        if "out" not in own or rest:
+            raise UserError("compare=<run>,<run> takes out=<png> and optionally labels=<a>,<b> (one per run), "
+                            "nothing else: e.g. compare=runs/pit,runs/vit out=pit_vs_vit.png")
+        labels = own["labels"].split(",") if "labels" in own else None
+        print(f"wrote {compare_distances(own['compare'].split(','), own['out'], labels)}")
+        return 0
+    if "out" in own or "labels" in own:
+        raise UserError("out= and labels= belong to compare=<run>,<run>; for one run use analysis.out=<folder>")
     if "ckpt" not in own:
         raise UserError(usage("tools/analyze.py needs ckpt=PATH (e.g. ckpt=runs/<run>/checkpoints/best.ckpt)",
                               "analyze"))
