@@ -3,6 +3,7 @@ nothing is downloaded)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -236,3 +237,40 @@ def test_a_vae_trained_here_reconstructs_and_a_latent_dit_trains_on_it(tmp_path)
         load_vae(str(cls_dir))
     with pytest.raises(UserError, match=r"downsample 8x8 images by 16: .* set data.img_size to a multiple of 16"):
         fit(tiny_cfg(tmp_path / "bad", "task=vae", "task.block_out_channels=[8,8,8,8,8]", "task.norm_num_groups=8"))
+
+
+def test_latent_and_vae_mistakes_are_refused_before_training(tiny_vae, tmp_path, monkeypatch):
+    # The "Latent diffusion and VAE" rows of docs/bad-input.md, each refused with its key, value and fix.
+    from diffusers import AutoencoderKL
+
+    for name, chans, blocks in (("flat-vae", 1, (8,)), ("rgb-vae", 3, (8, 16))):
+        AutoencoderKL(in_channels=chans, out_channels=chans, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                      up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+                      layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=8
+                      ).save_pretrained(tmp_path / name)
+    (tmp_path / "empty").mkdir()
+    fit(tiny_cfg(tmp_path / "cls", "trainer.max_steps=1"))
+    cases = [
+        (["task.latent.vae=nobody/no-such-vae"], "HF_HUB_OFFLINE=1, or no network"),
+        ([f"task.latent.vae={tmp_path / 'empty'}"], "no diffusers AutoencoderKL in that folder"),
+        ([f"task.latent.vae={tmp_path / 'cls'}"], "is a checkpoint without a trained autoencoder"),
+        ([f"task.latent.vae={tmp_path / 'rgb-vae'}"], "encodes 3-channel images but digits has 1"),
+        ([f"task.latent.vae={tiny_vae}", "data.img_size=7"], "downsamples by 2, which does not divide the image size 7"),
+        (["task.latent.cache=true"], "task.latent.cache=true caches VAE latents: set task.latent.vae"),
+        ([f"task.latent.vae={tmp_path / 'flat-vae'}", "task.latent.cache=true",
+          f"task.latent.cache_dir={tmp_path / 'cache'}"], "needs a VAE that downsamples"),
+        ([f"task.latent.vae={tiny_vae}", "task.latent.cache=true", "data.augment=crop_flip"],
+         "not data.augment=crop_flip: set data.augment=flip or none"),
+    ]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for args, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            fit(tiny_cfg(tmp_path / "bad", "task=dit", *args, "trainer.max_steps=1"))
+    for args, message in [(["task.block_out_channels=[8,8,8,8,8]", "task.norm_num_groups=8"],
+                           "downsample 8x8 images by 16: that does not divide the side"),
+                          (["task.block_out_channels=[8,12]", "task.norm_num_groups=8"],
+                           "must be a multiple of the group count"),
+                          (["task.kl_weight=-1"], "task.kl_weight must be >= 0, got -1.0")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            fit(tiny_cfg(tmp_path / "bad", "task=vae", *args, "trainer.max_steps=1"))
+    assert not list((tmp_path / "bad").rglob("*.ckpt"))  # nothing trained
