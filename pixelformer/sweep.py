@@ -267,6 +267,7 @@ def _copy_pictures(run_dir: Path, summary_path: Path) -> list[str]:
     import shutil
 
     copied = []
+    summary_path.parent.mkdir(parents=True, exist_ok=True)  # the summary itself is written after its pictures
     for picture in sorted(run_dir.glob("*.png")):
         target = summary_path.with_name(f"{summary_path.stem}-{picture.name}")
         shutil.copyfile(picture, target)

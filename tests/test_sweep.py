@@ -39,7 +39,10 @@ def test_every_committed_experiment_plans_and_composes(tmp_path):
     assert set(list_experiments()) >= {"patch_size", "fixed_tokens", "pos_embed", "mae_vs_scratch", "dit_tokens"}
     for name in list_experiments():
         exp = load_experiment(name)
-        assert exp.paper and set(exp.scales) <= set(SCALES) and {"small", "medium"} <= set(exp.scales)
+        # the paper's five findings run at both CPU scales; the project's own experiments at least at the small one
+        findings = ("patch_size", "fixed_tokens", "pos_embed", "mae_vs_scratch", "dit_tokens")
+        assert exp.paper and set(exp.scales) <= set(SCALES) and \
+            ({"small", "medium"} if name in findings else {"small"}) <= set(exp.scales)
         for scale in exp.scales:
             shared, points = plan(exp, scale, tmp_path / "runs", tmp_path / "out")
             assert points and len({p.name for p in points}) == len(points)
@@ -47,7 +50,7 @@ def test_every_committed_experiment_plans_and_composes(tmp_path):
                 for stage in point.stages:
                     cfg = compose([a for a in stage.args if a != "resume=auto"])
                     assert cfg.run.dir == stage.run_dir and "{" not in " ".join(stage.args).replace("${", "")
-            if scale != "paper":
+            if scale != "paper" and name in findings:
                 assert len({p.seed for p in points}) >= (1 if name == "dit_tokens" else 3)
 
 
@@ -195,3 +198,16 @@ def test_the_slurm_launcher_builds_a_job_array_executor(tmp_path, monkeypatch):
     assert params["partition"] == "gpu" and params["gpus_per_node"] == 1 and params["array_parallelism"] == 4
     assert params["mem"] == "64GB" and params["time"] == 24 * 60
     assert tool.make_executor(tool.parse(["experiment=patch_size"]), tmp_path).__class__.__name__ == "LocalExecutor"
+
+
+def test_a_points_pictures_are_copied_even_before_its_output_folder_exists(tmp_path):
+    # A shared classifier is the first point to finish, and cls runs draw confusion_matrix.png: its pictures are
+    # copied before any summary has created the output folder.
+    from pixelformer.sweep import _copy_pictures
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "confusion_matrix.png").write_bytes(b"png")
+    summary = tmp_path / "out" / "exp" / "small" / "shared-classifier.json"
+    assert _copy_pictures(run_dir, summary) == ["shared-classifier-confusion_matrix.png"]
+    assert (summary.parent / "shared-classifier-confusion_matrix.png").read_bytes() == b"png"
