@@ -183,7 +183,7 @@ def plan(exp: Experiment, scale: str, runs_root: Path, out_root: Path,
         for combo in itertools.product(*(list(grid[k]) for k in keys)):
             values = dict(zip(keys, combo))
             label = "_".join([*([str(arm)] if arm is not None else []), *(_label(k, v) for k, v in values.items())])
-            grid_args = [f"{k}={v}" for k, v in values.items()]
+            grid_args = [f"{k}={'null' if v is None else v}" for k, v in values.items()]  # YAML's null back
             for seed in seeds:
                 name = f"{label or 'run'}-s{seed}"
                 stages, local = [], dict(refs)
