@@ -393,22 +393,28 @@ def _similarity_summary(sim: torch.Tensor, positions: torch.Tensor, patch_size: 
 
 
 # ------------------------------------------------------------------------------------------------------ pictures
-def _plot_distance(distance: torch.Tensor, uniform: float, report: dict[str, Any], path: Path) -> Path:
-    """The ViT paper's figure: one dot per head at its block's depth, the per-block mean as a line."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.6))
-    ax = fig.subplots()
+def _draw_distance(ax: Any, distance: torch.Tensor, uniform: float, legend: bool = False) -> None:
+    """The ViT paper's figure on ``ax``: one dot per head at its block's depth, the per-block mean as a line, and
+    the distance uniform attention gives (dashed)."""
     depth, heads = distance.shape
     layers = torch.arange(1, depth + 1)
     ax.scatter(layers.repeat_interleave(heads).numpy(), distance.flatten().numpy(), s=14, alpha=0.7, label="head")
     ax.plot(layers.numpy(), distance.mean(dim=1).numpy(), color="black", lw=1, label="mean over heads")
     ax.axhline(uniform, color="grey", ls="--", lw=1, label="uniform attention")
-    top = 1.1 * max(uniform, float(distance.max()))
-    ax.set(xlabel="block", ylabel="mean attention distance (pixels)", ylim=(0, top),
-           title=f"{report['model']} p={report['patch_size']} on {report['data']} {report['img_size']}px")
     ax.set_xticks(layers.tolist())
-    ax.legend(fontsize=7)
+    ax.set_xlabel("block")
+    if legend:
+        ax.legend(fontsize=7)
+
+
+def _plot_distance(distance: torch.Tensor, uniform: float, report: dict[str, Any], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots()
+    _draw_distance(ax, distance, uniform, legend=True)
+    ax.set(ylabel="mean attention distance (pixels)", ylim=(0, 1.1 * max(uniform, float(distance.max()))),
+           title=f"{report['model']} p={report['patch_size']} on {report['data']} {report['img_size']}px")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -437,14 +443,9 @@ def compare_distances(analyses: Sequence[str | os.PathLike], path: str | os.Path
     fig = Figure(figsize=(3.2 * len(reports), 3.3))
     axes = fig.subplots(1, len(reports), squeeze=False)[0]
     for ax, report, name in zip(axes, reports, names):
-        distance = torch.tensor(report["attention_distance"]["per_layer_head"])
-        depth, heads = distance.shape
-        layers = torch.arange(1, depth + 1)
-        ax.scatter(layers.repeat_interleave(heads).numpy(), distance.flatten().numpy(), s=14, alpha=0.7)
-        ax.plot(layers.numpy(), distance.mean(dim=1).numpy(), color="black", lw=1)
-        ax.axhline(report["attention_distance"]["uniform_attention"], color="grey", ls="--", lw=1)
-        ax.set(xlabel="block", ylim=(0, top), title=f"{name}\n{report['data']} {report['img_size']}px")
-        ax.set_xticks(layers.tolist())
+        _draw_distance(ax, torch.tensor(report["attention_distance"]["per_layer_head"]),
+                       report["attention_distance"]["uniform_attention"])
+        ax.set(ylim=(0, top), title=f"{name}\n{report['data']} {report['img_size']}px")
     axes[0].set_ylabel("mean attention distance (pixels)")
     fig.tight_layout()
     path = Path(path).expanduser()
