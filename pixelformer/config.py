@@ -261,7 +261,9 @@ def compose_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
     if choices:
         raise UserError(f"{', '.join(f'{g}=' for g in choices)}: a saved run's config can only be changed key by key "
                         f"(e.g. data.img_size=16, data.root=...), not by picking another group file")
-    return _merge(get_task(task_name).config_cls, task_name, [OmegaConf.create(_literal(saved))], overrides)
+    task = get_task(task_name)
+    saved = {**saved, "task": task.upgrade_config(dict(saved["task"]))}  # keys renamed since the run was saved
+    return _merge(task.config_cls, task_name, [OmegaConf.create(_literal(saved))], overrides)
 
 
 def _literal(value: Any) -> Any:

@@ -113,6 +113,11 @@ class Task:
         """Write pictures of the model's behaviour into ``out_dir`` (rank 0 only); returns their paths."""
         return []
 
+    def upgrade_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's ``task:`` section as this version names its keys (a task that renames a key maps the old
+        name here, so runs saved before still load)."""
+        return saved
+
     def init_from(self, module: nn.Module, path: str) -> dict[str, list[str]]:
         """Initialise from pretrained weights (``init_from=``): by default the encoder, ``module.backbone``."""
         from .checkpoint import load_backbone_weights

@@ -274,3 +274,20 @@ def test_latent_and_vae_mistakes_are_refused_before_training(tiny_vae, tmp_path,
         with pytest.raises(UserError, match=re.escape(message)):
             fit(tiny_cfg(tmp_path / "bad", "task=vae", *args, "trainer.max_steps=1"))
     assert not list((tmp_path / "bad").rglob("*.ckpt"))  # nothing trained
+
+
+def test_runs_saved_with_the_flat_latent_keys_still_load(tiny_vae):
+    # Before task.latent.* the same settings were task.vae, task.vae_scaling_factor, task.cache_latents and
+    # task.latent_cache_dir; checkpoints that hold those names load with their values in the new places.
+    from omegaconf import OmegaConf
+
+    from pixelformer.config import compose_saved
+
+    saved = OmegaConf.to_container(compose([*QUIET, *TINY_MODEL, "task=dit"]), resolve=True)
+    del saved["task"]["latent"]
+    saved["task"].update({"vae": str(tiny_vae), "vae_scaling_factor": 0.5, "cache_latents": True,
+                          "latent_cache_dir": "/tmp/cache"})
+    cfg = compose_saved(saved, ["task.sample_steps=3"])
+    assert dict(cfg.task.latent) == {"vae": str(tiny_vae), "scaling_factor": 0.5, "cache": True,
+                                     "cache_dir": "/tmp/cache"}
+    assert cfg.task.sample_steps == 3 and "vae" not in cfg.task

@@ -259,6 +259,16 @@ class DiTTask(Task):
     def monitor(self, cfg: DictConfig) -> tuple[str, str]:
         return ("test/fid", "min") if scores_samples(cfg.task) else ("test/loss", "min")
 
+    #: Flat keys of runs saved before the latent settings moved under ``task.latent``.
+    _RENAMED = {"vae": "vae", "vae_scaling_factor": "scaling_factor", "cache_latents": "cache",
+                "latent_cache_dir": "cache_dir"}
+
+    def upgrade_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        moved = {new: saved.pop(old) for old, new in self._RENAMED.items() if old in saved}
+        if moved:
+            saved["latent"] = {**moved, **dict(saved.get("latent") or {})}
+        return saved
+
     def check(self, cfg: DictConfig, data: DataInfo) -> None:
         t = cfg.task
         check_task_config(t)
