@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
@@ -123,10 +124,10 @@ class DiffusionTrainer(nn.Module):
         xt = self.scheduler.add_noise(x0, noise, t)
         pred = self.denoiser(xt.to(images.dtype), t, labels).float()
         eps, variance = pred[:, : x0.shape[1]], pred[:, x0.shape[1]:]
-        mse = (eps - noise.float()).square().flatten(1).mean(1)
-        if variance.shape[1] == 0:
-            return {"loss": mse.mean()}
+        if variance.shape[1] == 0:  # one reduction over everything, as before learned sigma existed (same bits)
+            return {"loss": F.mse_loss(eps, noise.float())}
         # DiT's hybrid loss: the bound sees the noise prediction detached, so it trains the variance only
+        mse = (eps - noise.float()).square().flatten(1).mean(1)
         vb = variational_bound(self.scheduler, x0, xt, t, eps.detach(), variance)
         return {"loss": (mse + vb).mean(), "mse": mse.mean().detach(), "vb": vb.mean().detach()}
 
