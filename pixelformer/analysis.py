@@ -286,7 +286,7 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
     ``WANDB_MODE``) is online or offline, in a new W&B run named ``<run>-analysis`` whose files go to the output
     folder."""
     from .checkpoint import read_checkpoint
-    from .data import build_datasets, pixel_permutation
+    from .data import build_datasets, pixel_permutation, to_unit_interval
     from .runs import checkpoint_of, load_run
 
     opts = opts or AnalysisCfg()
@@ -336,7 +336,7 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
     }
     files = [_plot_distance(distance, uniform, report, out_dir / "attention_distance.png")]
     # --- attention maps
-    pictures = _to_unit(images[:opts.map_images].cpu(), info)
+    pictures = to_unit_interval(images[:opts.map_images].cpu().float(), info.mean, info.std)
     for i, picture in enumerate(pictures):  # one image at a time: at 784 tokens, a ViT-B's attention is 350 MB
         attns = attention_weights(target.model, target.prepare(images[i:i + 1]), target.forward)
         files.append(_plot_maps(picture, [a[0].mean(dim=0).cpu() for a in attns], target, opts,
@@ -373,12 +373,6 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
 def _first_images(dataset: Any, count: int) -> torch.Tensor:
     """The first ``count`` images of a dataset (a fixed set: the same for every checkpoint of a dataset)."""
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
-
-
-def _to_unit(images: torch.Tensor, info: Any) -> torch.Tensor:
-    """Dataset-normalised (B, C, H, W) -> [0, 1] for drawing."""
-    mean, std = torch.tensor(info.mean).view(1, -1, 1, 1), torch.tensor(info.std).view(1, -1, 1, 1)
-    return (images.float() * std + mean).clamp(0, 1)
 
 
 def _similarity_summary(sim: torch.Tensor, positions: torch.Tensor, patch_size: int) -> dict[str, float]:

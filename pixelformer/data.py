@@ -29,7 +29,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 
 from .errors import UserError, did_you_mean
 
-__all__ = ["DATASETS", "DataInfo", "DeviceTensorLoader", "ShardedEpochSampler", "build_datasets", "build_loader",
+__all__ = ["DATASETS", "DataInfo", "to_unit_interval", "DeviceTensorLoader", "ShardedEpochSampler", "build_datasets", "build_loader",
            "permute_pixels", "pixel_permutation"]
 
 
@@ -480,6 +480,15 @@ def build_train_transform(cfg: DictConfig, info: DataInfo) -> Optional[Callable]
     }
     steps = recipes[cfg.augment]
     return v2.Compose(steps) if steps else None
+
+
+def to_unit_interval(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+                     std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Dataset-normalised images (B, C, H, W) back to pixel values in [0, 1]: ``images * std + mean``, clamped.
+    ``mean`` / ``std``: per channel, as sequences (``DataInfo.mean``) or tensors broadcasting as (1, C, 1, 1)."""
+    mean, std = (v if isinstance(v, torch.Tensor) else
+                 torch.tensor(v, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+    return (images * std + mean).clamp(0, 1)
 
 
 def pixel_permutation(img_size: int, seed: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import eval_batch_size
-from pixelformer.data import DataInfo
+from pixelformer.data import DataInfo, to_unit_interval
 from pixelformer.diffusion import build_train_scheduler, latent_geometry, load_vae, sample_chunks, variational_bound
 from pixelformer.errors import CheckpointError, UserError
 from pixelformer.layers import is_sincos_table, resize_pos_embed
@@ -90,7 +90,7 @@ class DiffusionTrainer(nn.Module):
 
     def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
         """Dataset-normalised images -> [-1, 1], the range the schedulers' clipping (and a VAE) assume."""
-        return ((images * self.std + self.mean) * 2 - 1).clamp(-1, 1)
+        return to_unit_interval(images, self.mean, self.std) * 2 - 1
 
     @torch.no_grad()
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
@@ -391,10 +391,8 @@ def real_image_fid(fabric: Any, classifier: ClassifierFeatures, loader: Any, dat
     """A Fréchet-distance metric holding the feature statistics of the real test images, fed batch by batch."""
     fid = fabric.to_device(build_fid(t.fid_features, classifier, t.inception_weights,
                                      (data.in_chans, data.img_size, data.img_size), reset_real_features=False))
-    mean = torch.tensor(data.mean, device=fabric.device, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=fabric.device, dtype=torch.float32).view(1, -1, 1, 1)
     for images, _ in loader:  # dataset-normalised -> [0, 1], in float32 whatever the training precision
-        fid.update((images.float() * std + mean).clamp(0, 1), real=True)
+        fid.update(to_unit_interval(images.float(), data.mean, data.std), real=True)
     return fid
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pixelformer.data import DataInfo
+from pixelformer.data import DataInfo, to_unit_interval
 from pixelformer.errors import UserError
 from pixelformer.models import MaskedAutoencoder
 from pixelformer.task import (EvalContext, Task, TaskCfg, build_backbone, eval_mode, mean_loss, register_task,
@@ -198,8 +198,6 @@ class MAETask(Task):
         tokens = model.patchify(images)
         masked = model.unpatchify(tokens * (1 - mask))
         pasted = model.unpatchify(tokens * (1 - mask) + pred * mask)
-        mean = torch.tensor(ctx.data.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(ctx.data.std, device=images.device).view(1, -1, 1, 1)
         # masked pixels are shown at the dataset mean (0 in normalised units)
-        grid = (torch.cat([images, masked, pasted]) * std + mean).clamp(0, 1)
+        grid = to_unit_interval(torch.cat([images, masked, pasted]), ctx.data.mean, ctx.data.std)
         return [save_image_grid(grid, out_dir / "reconstructions.png", nrow=len(images), min_side=64)]

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pixelformer.data import DataInfo
+from pixelformer.data import DataInfo, to_unit_interval
 from pixelformer.errors import UserError
 from pixelformer.task import EvalContext, Task, TaskCfg, register_task, save_image_grid, untrained_baseline
 
@@ -53,7 +53,7 @@ class AutoencoderTrainer(nn.Module):
 
     def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
         """Dataset-normalised images -> [-1, 1]."""
-        return ((images * self.std + self.mean) * 2 - 1).clamp(-1, 1)
+        return to_unit_interval(images, self.mean, self.std) * 2 - 1
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = self.to_unit_range(batch[0])
