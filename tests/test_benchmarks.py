@@ -88,3 +88,40 @@ def test_switches_subprocess_reports_errors_and_rows():
     assert "no_such_model" in bad["error"]
     row = sw.summarise(shape, sw.Switches("baseline"), [ok, bad])
     assert math.isclose(row["img_s"], 2 / ok["step_times"][0]) and row["error"] == ""
+
+
+def test_gpu_mfu_helper_on_cpu(tmp_path):
+    """benchmarks/gpu_mfu.py (gpu_check.sh's MFU part) runs on CPU at a tiny size and writes the documented rows."""
+    import json
+    import subprocess
+
+    out = tmp_path / "mfu.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "gpu_mfu.py"), "--device", "cpu", "--models", "pit_tiny",
+           "--tokens", "16", "--steps", "1", "--warmup", "1", "--batch", "2", "--depth", "1", "--embed-dim", "32",
+           "--heads", "2", "--matmul-size", "64", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["impl"] for r in rows] == ["pixelformer", "timm"]
+    required = {"model", "tokens", "batch", "img_s", "tflop_s", "mfu", "mfu_analytic", "train_gflop_per_img",
+                "train_gflop_per_img_counted", "train_gflop_per_img_analytic", "flops_source", "ratio_vs_timm", "error"}
+    for row in rows:
+        assert required <= row.keys(), required - row.keys()
+        assert row["error"] is None and row["tokens"] == 16 and row["batch"] == 2 and row["img_s"] > 0
+        assert math.isclose(row["tflop_s"], row["img_s"] * row["train_gflop_per_img"] / 1e3)
+        assert row["mfu"] > 0 and math.isclose(row["mfu"], row["tflop_s"] / result["meta"]["peak_tflops"])
+    # Analytic training FLOPs: 3 x forward, N = 16 + 1 tokens, D = 32, 1 block, 3 channels, 100 classes.
+    n, d = 17, 32
+    forward = 2 * 16 * 3 * d + 24 * n * d * d + 4 * n * n * d + 2 * d * 100
+    assert math.isclose(rows[0]["train_gflop_per_img_analytic"], 3 * forward / 1e9)
+    assert rows[0]["params"] == rows[1]["params"]  # the same shape on both sides
+    assert "pixelformer:pit_tiny" in proc.stdout and "MFU" in proc.stdout  # the printed table
+
+
+def test_gpu_check_script_parses():
+    import subprocess
+
+    script = SCRIPT.parent / "gpu_check.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
