@@ -11,7 +11,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -89,14 +89,18 @@ def _load_failure(path: Path, error: Exception) -> str:
 
 
 def check_state_dict(module: nn.Module, saved: Mapping[str, torch.Tensor], source: str,
-                     resizable: tuple[str, ...] = ("pos_embed",)) -> None:
+                     resizable: tuple[str, ...] = ("pos_embed",),
+                     expected: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Raise a :class:`CheckpointError` listing missing, unexpected and mis-shaped keys, if there are any.
 
     Keys ending in one of ``resizable`` may differ in shape (the model resizes them on load). A saved copy of a table
     the model computes itself (a non-persistent buffer such as a sin-cos ``pos_embed``) passes when it equals the
     model's and is an error naming the key when it differs; the models' load hooks apply the same rule.
+
+    ``expected``: the module's state dict (its shapes are what matters, so meta tensors do), when
+    ``module.state_dict()`` would not give the full one (an FSDP-wrapped module holds shards).
     """
-    expected = module.state_dict()
+    expected = module.state_dict() if expected is None else expected
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     mismatched = [
@@ -154,8 +158,10 @@ def _fixed_buffer(module: nn.Module, key: str) -> torch.Tensor | None:
     return None
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from, as tensors and plain Python values (``weights_only``-safe)."""
+def capture_rng_state(device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Every RNG this process draws from, as tensors and plain Python values (``weights_only``-safe): torch's CPU
+    stream, Python's, numpy's, and the stream of this process's own CUDA ``device`` (not every device's: another
+    process owns those)."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -163,20 +169,28 @@ def capture_rng_state() -> dict[str, Any]:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: Mapping[str, Any]) -> None:
+def restore_rng_state(state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
+    """Restore what :func:`capture_rng_state` captured. Checkpoints written before per-process states kept
+    ``cuda`` (every device's stream, from rank 0's process): restored on this process's device alone."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state:
+        index = torch.device(device).index or 0
+        if index < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][index], device)
 
 
 # --------------------------------------------------------------------------------------- pretrained weights

@@ -84,6 +84,9 @@ class DataCfg:
     # A stratified subset of N training images, fixed by subset_seed (not run.seed: seeds then vary the model only)
     train_subset: Optional[int] = None
     subset_seed: int = 0
+    # imagefolder: the most pixels an image file may have; None: PIL's guard against decompression bombs (about
+    # 179 M pixels). Larger files are refused by name until this is raised.
+    max_image_pixels: Optional[int] = None
     # Seed of one fixed random shuffle of the H*W pixel positions (after resizing and augmentation, the same for
     # every channel and image), applied to training and test images alike; None: pixels stay in place.
     permute_pixels: Optional[int] = None
@@ -111,6 +114,9 @@ class TrainerCfg:
     devices: int = 1
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Seconds a process waits in a collective (all-reduce, barrier) for the others before the run stops with a
+    # message: a process that died or hangs ends the run instead of blocking it for ever.
+    dist_timeout_s: int = 1800
     # auto: bf16-mixed on bf16-capable GPUs, and on AMX CPUs for models >= 192 wide; else 32-true (see runtime.py)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
     max_epochs: Optional[int] = 100
@@ -206,15 +212,12 @@ def _load_yaml(path: Path) -> DictConfig:
 
 
 def _group_layer(group: str, choice: str, config_dir: Path) -> DictConfig:
-    path = config_dir / group / f"{choice}.yaml"
-    if path.exists():
-        content = _load_yaml(path)
-    elif group == "model" and choice in group_choices("model", config_dir):
-        content = OmegaConf.create({})
-    else:
-        valid = group_choices(group, config_dir)
+    valid = group_choices(group, config_dir)
+    if choice not in valid:  # a name in the group, never a path: data=../task/cls would load another group's file
         hint = did_you_mean(choice, valid)
         raise UserError(f"unknown {group} {choice!r}.{hint} Choices: {', '.join(valid)}")
+    path = config_dir / group / f"{choice}.yaml"
+    content = _load_yaml(path) if path.exists() else OmegaConf.create({})  # a registered backbone without a file
     if group == "model" and "name" not in content:
         content.name = choice
     return OmegaConf.create({group: content})
@@ -227,8 +230,20 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
     return f"config error: {first}{where}"
 
 
+def _check_args(args: Any, what: str) -> list[str]:
+    """``args`` as a list of strings, or a UserError: a string would be split into its characters, anything else
+    would fail deep inside."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, (list, tuple)) or \
+            not all(isinstance(a, str) for a in args):
+        shown = repr(args) if len(repr(args)) <= 80 else repr(args)[:77] + "..."
+        raise UserError(f"{what} takes a list of 'key=value' / 'group=choice' strings, e.g. "
+                        f"['model=pit_tiny', 'optim.lr=1e-3'], got {shown}")
+    return list(args)
+
+
 def compose(args: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     """Compose a run config from ``group=choice`` and ``key=value`` command-line arguments."""
+    args = _check_args(args, "compose()")
     choices, overrides = _split_args(args)
     defaults = _load_yaml(config_dir / "defaults.yaml").get("defaults", {})
     task_name = choices.get("task", defaults.get("task", "cls"))
@@ -257,7 +272,7 @@ def compose_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
         task_name = saved["task"]["name"]
     except (KeyError, TypeError):
         raise UserError("the checkpoint holds no pixelformer run config (config.task.name)") from None
-    choices, overrides = _split_args(overrides)
+    choices, overrides = _split_args(_check_args(overrides, "the overrides of a saved config"))
     if choices:
         raise UserError(f"{', '.join(f'{g}=' for g in choices)}: a saved run's config can only be changed key by key "
                         f"(e.g. data.img_size=16, data.root=...), not by picking another group file")
@@ -289,8 +304,29 @@ def _merge(task_cls: type, task_name: str, layers: list[DictConfig], overrides: 
         cfg.task.name = task_name
     except OmegaConfBaseException as e:
         raise UserError(_format_omegaconf_error(e)) from None
+    _check_interpolations(cfg)
     validate(cfg)
     return cfg
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Resolve every ``${...}`` once, so that one naming no key, an unset variable or itself is refused here with
+    its key and text, not as a traceback wherever the value is first read. (``cfg`` is left as it is: resolving in
+    place would turn a saved config's escaped, literal ``\\${`` into a live interpolation.)"""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        try:
+            raw = OmegaConf.to_container(OmegaConf.select(cfg, key.rsplit(".", 1)[0]) if "." in key else cfg,
+                                         resolve=False)
+            text = raw.get(key.rsplit(".", 1)[-1]) if isinstance(raw, dict) else None
+        except Exception:  # noqa: BLE001 - only for the message
+            text = None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"config error: cannot resolve {key}={text if text is not None else '...'} ({first}): a "
+                        f"${{...}} must name another config key (e.g. ${{data.root}}) or a set environment variable "
+                        f"(${{oc.env:NAME}}, or ${{oc.env:NAME,default}}); for a literal ${{ write \\${{") from None
 
 
 def _in_range(value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> bool:
@@ -316,6 +352,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("limit_train", "limit_test", "train_subset"):
         if data[key] is not None and data[key] <= 0:
             problems.append(f"data.{key} must be a positive number of images (or null for all), got {data[key]}")
+    if not 0 <= data.subset_seed < 2 ** 32:
+        problems.append(f"data.subset_seed must be in [0, 2**32 - 1] (the seed of scikit-learn's stratified split), "
+                        f"got {data.subset_seed}")
+    if data.max_image_pixels is not None and data.max_image_pixels <= 0:
+        problems.append(f"data.max_image_pixels must be a positive number of pixels (or null for PIL's limit), got "
+                        f"{data.max_image_pixels}")
     if data.num_workers < 0:
         problems.append(f"data.num_workers must be >= 0 (0 loads in the training process), got {data.num_workers}")
     if not _in_range(data.rrc_scale_min, 0, 1, low_open=True, high_open=False):
@@ -354,6 +396,9 @@ def validate(cfg: DictConfig) -> None:
         problems.append("trainer.accumulate_grad_batches must be >= 1")
     if trainer.devices < 1 or trainer.num_nodes < 1:
         problems.append("trainer.devices and trainer.num_nodes must be >= 1")
+    if trainer.dist_timeout_s <= 0:
+        problems.append(f"trainer.dist_timeout_s must be a positive number of seconds (default 1800), got "
+                        f"{trainer.dist_timeout_s}")
     # A max norm of 0 zeroes every gradient and a negative one flips their sign (gradient ascent).
     if trainer.grad_clip is not None and not (trainer.grad_clip > 0 and math.isfinite(trainer.grad_clip)):
         problems.append(f"trainer.grad_clip must be a positive max gradient norm (null turns clipping off), got "

@@ -27,17 +27,23 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
 from torchvision.transforms import v2
 
 from .errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = ["DATASETS", "DataInfo", "to_unit_interval", "DeviceTensorLoader", "ShardedEpochSampler", "build_datasets", "build_loader",
            "permute_pixels", "pixel_permutation"]
@@ -125,7 +131,7 @@ class ImageFileDataset(ImageTensorDataset):
 
     def __init__(self, folder, img_size: int, in_chans: int, normalize: Callable,
                  augment: Optional[Callable] = None, limit: Optional[int] = None,
-                 subset: Optional[tuple[int, int]] = None) -> None:
+                 subset: Optional[tuple[int, int]] = None, max_image_pixels: Optional[int] = None) -> None:
         super().__init__(None, None, normalize, augment)
         self.folder = folder
         everything = torch.arange(len(folder.targets))
@@ -135,17 +141,19 @@ class ImageFileDataset(ImageTensorDataset):
         count = len(everything) if limit is None else min(limit, len(everything))
         self.indices = everything[torch.linspace(0, len(everything) - 1, count).round().long()].tolist()
         self.labels = torch.tensor(folder.targets)[self.indices]
-        mode = {1: "L", 3: "RGB"}[in_chans]
+        self.mode = {1: "L", 3: "RGB"}[in_chans]
+        self.max_image_pixels = max_image_pixels
         self.decode = v2.Compose([
-            v2.Lambda(lambda img: img.convert(mode)), v2.PILToTensor(),
-            v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
+            v2.PILToTensor(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
         ])
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.folder.samples[self.indices[index]][0]
+        _allow_image_pixels(self.max_image_pixels)  # a loader worker started by spawn has PIL's default
         try:
-            image, label = self.folder[self.indices[index]]
+            image, label = self.folder[self.indices[index]]  # read by load_image: 8-bit channels
+            image = image.convert(self.mode)
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for data that the start-up check passed
-            path = self.folder.samples[self.indices[index]][0]
             raise UserError(f"cannot decode image {path} ({type(e).__name__}: {e}): remove or replace it, then "
                             f"resume=auto") from None
         return self.decode(image), label
@@ -161,21 +169,96 @@ class ImageFileDataset(ImageTensorDataset):
 
         from PIL import Image
 
-        def unreadable(path: str) -> bool:
+        def unreadable(path: str) -> Optional[str]:
+            """None for a readable image, else why not: "bomb <pixels>", "range <message>" or "broken"."""
             try:
                 with Image.open(path) as image:
                     image.verify()
-                return False
+                    mode = image.mode
+                if mode in ("F", "I"):  # 32-bit pixels, rare: decoded now, as their range decides how they are read
+                    try:
+                        load_image(path)
+                    except UserError as e:
+                        return f"range {e}"
+                return None
+            except Image.DecompressionBombError as e:  # "Image size (N pixels) exceeds limit of ..."
+                pixels = re.search(r"\((\d+) pixels\)", str(e))
+                return f"bomb {pixels.group(1) if pixels else 0}"
             except Exception:  # noqa: BLE001 - PIL raises many types for broken files
-                return True
+                return "broken"
 
+        _allow_image_pixels(self.max_image_pixels)
         paths = [self.folder.samples[i][0] for i in self.indices]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            bad = [path for path, broken in zip(paths, pool.map(unreadable, paths, chunksize=64)) if broken]
+            found = [(path, why) for path, why in zip(paths, pool.map(unreadable, paths, chunksize=64)) if why]
+        large = [(path, int(why.split()[1])) for path, why in found if why.startswith("bomb")]
+        if large:
+            # PIL refuses images above twice Image.MAX_IMAGE_PIXELS as possible decompression bombs: the files are
+            # fine, only larger than the limit, so say so (they are resized to data.img_size anyway).
+            biggest = max(pixels for _, pixels in large)
+            limit = Image.MAX_IMAGE_PIXELS
+            raise UserError(f"imagefolder {where}: {len(large)} of {len(paths)} files have more pixels than PIL "
+                            f"opens by default (2 x Image.MAX_IMAGE_PIXELS = {2 * limit:,}, a guard against "
+                            f"decompression bombs), e.g. {large[0][0]} ({large[0][1]:,} pixels): if you trust "
+                            f"these files, set data.max_image_pixels={biggest} (or more), or shrink them")
+        unusable = [why[len("range "):] for _, why in found if why.startswith("range")]
+        if unusable:
+            more = f" ({len(unusable) - 1} more such file(s))" if len(unusable) > 1 else ""
+            raise UserError(f"imagefolder {where}: {unusable[0]}{more}")
+        bad = [path for path, why in found if why == "broken"]
         if bad:
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             raise UserError(f"imagefolder {where}: {len(bad)} of {len(paths)} files are not readable images: "
                             f"{', '.join(bad[:3])}{more}; remove or replace them")
+
+
+def _allow_image_pixels(limit: Optional[int]) -> None:
+    """``data.max_image_pixels``: raise PIL's decompression-bomb limit (process-wide) to ``limit`` pixels."""
+    if limit is not None:
+        from PIL import Image
+
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def load_image(path: str) -> PILImage:
+    """An image file as PIL reads it, with 8-bit channels (:func:`to_8bit`): an image folder's loader, in place of
+    torchvision's, which converts to RGB straight away."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    return to_8bit(image, path)
+
+
+def to_8bit(image: PILImage, path: str) -> PILImage:
+    """``image`` with 8-bit channels: 16-bit integer images are scaled by 255 / 65535 and float images read as
+    intensities in [0, 1] are scaled by 255; other modes are returned as they are (``convert`` handles them).
+
+    PIL's ``convert("L" / "RGB")`` clips a 16-bit or float pixel to [0, 255] instead of rescaling it, which turns a
+    16-bit PNG white and a [0, 1] float TIFF black: a constant image, trained on without a word.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    pixels = np.asarray(image)
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(pixels).all() and 0.0 <= low and high <= 1.0):
+            raise UserError(f"cannot use image {path}: a float image is read as intensities in [0, 1], but its "
+                            f"values run from {low:g} to {high:g}: rescale it to [0, 1] or save it as an 8-bit "
+                            f"image")
+        scaled = pixels * 255.0
+    else:
+        if low < 0 or high > 65535:  # a 32-bit integer image: its range is unknown
+            raise UserError(f"cannot use image {path}: a {image.mode}-mode integer image with values from "
+                            f"{low:g} to {high:g} has no known range (8- and 16-bit images are read): save it as an "
+                            f"8-bit or 16-bit image")
+        scaled = pixels.astype(np.float64) * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def _digits(cfg: DictConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -353,12 +436,13 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     """
     import gzip
     import struct
+    import zlib
 
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a corrupt stream a zlib.error
         raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): replace it with the original file") from None
     expected = 0x0800 + ndim
     if len(raw) < 4 or struct.unpack(">i", raw[:4])[0] != expected:
@@ -372,6 +456,9 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     count = 1
     for size in shape:
         count *= size
+    if shape and shape[0] == 0 and len(raw) == header:
+        raise UserError(f"{path} holds no {'images' if ndim == 3 else 'labels'} (its header declares 0): replace it "
+                        f"with the original file")
     if min(shape) <= 0 or len(raw) - header != count:
         raise UserError(f"{path}: the header declares shape {tuple(shape)} ({count:,} bytes) but the file holds "
                         f"{len(raw) - header:,} data bytes; replace it with the original file")
@@ -407,8 +494,26 @@ def _idx(cfg: DictConfig, train: bool, num_classes: int) -> tuple[torch.Tensor, 
         raise UserError(f"{found[1]}: labels go up to {int(labels.max())}, outside [0, {num_classes}) for {cfg.name}")
     if images.shape[1] != images.shape[2]:
         raise UserError(f"{found[0]}: images are {images.shape[1]}x{images.shape[2]}; square images are expected")
+    if train:
+        _check_idx_classes(found[1], labels, num_classes, cfg.name)
     classes = FASHION_MNIST_CLASSES if cfg.name == "fashion_mnist" else [str(i) for i in range(10)]
     return images.unsqueeze(1).contiguous(), labels.long(), list(classes)
+
+
+def _check_idx_classes(path: Path, labels: torch.Tensor, num_classes: int, dataset: str) -> None:
+    """Refuse training labels of a single class (accuracy would read 100 % whatever the model learns, as an image
+    folder of one class is refused) and warn when some classes have no training image (they can never be
+    predicted, yet the head and the metrics count them)."""
+    present = sorted(int(c) for c in labels.unique())
+    if len(present) < 2:
+        raise UserError(f"{path}: every training label is {present[0] if present else 'absent'}: a classifier needs "
+                        f"at least 2 classes; replace it with the original {dataset} labels file")
+    missing = [c for c in range(num_classes) if c not in present]
+    if missing:
+        import warnings
+        warnings.warn(f"{path}: {len(missing)} of the {num_classes} {dataset} classes have no training image "
+                      f"(labels {', '.join(map(str, missing))}): they can never be predicted; if this file is not "
+                      f"a deliberate subset, replace it with the original", stacklevel=3)
 
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -431,9 +536,36 @@ def stratified_subset(labels: torch.Tensor, size: int, seed: int, key: str = "da
                         f"{classes}")
     if size == total:
         return torch.arange(total)
+    counts = torch.bincount(labels - labels.min()) if total else torch.zeros(0, dtype=torch.long)
+    if total - size < classes or int(counts[counts > 0].min()) < 2:
+        # scikit-learn's split needs the left-out part to hold each class too, and every class twice: drawn here
+        return _proportional_subset(labels, size, seed)
     picked, _ = train_test_split(torch.arange(total).numpy(), train_size=size, random_state=seed,
                                  stratify=labels.numpy())
     return torch.from_numpy(picked).sort().values
+
+
+def _proportional_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of ``size`` samples, each class's share in proportion to its count (largest remainders,
+    ties by class) and at least one of each, the samples within a class drawn with ``seed``: the cases scikit-learn's
+    stratified split refuses (a subset just below the whole set, a class of one image)."""
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * size / len(labels)
+    share = exact.floor().long().clamp(min=1)
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - exact[i].floor()).item(), i))
+    while int(share.sum()) < size:  # hand out what the floors left, largest remainder first
+        for i in order:
+            if int(share.sum()) < size and share[i] < counts[i]:
+                share[i] += 1
+    while int(share.sum()) > size:  # the minimum of one per class overshot: take back from the largest shares
+        i = int(torch.argmax(share - (share <= 1).long() * len(labels)))
+        share[i] -= 1
+    picked = []
+    for cls, take in zip(classes, share.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        picked.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(picked).sort().values
 
 
 @dataclass
@@ -546,9 +678,16 @@ def build_datasets(cfg: DictConfig) -> tuple[ImageTensorDataset, ImageTensorData
         x_train, y_train = x_train[keep], y_train[keep]
     x_train, y_train = x_train[: cfg.limit_train], y_train[: cfg.limit_train]
     x_test, y_test = x_test[: cfg.limit_test], y_test[: cfg.limit_test]
-    size = cfg.img_size or spec.native_size
-    if size != x_train.shape[-1]:
-        _check_resize_fits(cfg, len(x_train) + len(x_test), x_train.shape[1], spec.native_size)
+    if x_test.shape[1:] != x_train.shape[1:]:
+        # Checked now: the first evaluation would fail after training, before any checkpoint was written.
+        raise UserError(f"{cfg.name} under data.root={cfg.root}: the test images are {_shape_text(x_test)} but the "
+                        f"training images {_shape_text(x_train)}: the two splits must come from the same dataset; "
+                        f"replace the mismatched files with the original ones")
+    # Files of another size than the dataset's (an IDX file of 14x14 images) are their own native size.
+    native = x_train.shape[-1]
+    size = cfg.img_size or native
+    if size != native:
+        _check_resize_fits(cfg, size, len(x_train) + len(x_test), x_train.shape[1], native)
         x_train, x_test = _resize_uint8(x_train, size), _resize_uint8(x_test, size)
     if spec.mean is None:
         pixels = x_train.float().div(255.0).transpose(0, 1).reshape(x_train.shape[1], -1)
@@ -562,19 +701,23 @@ def build_datasets(cfg: DictConfig) -> tuple[ImageTensorDataset, ImageTensorData
     return train, test, info
 
 
-def _check_resize_fits(cfg: DictConfig, count: int, channels: int, native: int) -> None:
-    """Refuse a ``data.img_size`` whose resized in-memory dataset cannot fit in this machine's memory.
+def _shape_text(images: torch.Tensor) -> str:
+    return f"{images.shape[-2]}x{images.shape[-1]}x{images.shape[1]}"
+
+
+def _check_resize_fits(cfg: DictConfig, size: int, count: int, channels: int, native: int) -> None:
+    """Refuse a ``data.img_size`` (``size``) whose resized in-memory dataset cannot fit in this machine's memory.
 
     Counts 5 bytes per pixel: the uint8 images and their float32 normalised copy, which is also less than the
     float32 temporaries of resizing the training split (most of the images) take at once.
     """
     from . import runtime
 
-    needed = count * channels * cfg.img_size ** 2 * 5
+    needed = count * channels * size ** 2 * 5
     available = runtime.available_memory(torch.device("cpu"))
     if available is not None and needed > available:
-        raise UserError(f"data.img_size={cfg.img_size} resizes the {count:,} {cfg.name} images ({native}x{native} "
-                        f"native) to {cfg.img_size}x{cfg.img_size}, about {runtime.format_bytes(needed)} in memory, "
+        raise UserError(f"data.img_size={size} resizes the {count:,} {cfg.name} images ({native}x{native} "
+                        f"native) to {size}x{size}, about {runtime.format_bytes(needed)} in memory, "
                         f"but {runtime.format_bytes(available)} is available: choose a smaller data.img_size")
 
 
@@ -583,9 +726,65 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
-def _build_imagefolder(cfg: DictConfig, spec: _Spec) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
-    from torchvision.datasets import ImageFolder
+def _printable(name: str) -> str:
+    """A folder name as text: bytes that are not UTF-8 (kept by Python as lone surrogates, which cannot be encoded,
+    drawn or logged) become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", errors="replace")
 
+
+class LoopSafeImageFolder(ImageFolder):
+    """torchvision's ``ImageFolder`` whose walk reads every folder once, and whose images keep their values
+    (:func:`load_image`: a 16-bit or float image is rescaled to 8 bits, not clipped).
+
+    ``ImageFolder`` follows folder links without remembering where it has been: a link inside a class folder that
+    points back up is walked again and again (6 images counted as 246), and one that reaches another class's folder
+    labels its images as this class. Here a link to a folder already read (the split, a class folder, an ancestor,
+    or one linked twice) is skipped and listed in ``skipped_links``; links to folders outside the dataset are
+    followed as before.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.skipped_links: list[tuple[str, str]] = []
+        super().__init__(root, loader=load_image)
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int],  # type: ignore[override]
+                     extensions: Optional[tuple[str, ...]] = None,
+                     is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        if is_valid_file is None:
+            def is_valid_file(path: str) -> bool:
+                return has_file_allowed_extension(path, extensions)  # type: ignore[arg-type]
+        directory = os.path.expanduser(directory)
+        seen = {os.path.realpath(directory)} | {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
+        instances, found = [], set()
+        for target_class in sorted(class_to_idx):
+            walked = []
+            for folder, dirs, files in os.walk(os.path.join(directory, target_class), followlinks=True):
+                dirs.sort()  # which of two links to one folder is kept does not depend on the file system's order
+                for name in list(dirs):
+                    real = os.path.realpath(os.path.join(folder, name))
+                    if real in seen:
+                        dirs.remove(name)
+                        self.skipped_links.append((os.path.join(folder, name), real))
+                    else:
+                        seen.add(real)
+                walked.append((folder, files))
+            for folder, files in sorted(walked):  # torchvision's order: folders by path, files by name
+                for name in sorted(files):
+                    path = os.path.join(folder, name)
+                    if is_valid_file(path):
+                        instances.append((path, class_to_idx[target_class]))
+                        found.add(target_class)
+        empty = set(class_to_idx) - found
+        if empty and not allow_empty:  # torchvision's own message
+            message = f"Found no valid file for the classes {', '.join(sorted(empty))}. "
+            if extensions is not None:
+                message += f"Supported extensions are: {', '.join(extensions)}"
+            raise FileNotFoundError(message)
+        return instances
+
+
+def _build_imagefolder(cfg: DictConfig, spec: _Spec) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
     if cfg.root is None:
         raise UserError("data.root is not set for imagefolder: pass data.root=/path with train/ and val/ (or test/) "
                         "folders of one sub-folder per class")
@@ -597,9 +796,16 @@ def _build_imagefolder(cfg: DictConfig, spec: _Spec) -> tuple[ImageTensorDataset
         raise UserError(f"imagefolder root {root} must contain train/ and val/ (or test/) folders, one sub-folder "
                         f"per class; found: {sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no such directory'}")
     try:
-        train_folder, test_folder = ImageFolder(str(root / "train")), ImageFolder(str(test_dir))
+        train_folder, test_folder = LoopSafeImageFolder(str(root / "train")), LoopSafeImageFolder(str(test_dir))
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"imagefolder {root}: {e}") from None
+    skipped = train_folder.skipped_links + test_folder.skipped_links
+    if skipped:
+        import warnings
+        shown = ", ".join(f"{link} -> {target}" for link, target in skipped[:3])
+        warnings.warn(f"imagefolder {root}: skipped {len(skipped)} folder link(s) that lead to a folder read already "
+                      f"(a loop, or another class's folder): {shown}{' ...' if len(skipped) > 3 else ''}; each "
+                      f"folder is read once, under its own class", stacklevel=2)
     if train_folder.classes != test_folder.classes:
         raise UserError(f"imagefolder {root}: train/ and {test_dir.name}/ have different class folders")
     if len(train_folder.classes) < 2:
@@ -607,12 +813,14 @@ def _build_imagefolder(cfg: DictConfig, spec: _Spec) -> tuple[ImageTensorDataset
         raise UserError(f"imagefolder {root}: train/ has {len(train_folder.classes)} class folder "
                         f"({', '.join(train_folder.classes)}); put the images in at least 2 class sub-folders")
     info = DataInfo(cfg.name, len(train_folder.classes), spec.in_chans, cfg.img_size, spec.mean, spec.std,
-                    list(train_folder.classes))
+                    [_printable(name) for name in train_folder.classes])
     normalize = _normalizer(cfg, spec.mean, spec.std, cfg.img_size)
     subset = (cfg.train_subset, cfg.subset_seed) if cfg.train_subset is not None else None
+    max_pixels = cfg.get("max_image_pixels")  # absent from configs saved before the option existed
     train = ImageFileDataset(train_folder, cfg.img_size, info.in_chans, normalize, build_train_transform(cfg, info),
-                             cfg.limit_train, subset)
-    test = ImageFileDataset(test_folder, cfg.img_size, info.in_chans, normalize, limit=cfg.limit_test)
+                             cfg.limit_train, subset, max_pixels)
+    test = ImageFileDataset(test_folder, cfg.img_size, info.in_chans, normalize, limit=cfg.limit_test,
+                            max_image_pixels=max_pixels)
     train.check_files(root / "train")
     test.check_files(test_dir)
     return train, test, info
@@ -638,7 +846,9 @@ class ShardedEpochSampler(Sampler):
         self.epoch, self.skip = 0, 0
 
     def set_position(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's permutation and skip its first ``skip`` samples of this shard (on resume).
+        """Select the epoch's permutation and skip its first ``skip`` samples, counted over all shards (on resume:
+        what every process together has trained on in this epoch, so a resume on another number of processes
+        continues with the samples not yet seen).
 
         Deliberately not called ``set_epoch``: Fabric calls ``set_epoch(n)`` with its own count of loader passes.
         """
@@ -650,17 +860,18 @@ class ShardedEpochSampler(Sampler):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        if self.pad and self.size % self.world_size:
-            order += order[: self.world_size - self.size % self.world_size]
-        return order[self.rank:: self.world_size]
+        rest = order[self.skip:]
+        if self.pad and len(rest) % self.world_size:  # from the epoch's start, as an unskipped epoch pads
+            rest += order[: self.world_size - len(rest) % self.world_size]
+        return rest[self.rank:: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = (self.seed * 100_003 + self.epoch) * (self.size + 1)
-        for index in self._shard()[self.skip:]:
+        for index in self._shard():
             yield (base + index) % (2 ** 63), index
 
     def __len__(self) -> int:
-        return max(len(self._shard()) - self.skip, 0)
+        return len(self._shard())
 
 
 class DeviceTensorLoader:

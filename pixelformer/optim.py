@@ -10,6 +10,8 @@ from torch import nn
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch.optim.lr_scheduler import LambdaLR
 
+from .errors import UserError
+
 __all__ = ["build_optimizer", "build_scheduler", "param_groups"]
 
 
@@ -53,7 +55,16 @@ def param_groups(module: nn.Module, weight_decay: float, layer_decay: Optional[f
             for (is_decayed, scale), params in sorted(groups.items(), key=lambda kv: (-kv[0][1], not kv[0][0]))]
 
 
-def build_optimizer(module: nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(module: nn.Module, cfg: DictConfig, device: torch.device,
+                    fused_allowed: bool = True) -> torch.optim.Optimizer:
+    """The configured optimizer over ``module``'s parameter groups (weight decay, layer decay).
+
+    ``fused_allowed=False`` (FSDP with 16-mixed: torch's fused AdamW cannot take the sharded gradient scaler's
+    inf flag) keeps AdamW unfused, and refuses ``optim.fused=true``."""
+    if cfg.fused and not fused_allowed:
+        raise UserError("optim.fused=true cannot run under trainer.strategy=fsdp with trainer.precision=16-mixed "
+                        "(torch's fused AdamW does not take FSDP's sharded gradient scaler): set optim.fused=null "
+                        "or trainer.precision=bf16-mixed")
     groups = param_groups(module, cfg.weight_decay, cfg.layer_decay)
     for group in groups:
         group["lr"] = cfg.lr * group["lr_scale"]  # the schedule scales each group's own base lr
@@ -67,7 +78,7 @@ def build_optimizer(module: nn.Module, cfg: DictConfig, device: torch.device) ->
             group["always_adapt"] = all(p.ndim > 1 for p in group["params"])
         return Lars(groups, lr=cfg.lr, momentum=cfg.momentum)
     # The fused kernel exists for CUDA and CPU in current torch; None picks it where the device supports it.
-    fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu")
+    fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu") and fused_allowed
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 

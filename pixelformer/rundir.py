@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
@@ -26,6 +27,7 @@ from .checkpoint import (TRANSPOSED_SINCOS_FORMAT, capture_rng_state, check_stat
                          read_checkpoint, restore_rng_state)
 from .config import GROUPS, compose, compose_saved, to_plain, validate
 from .errors import CheckpointError, UserError
+from .rng import reseed_process_streams
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -36,8 +38,8 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_KEYS", "Checkpointer", "RunDirLock", "check_resumable",
-           "check_resume_config", "compose_for_resume", "peek_checkpoint", "prepare_run_files", "resolve_resume",
-           "resume_source"]
+           "check_resume_config", "compose_for_resume", "every_rank", "flatten", "peek_checkpoint",
+           "prepare_run_files", "resolve_resume", "resume_source"]
 
 CHECKPOINT_FORMAT = "pixelformer-checkpoint/2"  # 1: before the sin-cos layout fix (still resumable, with a warning)
 
@@ -48,8 +50,9 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "trainer.ckpt_every_steps", "trainer.max_steps", "trainer.max_epochs", "trainer.grad_clip",
     "trainer.skip_nonfinite_steps", "trainer.accelerator", "trainer.strategy", "trainer.precision",
     "trainer.compile", "trainer.grad_checkpointing", "trainer.deterministic", "trainer.cpu_allocator",
-    "trainer.memory_check",
-    "optim.fused", "data.root", "data.download", "data.num_workers", "data.on_device", "data.eval_batch_size",
+    "trainer.memory_check", "trainer.devices", "trainer.num_nodes", "trainer.dist_timeout_s",
+    "optim.fused", "data.max_image_pixels", "data.root", "data.download", "data.num_workers", "data.on_device",
+    "data.eval_batch_size",
 )
 
 
@@ -57,11 +60,12 @@ def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -154,15 +158,17 @@ def check_resume_config(saved: Mapping[str, Any], cfg: DictConfig, source: Path)
       ``trainer.grad_checkpointing``, ``trainer.deterministic``, ``trainer.cpu_allocator``, ``trainer.memory_check``,
       ``optim.fused``: the same computation, up to rounding;
     * ``data.root``, ``data.download``, ``data.num_workers``, ``data.on_device`` (identical batches),
-      ``data.eval_batch_size``.
+      ``data.eval_batch_size``, ``data.max_image_pixels``;
+    * ``trainer.devices`` and ``trainer.num_nodes``: the epoch goes on with the samples no process has seen, but the
+      global batch is another size and the random streams cannot continue exactly (the run says so);
+      ``trainer.dist_timeout_s``.
 
     Everything else is refused, each changed key named with its old and new value: ``task.*``, ``model.*``,
     ``optim.*`` (the scheduler restores its saved base learning rates, so a new ``optim.lr`` would not be used),
     ``run.seed``, and the keys that fix the batches and where an interrupted epoch resumes (``data.name``,
-    ``data.batch_size``, ``data.limit_*``, ``data.augment``, ``trainer.devices``, ``trainer.num_nodes``,
-    ``trainer.accumulate_grad_batches``, ...).
+    ``data.batch_size``, ``data.limit_*``, ``data.augment``, ``trainer.accumulate_grad_batches``, ...).
     """
-    old, new = _flatten(saved), _flatten(to_plain(cfg))
+    old, new = flatten(saved), flatten(to_plain(cfg))
     changed = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not _resumable(k)]
     if changed:
         listed = ", ".join(f"{k} ({old[k]} -> {new[k]})" for k in changed)
@@ -176,7 +182,7 @@ def _explicit_keys(args: list[str], cfg: DictConfig) -> list[str]:
     for arg in args:
         key = arg.split("=", 1)[0]
         if key in GROUPS:
-            keys += [f"{key}.{k}" for k in _flatten(to_plain(cfg[key]))]
+            keys += [f"{key}.{k}" for k in flatten(to_plain(cfg[key]))]
         else:
             keys.append(key)
     return keys
@@ -211,11 +217,20 @@ class Checkpointer:
     """Saves and restores a run's ``state`` (a plain dict of objects with ``state_dict()`` and plain values).
 
     ``last.ckpt`` is written to a temporary file and renamed by rank 0, so a kill leaves the old file or the new
-    one; ``best.ckpt`` is an atomic copy of it. Each file carries the format tag and the RNG states.
+    one; ``best.ckpt`` is an atomic copy of it. Each file carries the format tag and, under ``rng``, a list of
+    every process's RNG states (index = global rank).
     """
 
-    def __init__(self, fabric: Fabric, run_dir: Path, state: dict[str, Any], progress: Any, window: Any) -> None:
+    #: Entries a checkpoint may lack: the loss scaler of a 16-mixed run resumed from a run in another precision.
+    OPTIONAL = ("scaler",)
+
+    def __init__(self, fabric: Fabric, run_dir: Path, state: dict[str, Any], progress: Any, window: Any,
+                 reference: Optional[tuple[Any, Mapping[str, torch.Tensor]]] = None) -> None:
+        """``reference``: the unwrapped module and its full state dict (meta tensors will do), which a checkpoint
+        is checked against before loading; by default ``state["model"]`` (whose state dict an FSDP wrapper would
+        give as shards)."""
         self.fabric, self.state, self.progress, self.window = fabric, state, progress, window
+        self.reference = reference
         self.last = run_dir / "checkpoints" / "last.ckpt"
         self.best = run_dir / "checkpoints" / "best.ckpt"
         self.saved_step: Optional[int] = None
@@ -226,12 +241,36 @@ class Checkpointer:
             return
         self.progress.window = self.window.state_dict()
         tmp = self.last.with_name(self.last.name + ".tmp")
-        self.fabric.save(tmp, {"format": self.format, **self.state, "rng": capture_rng_state()})
+        rng = every_rank(self.fabric, capture_rng_state(self.fabric.device))  # a collective: before the write
+        try:
+            self.fabric.save(tmp, {"format": self.format, **self.state, "rng": rng})
+        except (OSError, RuntimeError) as e:
+            self._write_failed(tmp, e)
         self.fabric.barrier()
         if self.fabric.is_global_zero:
-            fsync_and_replace(tmp, self.last)
+            try:
+                fsync_and_replace(tmp, self.last)
+            except OSError as e:
+                self._write_failed(tmp, e)
         self.fabric.barrier()
         self.saved_step = self.progress.step
+
+    def _write_failed(self, tmp: Path, error: Exception) -> None:
+        """A checkpoint that cannot be written (a full disk, a read-only folder) ends the run in one line naming the
+        file and the last good checkpoint, which the atomic write left intact; anything else is re-raised."""
+        writer = ("PytorchStreamWriter", "inline_container", "file write failed")  # torch's own writer's I/O errors
+        if isinstance(error, RuntimeError) and not any(w in str(error) for w in writer):
+            raise error
+        try:
+            tmp.unlink(missing_ok=True)  # a partial file: give back the space
+        except OSError:
+            pass
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else \
+            " ".join(str(error).split())[:200]
+        kept = (f"the last good checkpoint, {self.last} (step {self.saved_step}), is intact"
+                if self.saved_step is not None and self.last.is_file() else "no earlier checkpoint was written")
+        raise UserError(f"cannot write checkpoint {self.last} at step {self.progress.step} ({reason}): {kept}; free "
+                        f"space or make {self.last.parent} writable, then resume with resume=auto") from None
 
     def save_best(self) -> None:
         if self.fabric.is_global_zero:
@@ -241,23 +280,42 @@ class Checkpointer:
         """Load ``path`` into the state (checked key by key first), restore the RNG streams and the window, and
         redo a ``best.ckpt`` copy that a kill cut off."""
         ckpt = read_checkpoint(path)
-        check_state_dict(self.state["model"], ckpt["model"], str(path), resizable=())
-        missing = [k for k in self.state if k not in ckpt]
+        module, expected = self.reference if self.reference is not None else (self.state["model"], None)
+        check_state_dict(module, ckpt["model"], str(path), resizable=(), expected=expected)
+        missing = [k for k in self.state if k not in ckpt and k not in self.OPTIONAL]
         if missing:
             raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: it was written by another task "
                             f"({ckpt.get('config', {}).get('task', {}).get('name')}) and cannot resume this one")
         rng, self.format = ckpt["rng"], ckpt.get("format", CHECKPOINT_FORMAT)
+        saved_devices = (ckpt.get("config") or {}).get("trainer", {}).get("devices")
+        loaded = {k: v for k, v in self.state.items() if k in ckpt}  # e.g. no scaler: a run that was not 16-mixed
         del ckpt
-        remainder = self.fabric.load(path, self.state)
-        remainder.pop("rng", None)
-        restore_rng_state(rng)
+        remainder = self.fabric.load(path, loaded)
+        for key in ("rng", *self.OPTIONAL):
+            remainder.pop(key, None)  # a scaler saved by a 16-mixed run resumed in another precision is dropped
+        self.restore_rng(rng, saved_devices)
         # Fabric rebuilds dataclasses while unwrapping the state, so the loaded counters may sit in a copy.
-        self.progress.load_state_dict(self.state["progress"].state_dict())
+        self.progress.load_state_dict(loaded["progress"].state_dict())
         self.state["progress"] = self.progress
         self.window.load_state_dict(self.progress.window)
         self.saved_step = self.progress.step
         if self.fabric.is_global_zero:
             self._restore_best(path)
+
+    def restore_rng(self, saved: Any, saved_devices: Any) -> None:
+        """Each process continues its own saved streams. A checkpoint of another number of processes (or one
+        written before per-process states: a single state) cannot continue them: each process then starts a
+        fresh stream of ``(run.seed, rank, step)`` and rank 0 says so, once."""
+        fabric, step = self.fabric, self.progress.step
+        states = saved if isinstance(saved, list) else [saved]
+        if len(states) == fabric.world_size:
+            restore_rng_state(states[fabric.global_rank], fabric.device)
+            return
+        seed = int((self.state.get("config") or {}).get("run", {}).get("seed", 0))
+        reseed_process_streams(seed, fabric.global_rank, step)
+        fabric.print(f"warning: resuming on {fabric.world_size} process(es) a run saved with "
+                     f"{saved_devices if not isinstance(saved, list) else len(states)}: the random streams (masks, "
+                     f"noise, dropout) cannot continue exactly; each process starts a fresh one at step {step}")
 
     def _restore_best(self, resumed: Path) -> None:
         """``progress.best_step`` is the step of the best evaluation; when it is the resumed checkpoint's own step,
@@ -271,6 +329,15 @@ class Checkpointer:
             held = None  # unreadable: replaced
         if held != step:
             copy_atomic(resumed, self.best)
+
+
+def every_rank(fabric: Fabric, value: Any) -> list[Any]:
+    """``value`` of every process, in rank order, on every process (a collective; pickled objects)."""
+    if fabric.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
@@ -288,6 +355,56 @@ def check_resumable(path: Path, saved: Mapping[str, Any], cfg: DictConfig) -> No
     if cfg.trainer.precision == "auto":  # the run keeps the precision it resolved when it started
         cfg.trainer.precision = saved["config"].get("trainer", {}).get("precision", "auto")
     check_resume_config(saved["config"], cfg, path)
+    if cfg.run.dir is not None:
+        check_config_file(Path(cfg.run.dir).expanduser() / "config.yaml", saved["config"], cfg, path)
+
+
+def check_config_file(config_file: Path, saved: Mapping[str, Any], cfg: DictConfig, source: Path) -> None:
+    """Say when the run directory's ``config.yaml`` was edited: a key that differs both from the checkpoint's
+    ``saved`` config and from the config the resume runs with (``cfg``), rather than overwriting the edit without a
+    word. (A key the command line changes differs from the checkpoint only; it is not an edit.)
+
+    A resume never reads ``config.yaml``: the checkpoint's config is the run's. A differing key that a resume may
+    not change (a recipe key) is refused, so that nobody believes the edit took effect; one it may change
+    (``trainer.max_steps``, ``logger.*``, ...; also what a resume that stopped before its first checkpoint wrote)
+    is named in a warning with the argument that applies it. ``run.dir`` and ``resume`` are not compared.
+    """
+    if not config_file.is_file():
+        return
+    try:
+        written = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+    except Exception as e:  # noqa: BLE001 - YAML errors, unsafe tags, bad bytes: the file is rewritten anyway
+        print(f"warning: cannot read {config_file} ({' '.join(str(e).split())[:200]}): it is rewritten with the "
+              f"config of {source}, which the resume runs with", file=sys.stderr)
+        return
+    if not isinstance(written, dict):
+        return
+    ignored = ("run.dir", "resume")
+    old, new, kept = flatten(written), flatten(to_plain(cfg)), flatten(saved)
+    differ = [k for k in sorted(old) if k not in ignored and k in new and k in kept and old[k] != new[k]
+              and old[k] != kept[k]]
+    unknown = [k for k in sorted(old) if k not in new and k not in kept]
+    recipe = [k for k in differ if not _resumable(k)]
+    if recipe:
+        listed = ", ".join(f"{k} ({old[k]} in config.yaml, {new[k]} in the run)" for k in recipe)
+        raise UserError(f"{config_file} was edited: {listed}; a resume runs with the config saved in {source} and "
+                        f"keeps its recipe, so the edit would be ignored and overwritten: revert it (or delete "
+                        f"config.yaml, which is rewritten), or start a new run.dir with the changed keys")
+    if differ or unknown:
+        args = " ".join(f"{k}={_as_argument(old[k])}" for k in differ)
+        print(f"warning: {config_file} differs from the config this resume runs with (saved in {source}, changed "
+              f"by the command line) in {', '.join(differ + unknown)}; config.yaml is not read on resume and is "
+              f"rewritten{f': pass {args} to apply it' if args else ''}"
+              f"{f' ({len(unknown)} key(s) unknown to this version)' if unknown else ''}", file=sys.stderr)
+
+
+def _as_argument(value: Any) -> str:
+    """``value`` as a ``key=value`` argument writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value).replace(" ", "") if isinstance(value, (list, dict)) else str(value)
 
 
 def prepare_run_files(run_dir: Path, cfg: DictConfig, resume_step: Optional[int], final_again: bool = False) -> None:
@@ -302,15 +419,17 @@ def prepare_run_files(run_dir: Path, cfg: DictConfig, resume_step: Optional[int]
         if metrics.exists():
             # Fresh start: begin a new file. Resume: drop what was logged after the checkpoint, it is logged again.
             keep = []
-            for line in metrics.read_text().splitlines() if resume_step is not None else []:
+            # Bytes, not text: a line with a byte that is not UTF-8 (a disk error, a hand edit) is judged by what
+            # can be decoded and kept as it was, rather than blocking every resume with a UnicodeDecodeError.
+            for line in metrics.read_bytes().splitlines() if resume_step is not None else []:
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode("utf-8", errors="replace"))
                     step = record.get("step", 0)
                     if step < resume_step or (step == resume_step and not (final_again and "train/loss" not in record)):
-                        keep.append(line + "\n")
+                        keep.append(line + b"\n")
                 except (ValueError, TypeError, AttributeError):  # a line cut short by a kill
                     continue
-            metrics.write_text("".join(keep))
+            metrics.write_bytes(b"".join(keep))
     except OSError as e:  # at start nothing is lost yet: stop with the file's name rather than train unrecorded
         raise UserError(f"cannot write {e.filename or run_dir} ({e.strerror}): make it a writable file, or choose "
                         f"another run.dir") from None

@@ -281,6 +281,8 @@ _WORKER_EXIT_HOOK = False
 def _ignore_stop_signals(inner: Optional[Any], worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)  # the forked copy of the main process's wakeup socket belongs to its signal watchdog
     if inner is not None:
         inner(worker_id)
 

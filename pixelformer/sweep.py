@@ -235,6 +235,7 @@ def run_point(point: Point, threads: Optional[int] = None) -> dict[str, Any]:
     for stage in point.stages:
         run_dir = Path(stage.run_dir)
         cfg = compose_for_resume(stage.args + stage.tracking)
+        _start_attempt(run_dir)
         started = time.perf_counter()
         try:
             fit(cfg)
@@ -285,23 +286,79 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _add_wall(run_dir: Path, seconds: float) -> None:
-    """Wall time over the attempts of a run (kept in the run directory, so a resumed run adds to it)."""
-    path = run_dir / "wall_time.json"
+def _read_wall(path: Path) -> dict[str, Any]:
     try:
-        total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-    except (ValueError, KeyError, TypeError):
-        total = 0.0
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, OSError):
+        recorded = {}
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("seconds", 0.0), (int, float)):
+        recorded = {}
+    return recorded
+
+
+def _last_sign_of_life(run_dir: Path, since: float) -> float:
+    """When an attempt that began at ``since`` (epoch seconds) last wrote to its run directory: its metrics, its
+    checkpoints, its pictures. An attempt killed without a word (SIGKILL, an out-of-memory kill, a node lost) worked
+    at least until then."""
+    latest = since
+    for path in [run_dir / "metrics.jsonl", *run_dir.glob("checkpoints/*.ckpt*"), *run_dir.glob("*.png")]:
+        try:
+            latest = max(latest, path.stat().st_mtime)
+        except OSError:
+            continue
+    return latest
+
+
+def _start_attempt(run_dir: Path) -> None:
+    """Record that an attempt of the run starts now. An earlier attempt that recorded a start but never its end
+    was killed: its time, up to its last write to the run directory, is added to the run's wall time first."""
+    path = run_dir / "wall_time.json"
+    recorded = _read_wall(path)
+    seconds = float(recorded.get("seconds", 0.0))
+    began = recorded.get("attempt_started")
+    if isinstance(began, (int, float)):
+        seconds += max(0.0, _last_sign_of_life(run_dir, began) - began)
+    try:  # the run directory may not exist yet: the first attempt's start is recorded too
+        write_json_atomic(path, {"seconds": seconds, "attempt_started": time.time()})
+    except OSError:
+        pass  # an unwritable run.dir: training says so, naming it
+
+
+def _add_wall(run_dir: Path, seconds: float) -> None:
+    """Wall time over the attempts of a run (kept in the run directory, so a resumed run adds to it); this
+    attempt ended, so its start is cleared (:func:`_start_attempt` counts attempts that were killed)."""
+    path = run_dir / "wall_time.json"
+    total = float(_read_wall(path).get("seconds", 0.0))
     if run_dir.is_dir():
         write_json_atomic(path, {"seconds": total + seconds})
 
 
 def summarise_run(run_dir: Path, args: list[str]) -> dict[str, Any]:
     """A finished run's facts for the report, from its ``config.yaml``, ``eval.json`` and ``metrics.jsonl``."""
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    report = json.loads((run_dir / "eval.json").read_text())
+    config_file = run_dir / "config.yaml"
+    try:
+        if config_file.exists():
+            cfg = OmegaConf.load(config_file)
+        else:  # deleted (see below): the config the run saved in its checkpoint, taken literally
+            from .config import compose_saved
+            from .rundir import peek_checkpoint
+            cfg = compose_saved(peek_checkpoint(run_dir / "checkpoints" / "last.ckpt").get("config"), [])
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - YAML errors, unsafe tags, bad bytes: named with the file
+        raise UserError(f"cannot read {config_file} ({' '.join(str(e).split())[:200]}): the run writes plain YAML "
+                        f"there; delete the file and run the sweep again (the run's config is then read from its "
+                        f"checkpoint)") from None
+    try:
+        report = json.loads((run_dir / "eval.json").read_text(errors="replace"))
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {run_dir / 'eval.json'} ({e}): delete it and run the sweep again (the point's "
+                        f"final evaluation runs again)") from None
+    if not isinstance(report, dict) or "metrics" not in report or "step" not in report:
+        raise UserError(f"{run_dir / 'eval.json'} is not a run report (no 'metrics' and 'step'): delete it and run the "
+                        f"sweep again (the point's final evaluation runs again)")
     curve, speeds, train_curve = [], [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -325,7 +382,7 @@ def summarise_run(run_dir: Path, args: list[str]) -> dict[str, Any]:
         # at most ~100 (step, loss) pairs: enough for a curve, small enough to commit
         "train_loss": train_curve[:: max(1, len(train_curve) // 100)],
         "images_per_sec": sum(speeds) / len(speeds) if speeds else None,
-        "wall_s": json.loads(wall.read_text())["seconds"] if wall.is_file() else None,
+        "wall_s": float(_read_wall(wall)["seconds"]) if "seconds" in _read_wall(wall) else None,
         "tokens": tokens, "params": params, "flops_per_image": flops, "train_flops": flops * images,
         "precision": cfg.trainer.precision, "curve": curve,
     }

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .data import DataInfo
 
 __all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "eval_mode", "evaluate_classifier", "get_task",
-           "list_tasks", "mean_loss", "register_task", "save_confusion_matrix", "save_image_grid",
+           "list_tasks", "mean_loss", "register_task", "seeded_batches", "save_confusion_matrix", "save_image_grid",
            "untrained_baseline"]
 
 ENTRY_POINT_GROUP = "pixelformer.tasks"
@@ -192,12 +192,33 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-def mean_loss(fabric: Fabric, module: nn.Module, loader: DataLoader) -> float:
-    """The module's ``"loss"`` averaged over every image of a (sharded) split, weighted by batch size."""
-    totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # loss sum, image count
+def seeded_batches(loader: Any) -> Iterator[tuple[Any, Optional[list[int]]]]:
+    """``(batch, seeds)`` of a loader built by :func:`pixelformer.data.build_loader`: each sample's key from the
+    loader's sampler, which depends on the run seed and the sample's index in the split alone (not on the rank).
+    Another loader (whose sampler yields no ``(key, index)`` pairs) gets ``None``: draws from the process stream."""
+    keys = list(getattr(loader, "sampler", None) or ())
+    if not keys or not all(isinstance(k, tuple) for k in keys):
+        keys = None
+    start = 0
     for batch in loader:
         count = len(batch[1])
-        totals[0] += module(batch)["loss"].double() * count
+        yield batch, [seed for seed, _ in keys[start:start + count]] if keys is not None else None
+        start += count
+
+
+def mean_loss(fabric: Fabric, module: nn.Module, loader: DataLoader) -> float:
+    """The module's ``"loss"`` averaged over every image of a (sharded) split, weighted by batch size.
+
+    The module's random draws (MAE's masks, DiT's noise and timesteps) are made per sample
+    (:func:`pixelformer.rng.per_sample_seeds`), so the value does not change with the number of processes.
+    """
+    from .rng import per_sample_seeds
+
+    totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # loss sum, image count
+    for batch, seeds in seeded_batches(loader):
+        count = len(batch[1])
+        with per_sample_seeds(seeds):
+            totals[0] += module(batch)["loss"].double() * count
         totals[1] += count
     totals = fabric.all_reduce(totals, reduce_op="sum")
     return (totals[0] / totals[1].clamp(min=1)).item()

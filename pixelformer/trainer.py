@@ -14,12 +14,14 @@ average of the task's ``ema_target`` is kept here (timm's ``ModelEmaV3``) when `
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +29,18 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from .config import check_accumulation, eval_batch_size, to_plain
 from .data import build_datasets, build_loader
+from .distributed import EqualBatches, full_parameters, is_sharded
 from .errors import UserError
 from .logs import ProgressLog
 from .optim import build_optimizer, build_scheduler
+from .rng import seed_process_streams
 from .rundir import Checkpointer, prepare_run_files
 from .runtime import check_fits_memory, leave_signals_to_main
 from .task import EvalContext, Task, eval_mode
@@ -69,6 +74,9 @@ class Progress:
     best: Optional[float] = None
     best_step: Optional[int] = None
     skipped_steps: int = 0
+    processes: int = 0  # the number of processes that counted batches_in_epoch (0: checkpoints from before)
+    overflow_steps: int = 0  # 16-mixed: steps the loss scaler skipped (gradients overflowed float16), in all
+    consecutive_overflows: int = 0
     window: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,10 +93,13 @@ class Progress:
 
 
 class MetricsWindow:
-    """Sums of the logged training values since the last log line; only throughput is timed afresh on resume."""
+    """Sums of the logged training values since the last log line; only throughput is timed afresh on resume.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    Each process sums its own micro-batches; what is logged, and what a checkpoint keeps, is the mean over
+    processes (a sum is linear, so a resumed window that starts from the mean ends at the same mean)."""
+
+    def __init__(self, fabric: Fabric) -> None:
+        self.fabric, self.device = fabric, fabric.device
         self.reset()
 
     def reset(self) -> None:
@@ -107,16 +118,25 @@ class MetricsWindow:
         self.steps += 1
         self.timed_steps += 1
 
+    def mean_sums(self) -> dict[str, torch.Tensor]:
+        """The sums averaged over processes (every process calls this at the same step: it is a collective)."""
+        if self.fabric.world_size == 1 or not self.sums:
+            return self.sums
+        keys = sorted(self.sums)  # every process logs the same keys: its module returns the same outputs
+        stacked = torch.stack([torch.as_tensor(self.sums[k], device=self.device, dtype=torch.float32) for k in keys])
+        return dict(zip(keys, self.fabric.all_reduce(stacked, reduce_op="mean").unbind()))
+
     def averages(self, images_per_step: int) -> dict[str, float]:
         logged = {f"train/{k}": (v / (self.steps if k == "grad_norm" else self.micro)).item()
-                  for k, v in self.sums.items()}
+                  for k, v in self.mean_sums().items()}
         elapsed = time.perf_counter() - self.start
         logged["train/images_per_sec"] = self.timed_steps * images_per_step / max(elapsed, 1e-9)
         return logged
 
     def state_dict(self) -> dict[str, Any]:
         # float32 sums round-trip exactly through Python floats
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "micro": self.micro, "steps": self.steps}
+        return {"sums": {k: float(v) for k, v in self.mean_sums().items()}, "micro": self.micro,
+                "steps": self.steps}
 
     def load_state_dict(self, state: Optional[Mapping[str, Any]]) -> None:
         if state:  # checkpoints written before the window was saved have none
@@ -146,10 +166,11 @@ class Trainer:
     def __init__(self, fabric: Fabric, cfg: DictConfig, task: Task, run_dir: Path, stop: Any) -> None:
         self.fabric, self.cfg, self.task, self.run_dir, self.stop = fabric, cfg, task, run_dir, stop
         self.progress = Progress()
-        self.window = MetricsWindow(fabric.device)
+        self.window = MetricsWindow(fabric)
         self.monitor, self.mode = task.monitor(cfg)
         self.log = ProgressLog(fabric, cfg.trainer)
         self.ema: Optional[EMA] = None
+        self.scaler = loss_scaler(fabric)
 
     # ---------------------------------------------------------------------------------------------- the loop
     def fit(self, resume_path: Optional[Path], saved: Optional[Mapping[str, Any]],
@@ -203,12 +224,16 @@ class Trainer:
             module = task.build_module(cfg, self.data)
         if cfg.init_from and resume_path is None:
             fabric.print(init_report(cfg.init_from, task.init_from(module, cfg.init_from)))
+        # Initialisation above drew from run.seed on every rank alike; from here each process draws its own masks,
+        # noise, timesteps and dropout (rank 0 keeps the one-process stream: pixelformer/rng.py).
+        seed_process_streams(cfg.run.seed, fabric.global_rank)
         if cfg.trainer.grad_checkpointing:
             for sub in module.modules():
                 if hasattr(sub, "set_grad_checkpointing"):
                     sub.set_grad_checkpointing(True)
         self.architecture = describe_module(module)
-        optimizer = build_optimizer(module, cfg.optim, fabric.device)
+        sharded_scaler = cfg.trainer.strategy == "fsdp" and cfg.trainer.precision == "16-mixed"
+        optimizer = build_optimizer(module, cfg.optim, fabric.device, fused_allowed=not sharded_scaler)
 
         batch_size, train_data = cfg.data.batch_size, task.training_set(fabric, cfg, module, train_set)
         self.train_loader = leave_signals_to_main(build_loader(
@@ -235,24 +260,30 @@ class Trainer:
                 return finished
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, steps_per_epoch)
         self.raw_module = module  # the unwrapped module: its parameters are the ones Fabric's wrapper trains
+        decay = cfg.task.get("ema_decay")
+        if task.ema_target is not None and decay is not None:  # DiT's recipe: the EMA starts as an exact copy
+            # before the module is set up: FSDP would leave only this process's shard of each parameter to copy
+            self.ema = EMA(module.get_submodule(task.ema_target), decay)
+            self.ema.module.to(fabric.device)  # FSDP builds the module on the CPU and moves it when wrapping
+        # the full parameter shapes, which a resumed checkpoint must have (FSDP's own parameters are shards)
+        expected = {k: v.to("meta") for k, v in module.state_dict().items()}
         if cfg.trainer.compile:
             module = torch.compile(module)
         self.module, self.optimizer = fabric.setup(module, optimizer)
         if not cfg.data.on_device:  # a DeviceTensorLoader's batches are on the device already
             self.train_loader = fabric.setup_dataloaders(self.train_loader, use_distributed_sampler=False)
         self.eval_loaders = eval_loaders(fabric, cfg, train_set, test_set)
-        decay = cfg.task.get("ema_decay")
-        if task.ema_target is not None and decay is not None:  # DiT's recipe: the EMA starts as an exact copy
-            self.ema = EMA(self.raw_module.get_submodule(task.ema_target), decay)
         self.context = EvalContext(fabric, cfg, self.data, self.eval_loaders,
                                    self.ema.module if self.ema is not None else None)
 
         state: dict[str, Any] = {
             "model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
             **({"ema": self.ema.module} if self.ema is not None else {}),
+            **({"scaler": self.scaler} if self.scaler is not None else {}),
             "progress": self.progress, "config": to_plain(cfg), "data_info": dataclasses.asdict(self.data),
         }
-        self.checkpointer = Checkpointer(fabric, self.run_dir, state, self.progress, self.window)
+        self.checkpointer = Checkpointer(fabric, self.run_dir, state, self.progress, self.window,
+                                         (self.raw_module, expected))
         if resume_path is not None:
             self.checkpointer.resume(resume_path)
             fabric.print(f"resumed from {resume_path} at step {self.progress.step} (epoch {self.progress.epoch})")
@@ -276,9 +307,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- steps
     def epoch_batches(self) -> Iterator[tuple[int, Any]]:
-        """``(index in epoch, batch)`` of the current epoch, from where a resumed run stopped in it."""
-        start = self.progress.batches_in_epoch  # > 0 only when resuming in the middle of an epoch
-        self.sampler.set_position(self.progress.epoch, skip=start * self.cfg.data.batch_size)
+        """``(index in epoch, batch)`` of the current epoch, from where a resumed run stopped in it.
+
+        The samples already trained on are counted over all processes, so a run resumed on another number of
+        processes goes on with the epoch's unseen samples; its indices are counted so that the epoch's last batch
+        keeps the index ``batches_per_epoch - 1``."""
+        p, world = self.progress, self.fabric.world_size
+        start = p.batches_in_epoch  # > 0 only when resuming in the middle of an epoch
+        self.sampler.set_position(p.epoch, skip=start * self.cfg.data.batch_size * (p.processes or world))
+        if p.processes not in (0, world):
+            start = max(self.batches_per_epoch - len(self.train_loader), 0)
+        p.processes = world
         return enumerate(self.train_loader, start=start)
 
     def micro_step(self, batch: Any, accumulating: bool) -> bool:
@@ -291,11 +330,14 @@ class Trainer:
 
     def optimizer_step(self, batch_index: int) -> bool:
         """Clip, check, step. A non-finite gradient norm skips the update (up to ``trainer.skip_nonfinite_steps``
-        times) or stops the run before applying it; returns whether the step was taken."""
+        times) or stops the run before applying it; returns whether the step was taken. With a loss scaler
+        (16-mixed) an overflow is the scaler's business: see :meth:`overflow`."""
         p, trainer = self.progress, self.cfg.trainer
         max_norm = trainer.grad_clip if trainer.grad_clip is not None else float("inf")
         # Gradients are all-reduced by now, so every process sees the same norm and stops together.
-        grad_norm = self.fabric.clip_gradients(self.module, self.optimizer, max_norm=max_norm, error_if_nonfinite=False)
+        grad_norm = clip_gradients(self.fabric, self.module, self.optimizer, max_norm)
+        if self.scaler is not None and not torch.isfinite(grad_norm):
+            return self.overflow()
         if not torch.isfinite(grad_norm):
             p.skipped_steps += 1
             if p.skipped_steps > trainer.skip_nonfinite_steps:
@@ -314,20 +356,46 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        p.step, p.batches_in_epoch = p.step + 1, batch_index + 1
+        p.step, p.batches_in_epoch, p.consecutive_overflows = p.step + 1, batch_index + 1, 0
         self.after_step(grad_norm)
         return True
+
+    def overflow(self) -> bool:
+        """16-mixed: the scaled gradients overflowed float16. ``optimizer.step()`` goes through the scaler, which
+        skips the update and halves the scale (GradScaler's own recipe); the step is not counted. Only
+        ``MAX_CONSECUTIVE_OVERFLOWS`` in a row (the scale fell ~2^24-fold: the loss itself is not finite) stop the
+        run like a NaN."""
+        p = self.progress
+        p.overflow_steps, p.consecutive_overflows = p.overflow_steps + 1, p.consecutive_overflows + 1
+        if p.consecutive_overflows > MAX_CONSECUTIVE_OVERFLOWS:
+            last = self.checkpointer.last
+            raise NonFiniteLossError(
+                f"{p.consecutive_overflows} consecutive float16 overflows at step {p.step + 1} (loss "
+                f"{self.out['loss'].item():.4g}, loss scale {self.scaler.get_scale():.3g}): the loss is not finite. "
+                f"Last good checkpoint: {last if last.exists() else 'none written yet'}. Resume it with "
+                f"trainer.precision=bf16-mixed or 32-true and resume=auto, or lower optim.lr in a new run.dir.")
+        self.optimizer.step()  # GradScaler.step skips the update (inf found), update() lowers the scale
+        self.optimizer.zero_grad(set_to_none=True)
+        self.log.line(f"float16 overflow at step {p.step + 1}: update skipped, loss scale lowered to "
+                      f"{self.scaler.get_scale():g} ({p.overflow_steps} overflow(s) so far)")
+        self.window.reset()
+        return False
 
     def after_step(self, grad_norm: torch.Tensor) -> None:
         """The EMA update, the metrics window and the log line of a step just taken."""
         step = self.progress.step
         if self.ema is not None:
-            self.ema.update(self.raw_module.get_submodule(self.task.ema_target), step=step)
+            # FSDP: the EMA averages the full parameters, gathered for the update (one all-gather per step)
+            with full_parameters(self.module):
+                self.ema.update(self.raw_module.get_submodule(self.task.ema_target), step=step)
         self.window.add_step(grad_norm)
         if step % self.cfg.trainer.log_every_steps == 0 or step == self.total_steps:
             logged = self.window.averages(self.cfg.data.batch_size * self.cfg.trainer.accumulate_grad_batches
                                           * self.fabric.world_size)
             logged["train/lr"] = self.optimizer.param_groups[0]["lr"]
+            if self.scaler is not None:
+                logged["train/loss_scale"] = self.scaler.get_scale()
+                logged["train/overflow_steps"] = self.progress.overflow_steps
             logged["epoch"] = self.progress.epoch
             self.fabric.log_dict(logged, step=step)
             self.log.train(step, logged)
@@ -355,7 +423,7 @@ class Trainer:
             self.checkpointer.save_best()
         if fabric.is_global_zero:
             self.upload_checkpoint(improved)
-            self.visualize()
+        self.visualize()
         summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
         self.log.line(f"{'final' if final else 'eval'} step {p.step} epoch {p.epoch}: {summary}")
         return metrics
@@ -371,11 +439,28 @@ class Trainer:
                                       + (["best"] if best else []), self.progress.step)
 
     def visualize(self) -> None:
-        """Rank 0 only: the task's pictures, drawn like an evaluation (eval mode, no gradients, RNG untouched).
-        The unwrapped module: its forward runs no collective (DDP buffer syncs) on rank 0 alone."""
-        with torch.random.fork_rng(devices=rng_devices(self.fabric)):
-            with eval_mode(self.raw_module), torch.no_grad():
-                paths = self.task.visualize(self.raw_module, self.context, self.run_dir, self.progress.step)
+        """The task's pictures, drawn like an evaluation (eval mode, no gradients, RNG untouched), by rank 0 with the
+        unwrapped module: its forward runs no collective (DDP buffer syncs) on rank 0 alone. Under FSDP every
+        forward gathers parameters from every process, so every process draws with the wrapped module, and the
+        other ranks' files go to a temporary directory that is then deleted."""
+        sharded = is_sharded(self.module)
+        if not (sharded or self.fabric.is_global_zero):
+            return
+        module = self.module if sharded else self.raw_module
+        with contextlib.ExitStack() as stack:
+            out_dir = self.run_dir if self.fabric.is_global_zero else \
+                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pixelformer-pictures-")))
+            with torch.random.fork_rng(devices=rng_devices(self.fabric)):
+                with eval_mode(module), torch.no_grad():
+                    try:
+                        paths = self.task.visualize(module, self.context, out_dir, self.progress.step)
+                    except Exception as e:  # noqa: BLE001 - a picture is never worth the run: it goes on
+                        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                        self.fabric.print(f"warning: the {self.cfg.task.name} task's pictures at step "
+                                          f"{self.progress.step} failed ({reason}); the run goes on without them")
+                        paths = []
+        if not self.fabric.is_global_zero:
+            return
         for path in paths:
             for logger in self.fabric.loggers:
                 if hasattr(logger, "log_image"):
@@ -414,6 +499,34 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+#: 16-mixed: this many skipped steps in a row stop the run (GradScaler halves its scale at each: 2^16 -> 2^-8).
+MAX_CONSECUTIVE_OVERFLOWS = 24
+
+
+def loss_scaler(fabric: Fabric) -> Optional[torch.amp.GradScaler]:
+    """The precision plugin's gradient scaler (16-mixed), or ``None``."""
+    return getattr(fabric.strategy.precision, "scaler", None)
+
+
+def clip_gradients(fabric: Fabric, module: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
+    """Unscale (16-mixed), clip to ``max_norm`` and return the total gradient norm before clipping.
+
+    Lightning refuses to clip for an optimizer that unscales inside its own step (fused AdamW) and cannot skip an
+    overflowed step; so with a scaler the gradients are unscaled here (``GradScaler.unscale_`` records any inf for
+    its ``step``, fused optimizers included) and clipped directly: by FSDP's own ``clip_grad_norm_`` (sharded
+    gradients), else by torch's. Without a scaler, Fabric's clipping as before.
+    """
+    scaler = loss_scaler(fabric)
+    if scaler is None:
+        return fabric.clip_gradients(module, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+    scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
+    inner = getattr(module, "_forward_module", module)  # what the strategy wrapped (DDP, FSDP) or the module
+    if hasattr(inner, "clip_grad_norm_"):  # FSDP: the norm over every shard
+        return inner.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_([p for p in inner.parameters() if p.grad is not None], max_norm,
+                                          error_if_nonfinite=False)
+
+
 def rng_devices(fabric: Fabric) -> list:
     return [fabric.device] if fabric.device.type == "cuda" else []
 
@@ -433,12 +546,16 @@ def eval_loaders(fabric: Fabric, cfg: DictConfig, train_set: Any, test_set: Any)
     """The test split and the un-augmented training split, sharded over processes, batches moved to the device."""
     batch = eval_batch_size(cfg)
     device = fabric.device if cfg.data.on_device else None
+    sets = {"test": test_set, "train": train_set.without_augmentation()}
     loaders = {name: leave_signals_to_main(build_loader(ds, batch, False, cfg.run.seed, fabric.global_rank,
                                                         fabric.world_size, cfg.data.num_workers, device))
-               for name, ds in (("test", test_set), ("train", train_set.without_augmentation()))}
-    if cfg.data.on_device:
-        return loaders  # their batches are on the device already
-    return dict(zip(loaders, fabric.setup_dataloaders(*loaders.values(), use_distributed_sampler=False)))
+               for name, ds in sets.items()}
+    if not cfg.data.on_device:  # a DeviceTensorLoader's batches are on the device already
+        loaders = dict(zip(loaders, fabric.setup_dataloaders(*loaders.values(), use_distributed_sampler=False)))
+    if isinstance(fabric.strategy, FSDPStrategy) and fabric.world_size > 1:  # every forward is a collective
+        loaders = {name: EqualBatches(loader, len(sets[name]), batch, fabric.global_rank, fabric.world_size, name)
+                   for name, loader in loaders.items()}
+    return loaders
 
 
 def describe_module(module: nn.Module) -> dict[str, int]:
@@ -472,10 +589,18 @@ def init_report(path: str, report: Mapping[str, list[str]]) -> str:
 def finished_run(run_dir: Path, resumed: Path, step: int, total_steps: int) -> Optional[dict[str, float]]:
     """The recorded final metrics when ``resumed`` is this run's final ``last.ckpt`` and ``eval.json`` reports it."""
     report_path, last = run_dir / "eval.json", run_dir / "checkpoints" / "last.ckpt"
+    if report_path.exists() and not report_path.is_file():
+        # Checked on every resume: the run would train to its end and then fail to write its report there.
+        raise UserError(f"{report_path} is not a file (a directory?): the run writes its final report there; move "
+                        f"it out of the way, then resume=auto")
     if step < total_steps or not report_path.exists() or not last.exists() or not resumed.samefile(last):
         return None
     try:
-        report = json.loads(report_path.read_text())
-    except ValueError:
+        report = json.loads(report_path.read_text(errors="replace"))
+    except (ValueError, OSError):
+        report = None
+    if not isinstance(report, dict):  # not a run's report (a list, a string, broken JSON): evaluated again
+        print(f"warning: {report_path} is not a run report (a JSON object with metrics and step): the final "
+              f"evaluation runs again and rewrites it", file=sys.stderr)
         return None
     return report["metrics"] if report.get("step") == step and isinstance(report.get("metrics"), dict) else None

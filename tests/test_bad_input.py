@@ -5,6 +5,7 @@ import json
 import pickle
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,8 +76,16 @@ def cifar_with_code(root):
     rewrite_cifar_batch(folder / "data_batch_1", labels=RunsCode(root / "ran"))
 
 
+def float_image_folder(root):
+    """An image folder holding a float TIFF whose values are not intensities in [0, 1]."""
+    from PIL import Image
+    image_folder(root)
+    Image.fromarray(np.linspace(0, 7, 100, dtype=np.float32).reshape(10, 10)).save(root / "train" / "b" / "f.tif")
+
+
 # Files that a catalogue case needs in its temporary directory, by mistake.
 SETUP = {
+    "float image outside [0, 1]": lambda tmp: float_image_folder(tmp / "float"),
     "one-class image folder": lambda tmp: image_folder(tmp / "oneclass", classes=("only",)),
     "class folder without images": lambda tmp: (image_folder(tmp / "noimages"),
                                                 [f.unlink() for f in (tmp / "noimages" / "val" / "b").iterdir()]),
@@ -165,6 +174,19 @@ CATALOGUE = [
     ("gradient accumulation longer than an epoch", ["data.batch_size=128", "trainer.accumulate_grad_batches=20"],
      "trainer.accumulate_grad_batches=20 is more than the 11 batches of an epoch"),
     ("resume from a missing file", ["resume={tmp}/nope.ckpt"], "resume={tmp}/nope.ckpt: no such checkpoint file"),
+    ("interpolation of itself", ["optim.lr=${optim.lr}"],
+     "config error: cannot resolve optim.lr=${optim.lr} (Recursive interpolation detected): a ${...} must name"),
+    ("interpolation of an unset variable", ["run.dir=${oc.env:PIXELFORMER_NO_SUCH_VAR}/a"],
+     "cannot resolve run.dir=${oc.env:PIXELFORMER_NO_SUCH_VAR}/a (KeyError raised while resolving interpolation: "
+     "\"Environment variable 'PIXELFORMER_NO_SUCH_VAR' not found\")"),
+    ("interpolation of a missing key", ["optim.lr=${no.such.key}"],
+     "cannot resolve optim.lr=${no.such.key} (Interpolation key 'no.such.key' not found)"),
+    ("a group choice given as a path", ["data=../task/cls"], "unknown data '../task/cls'. Choices: cifar10"),
+    ("subset seed outside its range", ["data.train_subset=100", "data.subset_seed=-1"],
+     "data.subset_seed must be in [0, 2**32 - 1] (the seed of scikit-learn's stratified split), got -1"),
+    ("float image outside [0, 1]", ["data=imagefolder", "data.root={tmp}/float", "data.img_size=8"],
+     "imagefolder {tmp}/float/train: cannot use image {tmp}/float/train/b/f.tif: a float image is read as "
+     "intensities in [0, 1], but its values run from 0 to 7: rescale it to [0, 1] or save it as an 8-bit image"),
     ("resume from a file that is not a training checkpoint", ["resume={tmp}/rgb.pth"],
      "{tmp}/rgb.pth is not a pixelformer training checkpoint (format None), so a run cannot be resumed from it"),
 ]
@@ -369,3 +391,224 @@ def test_a_bad_image_in_a_loader_worker_ends_the_run_without_hanging(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "worker process" not in result.stderr, result.stderr[-2000:]
     assert "error: cannot decode image" in result.stderr and "image file is truncated" in result.stderr
+
+
+# ------------------------------------------------------------------------------- hostile inputs (docs/bad-input.md)
+def test_broken_interpolation_with_cfg_is_one_line():
+    out = run_tool("train", "optim.lr=${optim.lr}", "--cfg")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith("error: config error: cannot resolve optim.lr=${optim.lr}")
+    assert out.stderr.count("\n") == 1
+
+
+def test_16_bit_and_float_images_are_rescaled_not_clipped(tmp_path):
+    # convert("RGB") clipped a 16-bit PNG to white and a [0, 1] float TIFF to black: constant images.
+    from PIL import Image
+    from pixelformer.data import build_datasets
+
+    image_folder(tmp_path)
+    ramp = np.linspace(0, 1, 100).reshape(10, 10)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "train" / "a" / "deep.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "train" / "a" / "float.tif")
+    Image.fromarray((ramp * 255).round().astype(np.uint8)).save(tmp_path / "train" / "a" / "plain.png")
+    cfg = compose(["data=imagefolder", f"data.root={tmp_path}", "data.img_size=10", "data.augment=none"])
+    train, _, _ = build_datasets(cfg.data)
+    names = [Path(path).name for path, _ in train.folder.samples]
+    plain = train.load(names.index("plain.png"))[0]
+    for name in ("deep.png", "float.tif"):
+        image = train.load(names.index(name))[0]
+        assert image.dtype == torch.uint8 and (image.int() - plain.int()).abs().max() <= 1, name
+
+
+def test_folder_links_are_read_once(tmp_path):
+    # A link back up was walked again and again (6 images counted as 246), one to another class relabelled it.
+    import os
+    from pixelformer.data import build_datasets
+
+    image_folder(tmp_path, per_class=3)
+    os.symlink("..", tmp_path / "train" / "a" / "up")
+    os.symlink("../b", tmp_path / "train" / "a" / "b_too")
+    cfg = compose(["data=imagefolder", f"data.root={tmp_path}", "data.img_size=8"])
+    with pytest.warns(UserWarning, match=r"skipped 2 folder link\(s\) that lead to a folder read already"):
+        train, _, _ = build_datasets(cfg.data)
+    labels = {Path(path).relative_to(tmp_path).as_posix(): label for path, label in train.folder.samples}
+    assert labels == {f"train/{c}/{i}.png": int(c == "b") for c in "ab" for i in range(3)}
+
+
+def test_a_non_utf8_class_name_is_drawn_and_the_run_finishes(tmp_path):
+    import os
+    image_folder(tmp_path, per_class=3)
+    for split in ("train", "val"):
+        os.rename(tmp_path / split / "b", os.fsdecode(os.fsencode(tmp_path / split) + b"/b\xff"))
+    metrics = fit(tiny_cfg(tmp_path / "run", "data=imagefolder", f"data.root={tmp_path}", "data.img_size=8",
+                           "data.batch_size=2", "trainer.max_steps=1"))
+    assert "test/acc1" in metrics and (tmp_path / "run" / "confusion_matrix.png").is_file()
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["step"] == 1
+
+
+def test_a_failing_picture_warns_and_the_run_finishes(tmp_path, monkeypatch, capsys):
+    from pixelformer.tasks.cls import ClassificationTask
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts\non this machine")
+    monkeypatch.setattr(ClassificationTask, "visualize", broken)
+    metrics = fit(tiny_cfg(tmp_path / "run", "trainer.max_steps=1"))
+    assert "test/acc1" in metrics and (tmp_path / "run" / "eval.json").is_file()
+    assert "warning: the cls task's pictures at step 1 failed (RuntimeError: no fonts on this machine); the run goes " \
+           "on without them" in capsys.readouterr().out
+
+
+def test_an_image_above_pils_bomb_limit_names_the_limit_and_the_key(tmp_path, monkeypatch):
+    # PIL's DecompressionBombError used to read "not readable images", as if the file were broken.
+    from PIL import Image
+    from pixelformer.data import build_datasets
+
+    image_folder(tmp_path)
+    Image.new("RGB", (64, 64)).save(tmp_path / "train" / "a" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 64x64 file stands for a 20,000 x 20,000 one
+    cfg = compose(["data=imagefolder", f"data.root={tmp_path}", "data.img_size=8"])
+    with pytest.raises(UserError, match=r"1 of 5 files have more pixels than PIL opens by default \(2 x "
+                                        r"Image.MAX_IMAGE_PIXELS = 2,000, a guard against decompression bombs\), e.g. "
+                                        r".*big.png \(4,096 pixels\): if you trust these files, set "
+                                        r"data.max_image_pixels=4096"):
+        build_datasets(cfg.data)
+    cfg = compose(["data=imagefolder", f"data.root={tmp_path}", "data.img_size=8", "data.max_image_pixels=4096"])
+    train, _, _ = build_datasets(cfg.data)
+    names = [Path(path).name for path, _ in train.folder.samples]
+    assert train.load(names.index("big.png"))[0].shape == (3, 8, 8)
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_last_good_step(tmp_path, monkeypatch):
+    import errno
+    from lightning.fabric import Fabric
+
+    run_dir = tmp_path / "run"
+    fit(tiny_cfg(run_dir, "trainer.max_steps=2", "trainer.ckpt_every_steps=1"))
+    original, calls = Fabric.save, []
+
+    def full_disk(self, path, state, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(self, path, state, *args, **kwargs)
+    monkeypatch.setattr(Fabric, "save", full_disk)
+    with pytest.raises(UserError) as info:
+        fit(tiny_cfg(run_dir, "trainer.max_steps=4", "trainer.ckpt_every_steps=1", "resume=auto"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert str(info.value) == (f"cannot write checkpoint {last} at step 4 (No space left on device): the last good "
+                               f"checkpoint, {last} (step 3), is intact; free space or make {last.parent} writable, "
+                               f"then resume with resume=auto")
+    assert not last.with_name("last.ckpt.tmp").exists()
+    assert torch.load(last, weights_only=True, map_location="cpu")["progress"]["step"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ run files
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    fit(tiny_cfg(run_dir, "trainer.max_steps=2"))
+    return run_dir
+
+
+def _copy_run(finished_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    return run_dir
+
+
+def test_a_non_utf8_byte_in_metrics_does_not_block_resume(finished_run, tmp_path):
+    run_dir = _copy_run(finished_run, tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": 1, "note\xff": 1}\n')
+    assert "test/acc1" in fit(tiny_cfg(run_dir, "trainer.max_steps=3", "resume=auto"))
+    assert b'"note\xff"' in metrics.read_bytes()  # kept as it was: it precedes the checkpoint's step
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"finished"'], ids=["list", "string"])
+def test_an_eval_json_that_is_not_a_report_is_evaluated_again(finished_run, tmp_path, content, capsys):
+    run_dir = _copy_run(finished_run, tmp_path)
+    (run_dir / "eval.json").write_text(content)
+    assert "test/acc1" in fit(tiny_cfg(run_dir, "trainer.max_steps=2", "resume=auto"))
+    assert "eval.json is not a run report (a JSON object with metrics and step): the final evaluation runs again" \
+        in capsys.readouterr().err
+    assert json.loads((run_dir / "eval.json").read_text())["step"] == 2
+
+
+def test_an_eval_json_folder_is_refused_on_resume(finished_run, tmp_path):
+    run_dir = _copy_run(finished_run, tmp_path)
+    (run_dir / "eval.json").unlink()
+    (run_dir / "eval.json").mkdir()
+    with pytest.raises(UserError, match=r"eval.json is not a file \(a directory\?\): the run writes its final report "
+                                        r"there; move it out of the way, then resume=auto"):
+        fit(tiny_cfg(run_dir, "trainer.max_steps=3", "resume=auto"))
+
+
+def test_a_hand_edited_config_yaml_is_not_ignored_silently(finished_run, tmp_path, capsys):
+    from pixelformer.rundir import compose_for_resume
+
+    run_dir = _copy_run(finished_run, tmp_path)
+    config = run_dir / "config.yaml"
+    original = config.read_text()
+    config.write_text(original.replace("lr: 0.001", "lr: 0.005"))
+    with pytest.raises(UserError) as info:
+        fit(compose_for_resume([f"run.dir={run_dir}", "resume=auto"]))
+    assert str(info.value).startswith(f"{config} was edited: optim.lr (0.005 in config.yaml, 0.001 in the run); a "
+                                      f"resume runs with the config saved in ")
+    assert config.read_text() != original  # the edit is still there to be reverted
+    # a key that a resume may change: warned, with the argument that applies it
+    config.write_text(original.replace("max_steps: 2", "max_steps: 3"))
+    capsys.readouterr()
+    fit(compose_for_resume([f"run.dir={run_dir}", "resume=auto"]))
+    err = capsys.readouterr().err
+    assert "config.yaml differs from the config this resume runs with" in err and \
+        "in trainer.max_steps; config.yaml is not read on resume and is rewritten: pass trainer.max_steps=3 to " \
+        "apply it" in err, err
+    # the command line's own change is no edit: nothing is said
+    fit(compose_for_resume([f"run.dir={run_dir}", "resume=auto", "trainer.max_steps=3"]))
+    assert "differs from" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ Python API
+@pytest.mark.parametrize("args", [None, [1, 2], "optim.lr=1"], ids=["None", "ints", "string"])
+def test_compose_takes_a_list_of_strings(args):
+    with pytest.raises(UserError, match=r"compose\(\) takes a list of 'key=value' / 'group=choice' strings"):
+        compose(args)
+
+
+def test_fit_of_a_dict_says_what_it_takes():
+    with pytest.raises(UserError, match=r"fit\(\) takes the config that pixelformer.config.compose\(\) returns .* got "
+                                        r"dict"):
+        fit({"task": {"name": "cls"}})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"img_size": -8}, "img_size must be a whole number (or a pair of them) >= 1, got -8"),
+    ({"img_size": "8"}, "img_size must be a whole number (or a pair of them) >= 1, got '8'"),
+    ({"img_size": 8.5}, "img_size must be a whole number (or a pair of them) >= 1, got 8.5"),
+    ({"in_chans": 0}, "in_chans must be a whole number >= 1, got 0"),
+], ids=["negative", "string", "float", "no channels"])
+def test_create_backbone_refuses_impossible_sizes(kwargs, message):
+    from pixelformer.models import create_backbone
+    with pytest.raises(ValueError) as info:
+        create_backbone("pit_mini", **kwargs)
+    assert str(info.value) == message
+    assert create_backbone("pit_mini", img_size=np.int64(8), in_chans=1).patch_embed.num_patches == 64
+
+
+def test_timm_create_model_names_a_missing_checkpoint_path(tmp_path):
+    import timm
+    with pytest.raises(FileNotFoundError) as info:
+        timm.create_model("pixelformer_pit_mini", checkpoint_path=str(tmp_path / "nope.ckpt"), img_size=8, in_chans=1)
+    assert str(info.value).startswith(f"checkpoint_path={tmp_path / 'nope.ckpt'}: no such file")
+
+
+def test_sampling_a_cls_checkpoint_suggests_no_option_sampling_lacks(finished_run, tmp_path):
+    # It said "use weights=model", an option tools/sample.py rejects.
+    from pixelformer.cli.sample import main
+    last = finished_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError) as info:
+        main([f"ckpt={last}", "device=cpu", f"out={tmp_path}"])
+    assert str(info.value) == f"{last} is not a dit checkpoint (task cls): sampling needs the checkpoint of a task=dit " \
+                              f"run"

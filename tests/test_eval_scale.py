@@ -357,6 +357,7 @@ SAMPLE_MISTAKES = [
     (["device=banana"], "device=banana is not a device: use cpu, cuda or cuda:N"),
     (["device=meta"], "device=meta: sampling runs on cpu, cuda or mps"),
     (["num_samples=2.5"], "num_samples=2.5 is not an integer"),
+    (["num_samples=10000000000"], "num_samples=10000000000 keeps about"),
     (["sampler=euler"], "sampler=euler: choose one of ddpm, ddim, dpm"),
     (["cfg=2"], "unknown argument(s) cfg=2; options: ckpt="),
     ([f"device=cuda:{torch.cuda.device_count()}"] if torch.cuda.is_available() else ["device=cuda"],

@@ -143,3 +143,74 @@ def test_an_impossible_subset_is_refused(tmp_path, size, message):
 def test_digits_take_a_subset_too():
     train, _, _ = build_datasets(compose(["data.train_subset=100"]).data)
     assert len(train) == 100 and train.labels.bincount().min() >= 9
+
+
+# ------------------------------------------------------------------------------------ hostile files (docs/bad-input.md)
+def test_labels_of_one_class_are_refused_and_missing_classes_warned(tmp_path):
+    write_fake_mnist(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(50))
+    with pytest.raises(UserError, match=r"train-labels-idx1-ubyte: every training label is 0: a classifier needs at "
+                                        r"least 2 classes"):
+        build_datasets(compose(["data=mnist", f"data.root={tmp_path}"]).data)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(50) % 5)
+    with pytest.warns(UserWarning, match=r"5 of the 10 mnist classes have no training image \(labels 5, 6, 7, 8, 9\)"):
+        train, _, info = build_datasets(compose(["data=mnist", f"data.root={tmp_path}"]).data)
+    assert info.num_classes == 10 and len(train) == 50  # a deliberate subset of classes still trains
+
+
+def test_test_images_of_another_size_are_refused_before_training(tmp_path):
+    # They used to pass and crash the first evaluation, after training and before any checkpoint.
+    write_fake_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((20, 14, 14)))
+    with pytest.raises(UserError, match=r"the test images are 14x14x1 but the training images 28x28x1: the two splits "
+                                        r"must come from the same dataset"):
+        build_datasets(compose(["data=mnist", f"data.root={tmp_path}", "data.img_size=16"]).data)
+
+
+def test_images_of_another_size_without_img_size_keep_their_size(tmp_path):
+    write_fake_mnist(tmp_path, size=14)
+    train, test, info = build_datasets(compose(["data=fashion_mnist", f"data.root={tmp_path}"]).data)
+    assert info.img_size == 14 and train.images.shape[1:] == (1, 14, 14) and test.images.shape[1:] == (1, 14, 14)
+
+
+def test_a_corrupt_gzip_stream_is_named(tmp_path):
+    write_fake_mnist(tmp_path)
+    data = bytearray(gzip.compress((tmp_path / "train-images-idx3-ubyte").read_bytes()))
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    data[10:14] = b"\xff\xff\xff\xff"  # the deflate stream's first block: zlib.error, not an OSError
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"cannot read .*train-images-idx3-ubyte.gz \(error: Error -3 while "
+                                        r"decompressing data: invalid block type\): replace it with the original"):
+        build_datasets(compose(["data=mnist", f"data.root={tmp_path}"]).data)
+
+
+def test_an_idx_file_of_no_images_says_so(tmp_path):
+    write_fake_mnist(tmp_path)
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((0, 28, 28)))
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte holds no images \(its header declares 0\)"):
+        build_datasets(compose(["data=mnist", f"data.root={tmp_path}"]).data)
+
+
+@pytest.mark.parametrize("size", [49, 45])
+def test_a_subset_just_below_the_whole_set_is_stratified(tmp_path, size):
+    # scikit-learn refuses a left-out part smaller than the number of classes ("test_size = 1 should be ...").
+    write_fake_mnist(tmp_path)  # 50 images, 5 per class
+    train, _, _ = build_datasets(compose(["data=mnist", f"data.root={tmp_path}", f"data.train_subset={size}"]).data)
+    counts = torch.bincount(train.labels, minlength=10)
+    assert len(train) == size and counts.min() >= 4 and counts.max() == 5
+    again, _, _ = build_datasets(compose(["data=mnist", f"data.root={tmp_path}", f"data.train_subset={size}"]).data)
+    assert torch.equal(again.labels, train.labels) and torch.equal(again.images, train.images)
+
+
+def test_a_subset_with_a_class_of_one_image():
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2])
+    picked = stratified_subset(labels, 12, seed=3)
+    assert len(picked) == 12 and set(labels[picked].tolist()) == {0, 1, 2}
+    assert torch.equal(picked, stratified_subset(labels, 12, seed=3))
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_subset_seed_outside_its_range_is_refused(seed):
+    with pytest.raises(UserError, match=rf"data.subset_seed must be in \[0, 2\*\*32 - 1\] \(the seed of scikit-learn's "
+                                        rf"stratified split\), got {seed}"):
+        compose(["data.train_subset=20", f"data.subset_seed={seed}"])

@@ -211,3 +211,60 @@ def test_a_points_pictures_are_copied_even_before_its_output_folder_exists(tmp_p
     summary = tmp_path / "out" / "exp" / "small" / "shared-classifier.json"
     assert _copy_pictures(run_dir, summary) == ["shared-classifier-confusion_matrix.png"]
     assert (summary.parent / "shared-classifier-confusion_matrix.png").read_bytes() == b"png"
+
+
+# ------------------------------------------------------------------------------- hostile inputs (docs/bad-input.md)
+def test_a_killed_attempts_time_is_added_to_the_wall_time(tmp_path):
+    # Killed without a word (SIGKILL), an attempt never added its time: only the last attempt's was reported.
+    from pixelformer.sweep import _add_wall, _start_attempt
+
+    run_dir = tmp_path / "run"
+    _start_attempt(run_dir)  # attempt 1 ...
+    began = json.loads((run_dir / "wall_time.json").read_text())["attempt_started"]
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    os.utime(run_dir / "metrics.jsonl", (began + 30, began + 30))  # ... logged 30 s in, then was killed
+    _start_attempt(run_dir)  # attempt 2 ran 5 s and ended
+    _add_wall(run_dir, 5.0)
+    assert json.loads((run_dir / "wall_time.json").read_text()) == {"seconds": pytest.approx(35.0)}
+
+
+def test_a_config_yaml_with_an_unsafe_tag_is_named(tmp_path):
+    from conftest import tiny_cfg
+    from pixelformer.engine import fit
+    from pixelformer.sweep import summarise_run
+
+    run_dir = tmp_path / "run"
+    fit(tiny_cfg(run_dir, "trainer.max_steps=2"))
+    (run_dir / "config.yaml").write_text("a: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(UserError, match=rf"cannot read {run_dir / 'config.yaml'} \(could not determine a constructor "
+                                        rf"for the tag .*: the run writes plain YAML there; delete the file and run "
+                                        rf"the sweep again \(the run's config is then read from its checkpoint\)"):
+        summarise_run(run_dir, [])
+    (run_dir / "config.yaml").unlink()  # what the message says: the run's config comes from its checkpoint
+    summary = summarise_run(run_dir, [])
+    assert summary["task"] == "cls" and summary["steps"] == 2
+
+
+def test_summary_strings_are_escaped_in_the_report(tmp_path):
+    from pixelformer.cli.report import build
+
+    folder = tmp_path / "grid" / "small"
+    folder.mkdir(parents=True)
+    hostile = "Title <img src=x onerror=alert(1)>\n## [click](http://evil) *bold* | cell"
+    summary = {"experiment": "grid", "point": "a-s0", "seed": 0, "arm": None, "values": {},
+               "metrics": {"test/acc1": 50.0},
+               "tokens": 4, "params": 10, "command": "python tools/sweep.py `x`", "machine": {"device": "<b>cpu</b>"},
+               "about": {"title": hostile, "paper": "<script>x</script>", "metric": "test/acc1", "mode": "max",
+                         "x": "tokens"},
+               "total": {"wall_s": 1.0, "train_flops": 1.0, "train_images": 1},
+               "stages": {"train": {"metrics": {"test/acc1": 50.0}, "images_per_sec": 1.0, "train_flops": 1.0,
+                                    "curve": [], "train_loss": [], "model": "m", "steps": 1, "wall_s": 1.0}},
+               "pictures": ["x) ![y](z.png"]}
+    (folder / "a-s0.json").write_text(json.dumps(summary))
+    for name in ("metric.png", "cost.png", "curves.png"):
+        (folder / name).write_bytes(b"png")
+    readme = build(tmp_path, ["grid"], ["small"], replot=set()).read_text()
+    assert "<img" not in readme and "<script>" not in readme and "<b>" not in readme
+    assert "## Title &lt;img src=x onerror=alert(1)> ## \\[click\\](http://evil) \\*bold\\* \\| cell (small)" in readme
+    assert "\n## [" not in readme and "](grid/small/x%29%20%21%5By%5D%28z.png)" in readme
+    assert "Command: `` python tools/sweep.py `x` ``" in readme

@@ -38,6 +38,10 @@ def main(argv: list[str]) -> int:
             raise UserError(f"out={own['out']} is a directory: pass a file path, e.g. out={out / 'eval.json'}")
     details: dict[str, Any] = {}
     metrics, cfg, info = evaluate_checkpoint(ckpt, overrides, details=details)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # trainer.devices=N: every process evaluated its shard; one writes and prints
+        return 0
     report = {"checkpoint": str(ckpt), "data": cfg.data.name, "img_size": info.img_size, "metrics": metrics,
               **({"details": details} if details else {})}
     try:

@@ -169,6 +169,37 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
     return written
 
 
+def _md(value: Any) -> str:
+    """Text from a summary as literal Markdown text on one line: Markdown's punctuation backslash-escaped and HTML's
+    characters as entities, so a title or name cannot add headings, links, images or HTML to the report."""
+    import re
+
+    text = " ".join(str(value).split())
+    # newlines are gone, so line-start syntax (headings, lists) cannot start; what is left works inside a line
+    # (an underscore inside a word, as in patch_size2, is no emphasis in GitHub's Markdown and stays as it is)
+    text = text.replace("&", "&amp;").replace("<", "&lt;")  # no tag or entity can start ('>' alone is text)
+    text = re.sub(r"([\\`*\[\]|~])", r"\\\1", text)
+    return re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
+
+
+def _code(value: Any) -> str:
+    """Text from a summary as one Markdown code span (literal, HTML included), fenced by more backticks than it
+    holds in a row."""
+    import re
+
+    text = " ".join(str(value).split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if fence != "`" or text.startswith("`") else f"`{text}`"
+
+
+def _target(*parts: Any) -> str:
+    """A link or image target from path parts (a summary's picture names): URL-quoted, so a ')' or a space cannot
+    end it early."""
+    from urllib.parse import quote
+
+    return "/".join(quote(str(part)) for part in parts)
+
+
 def _fmt_flops(value: float) -> str:
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if value >= scale:
@@ -192,15 +223,16 @@ def _others(row: dict[str, Any], metric: str) -> str:
 
 def table(rows: list[dict[str, Any]], exp: dict[str, Any]) -> list[str]:
     metric = exp["metric"]
-    lines = [f"| setting | tokens | params | {metric} mean ± sd (seeds) | per seed | other test metrics (mean) | "
+    lines = [f"| setting | tokens | params | {_md(metric)} mean ± sd (seeds) | per seed | other test metrics (mean) | "
              f"training FLOPs | wall s | img/s |",
              "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     best = (max if exp["mode"] == "max" else min)(r["mean"] for r in rows)
     for r in sorted(rows, key=lambda r: (str(r["arm"]), -(r["tokens"] or 0))):
         mark = "**" if r["mean"] == best else ""
         speed = f"{r['images_per_sec']:.0f}" if r["images_per_sec"] else "-"
-        lines.append(f"| {r['setting']} | {r['tokens']} | {r['params']:,} | {mark}{r['mean']:.2f} ± {r['std']:.2f}{mark} "
-                     f"({r['seeds']}) | {', '.join(f'{v:.2f}' for v in r['per_seed'])} | {_others(r, metric)} | "
+        lines.append(f"| {_md(r['setting'])} | {r['tokens']} | {r['params']:,} | "
+                     f"{mark}{r['mean']:.2f} ± {r['std']:.2f}{mark} "
+                     f"({r['seeds']}) | {', '.join(f'{v:.2f}' for v in r['per_seed'])} | {_md(_others(r, metric))} | "
                      f"{_fmt_flops(r['train_flops'])} | "
                      f"{r['wall_s']:.0f} | {speed} |")
     return lines
@@ -218,7 +250,7 @@ def earlier_stages(rows: list[dict[str, Any]]) -> list[str]:
             values = ", ".join(f"{k} {statistics.fmean(run['metrics'][k] for run in runs if k in run['metrics']):.4g}"
                                for k in metrics)
             share = statistics.fmean(run["train_flops"] for run in runs) / max(r["train_flops"], 1.0)
-            lines.append(f"\n`{r['setting']}`, stage `{stage}` (mean of {len(runs)} seeds): {values}; "
+            lines.append(f"\n{_code(r['setting'])}, stage {_code(stage)} (mean of {len(runs)} seeds): {_md(values)}; "
                          f"{100 * share:.0f} % of the point's training FLOPs.")
     return lines
 
@@ -243,7 +275,7 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
                 "with `torch.utils.flop_counter` on one training step and multiplied by the images seen; wall times "
                 "are per run on the machine named in each summary, while other runs shared its cores.", "",
                 PAPER_NOTE, ""]
-    found_any = False
+    found_any, headings = False, []  # headings: as written, before escaping (GitHub's anchors are of the text)
     for name in experiments:
         for scale in scales:
             folder = out / name / scale
@@ -264,31 +296,32 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
             machine = points[0].get("machine", {})
             wall = sum(p["total"]["wall_s"] or 0 for p in points + shared)
             flops = sum(p["total"]["train_flops"] for p in points + shared)
-            sections += [f"## {exp['title']} ({scale})", "",
-                         f"*paper*: {exp['paper']}", "",
-                         f"Command: `{_command(points, name, scale)}` then "
+            headings.append(f"{exp['title']} ({scale})")
+            sections += [f"## {_md(exp['title'])} ({scale})", "",
+                         f"*paper*: {_md(exp['paper'])}", "",
+                         f"Command: {_code(_command(points, name, scale))} then "
                          f"`python tools/report.py experiment={name} scale={scale}`. Cost: {len(points)} points"
                          f"{f' and {len(shared)} shared run(s)' if shared else ''} "
                          f"({sum(len(p['stages']) for p in points + shared)} training runs), {wall / 60:.1f} min of "
                          f"run time summed over the runs ({machine.get('threads')} thread(s) each on "
-                         f"{machine.get('device') or 'this machine'}), {_fmt_flops(flops)}FLOP of training.", ""]
+                         f"{_md(machine.get('device') or 'this machine')}), {_fmt_flops(flops)}FLOP of training.", ""]
             sections += table(rows, exp)
             sections += earlier_stages(rows)
             for s in shared:
                 metrics = ", ".join(f"{k} {v:.4g}" for k, v in s["metrics"].items() if k.startswith("test/"))
-                sections.append(f"\nShared run `{s['point']}` ({s['stages'][list(s['stages'])[0]]['model']}): {metrics}.")
+                model = s["stages"][list(s["stages"])[0]]["model"]
+                sections.append(f"\nShared run {_code(s['point'])} ({_md(model)}): {_md(metrics)}.")
             sections.append("")
-            sections += [f"![{p}]({name}/{scale}/{p})" for p in pictures]
+            sections += [f"![{_md(p)}]({_target(name, scale, p)})" for p in pictures]
             samples = [(p["point"], pic) for p in sorted(points, key=lambda p: p["point"])
                        for pic in p.get("pictures", []) if p.get("seed") in (0, None)]
             if samples:
                 sections += ["", "Pictures from the last evaluation (seed 0): " + ", ".join(
-                    f"[{point}]({name}/{scale}/{pic})" for point, pic in samples), ""]
-                sections += [f"![{point}]({name}/{scale}/{pic})" for point, pic in samples[:4]]
+                    f"[{_md(point)}]({_target(name, scale, pic)})" for point, pic in samples), ""]
+                sections += [f"![{_md(point)}]({_target(name, scale, pic)})" for point, pic in samples[:4]]
             sections.append("")
-    contents = [line[3:] for line in sections if line.startswith("## ")]
     index = sections.index(PAPER_NOTE) + 2
-    sections[index:index] = [f"- [{title}](#{_anchor(title)})" for title in contents] + [""]
+    sections[index:index] = [f"- [{_md(title)}](#{_anchor(title)})" for title in headings] + [""]
     if not found_any:
         raise UserError(f"no sweep summaries under {out} for experiment(s) {', '.join(experiments)} at scale(s) "
                         f"{', '.join(scales)}: run python tools/sweep.py experiment=... scale=... first")

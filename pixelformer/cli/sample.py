@@ -54,6 +54,23 @@ def _device(name: str):
     return device
 
 
+def _check_output_fits(num_samples: int, info, where: str) -> None:
+    """Refuse a ``num_samples`` whose results cannot be held: generation goes ``batch_size`` at a time, but every
+    sample is kept (float pixels, the grid picture's copy, the uint8 array saved to ``samples.npz``) until written."""
+    import torch
+
+    from ..runtime import available_memory, format_bytes
+
+    per_sample = info.in_chans * info.img_size ** 2 * (4 + 4 + 1) + 8  # + its label
+    needed, available = num_samples * per_sample, available_memory(torch.device("cpu"))
+    if available is not None and needed > available:
+        most = max(1, available // per_sample)
+        raise UserError(f"num_samples={num_samples} keeps about {format_bytes(needed)} of {info.img_size}x"
+                        f"{info.img_size}x{info.in_chans} samples in memory until they are written, but "
+                        f"{format_bytes(available)} is available: use num_samples<={most:,} (run again with another "
+                        f"seed= and out= for more)")
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage(__doc__, "sample"))
@@ -94,6 +111,7 @@ def main(argv: list[str]) -> int:
     if class_id is not None and not 0 <= class_id < info.num_classes:  # num_classes itself is the null class
         raise UserError(f"class={class_id} is outside this checkpoint's classes: use 0 to {info.num_classes - 1}, "
                         f"or leave class= out for one row per class")
+    _check_output_fits(num_samples, info, opts["out"] or str(ckpt.parent))
     module = module.to(device)
     if class_id is not None:
         labels = torch.full((num_samples,), class_id, device=device)

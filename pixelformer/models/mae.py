@@ -17,6 +17,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..rng import rand
 from ..layers import build_sincos_2d_pos_embed, load_fixed_table
 from .vision_transformer import VisionTransformer
 
@@ -39,7 +40,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, to
     num_keep = int(round(tokens * (1 - mask_ratio)))
     if not 0 < num_keep <= tokens:
         raise ValueError(f"mask_ratio {mask_ratio} keeps {num_keep} of {tokens} tokens: use a ratio in [0, 1)")
-    noise = torch.rand(batch, tokens, device=x.device)
+    noise = rand((batch, tokens), device=x.device)  # per sample inside pixelformer.rng.per_sample_seeds (evaluation)
     ids_shuffle = noise.argsort(dim=1)  # ascending: the smallest noise values are kept
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :num_keep]

@@ -11,10 +11,11 @@ timm already owns ``pit_*`` (Pooling-based ViT), hence the prefix. After ``impor
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable, Optional
 
-from timm.models import register_model
+from timm.models import _factory, register_model
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models._features import FeatureGetterNet
 from torch import nn
@@ -35,6 +36,7 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
             raise ValueError("pixelformer ships no pretrained weights; pass checkpoint_path= to load your own")
         kwargs.pop("cache_dir", None)
         model = create_backbone(name, **kwargs)
+        model._pixelformer_backbone = True  # its missing checkpoint_path is named (_load_checkpoint_naming_the_file)
         cfg = dict(getattr(model, "pretrained_cfg", {}))
         if isinstance(pretrained_cfg, dict):
             cfg.update(pretrained_cfg)
@@ -53,6 +55,29 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"pixelformer's {name} for timm.create_model."
     return entrypoint
+
+
+def _load_checkpoint_naming_the_file(load: Callable[..., Any]) -> Callable[..., Any]:
+    """timm's ``load_checkpoint``, except that a missing ``checkpoint_path`` for a pixelformer model is named: timm
+    logs it and raises a ``FileNotFoundError`` with an empty message."""
+    if getattr(load, "_names_missing_file", False):
+        return load
+
+    def load_checkpoint(model: nn.Module, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        ours = getattr(model, "_pixelformer_backbone", False) or \
+            getattr(getattr(model, "model", None), "_pixelformer_backbone", False)  # features_only: a wrapper
+        if ours and not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"checkpoint_path={checkpoint_path}: no such file (pass a pixelformer run's "
+                                    f"checkpoints/best.ckpt or last.ckpt, or a state dict saved with torch.save)")
+        return load(model, checkpoint_path, *args, **kwargs)
+
+    load_checkpoint._names_missing_file = True  # type: ignore[attr-defined]
+    load_checkpoint.__doc__ = load.__doc__
+    return load_checkpoint
+
+
+# timm.create_model calls the name it imported into timm.models._factory (after building the model): wrapped there.
+_factory.load_checkpoint = _load_checkpoint_naming_the_file(_factory.load_checkpoint)
 
 
 def _register(fn: Callable[..., nn.Module]) -> None:

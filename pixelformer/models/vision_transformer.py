@@ -14,6 +14,7 @@ The backbone holds no training logic: losses, masking and noise live in ``tasks/
 from __future__ import annotations
 
 import logging
+import numbers
 from functools import partial
 from typing import Any, Literal, Optional
 
@@ -55,6 +56,19 @@ def default_pretrained_cfg(img_size: int, in_chans: int, num_classes: int,
     return dict(url="", input_size=(in_chans, img_size, img_size), fixed_input_size=True, interpolation="bicubic",
                 crop_pct=1.0, crop_mode="center", mean=tuple(mean), std=tuple(std), num_classes=num_classes,
                 pool_size=None, first_conv="patch_embed.proj", classifier="head")
+
+
+def _check_sizes(**sizes: Any) -> None:
+    """Sizes that torch would take without a word (``in_chans=0`` builds a model that no image fits) or fail on
+    deep inside (``img_size=-8``, ``"8"``, ``8.5``): each must be a whole number (img_size / patch_size: or a
+    pair of them), positive, except ``num_classes`` and ``depth`` (0: no head, no blocks)."""
+    for key, value in sizes.items():
+        values = list(value) if key in ("img_size", "patch_size") and isinstance(value, (tuple, list)) else [value]
+        lowest = 0 if key in ("num_classes", "depth") else 1
+        whole = len(values) in (1, 2) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
+        if not whole or min(values) < lowest:
+            kind = "a whole number" + (" (or a pair of them)" if key in ("img_size", "patch_size") else "")
+            raise ValueError(f"{key} must be {kind} >= {lowest}, got {value!r}")
 
 
 class VisionTransformer(TimmVisionTransformer):
@@ -117,6 +131,10 @@ class VisionTransformer(TimmVisionTransformer):
     ) -> None:
         if pos_embed not in ("sincos", "learned", "none"):
             raise ValueError(f"pos_embed must be one of sincos, learned, none; got {pos_embed!r}")
+        _check_sizes(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                     embed_dim=embed_dim, depth=depth)
+        # numpy's integers (a size read from an array) as Python ints, which the patch embedding expects
+        img_size, patch_size = (int(v) if isinstance(v, numbers.Integral) else v for v in (img_size, patch_size))
         global_pool = self._resolve_pool(pool, global_pool)
         if class_token is None:
             class_token = global_pool == "token"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from pixelformer import rng
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.config import eval_batch_size
 from pixelformer.data import DataInfo, to_unit_interval
@@ -99,7 +100,9 @@ class DiffusionTrainer(nn.Module):
         if self.vae is None:
             return images01
         vae = self.vae.to(images01.device)
-        latents = vae.encode(images01.to(vae.dtype)).latent_dist.sample()
+        posterior = vae.encode(images01.to(vae.dtype)).latent_dist  # a draw as diffusers' posterior.sample() makes
+        latents = posterior.mean + posterior.std * rng.randn(posterior.mean.shape, posterior.mean.device,
+                                                             posterior.mean.dtype)
         return (latents * self.latent_scale).float()
 
     @torch.no_grad()
@@ -115,12 +118,13 @@ class DiffusionTrainer(nn.Module):
         if self.vae is not None and images.shape[1:] == (2 * self.sample_shape[0], *self.sample_shape[1:]):
             mean, std = images.float().chunk(2, dim=1)  # a cached posterior (pixelformer.latents): a fresh draw,
             # in logical order like diffusers' posterior.sample() (randn_like would follow a channels-last layout)
-            draw = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+            draw = rng.randn(mean.shape, device=mean.device, dtype=mean.dtype)
             x0 = (mean + std * draw) * self.latent_scale
         else:
             x0 = self.encode(self.to_unit_range(images))
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        # per sample inside rng.per_sample_seeds (evaluation), so test losses do not depend on the sharding
+        noise = rng.randn_like(x0)
+        t = rng.randint(self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         xt = self.scheduler.add_noise(x0, noise, t)
         pred = self.denoiser(xt.to(images.dtype), t, labels).float()
         eps, variance = pred[:, : x0.shape[1]], pred[:, x0.shape[1]:]
@@ -432,14 +436,20 @@ def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tu
     """A dit run's module with the EMA weights in its denoiser (float32, eval mode; ``module.decode`` turns what the
     denoiser generates into images, through the run's VAE for latent runs), and its data description. With
     ``cfg_scale``, refuses guidance that the checkpoint's training (no label dropout) cannot support."""
+    from pixelformer.checkpoint import read_checkpoint
     from pixelformer.runs import load_run
 
-    try:
-        cfg, info, task, module = load_run(path, weights="ema")
-    except UserError as e:
-        raise UserError(f"{path} is not a dit checkpoint with EMA weights ({e})") from None
-    if task.name != "dit":
-        raise UserError(f"{path} is not a dit checkpoint (task {task.name}): sampling needs a task=dit run")
+    # The task is checked first: load_run's "no EMA weights" message suggests weights=model, which sampling has not.
+    ckpt = read_checkpoint(path)
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    kind = saved.get("task", {}).get("name") if isinstance(saved.get("task"), dict) else None
+    if kind != "dit":
+        raise UserError(f"{path} is not a dit checkpoint (task {kind or 'unknown'}): sampling needs the checkpoint "
+                        f"of a task=dit run")
+    if not isinstance(ckpt.get("ema"), dict):
+        raise UserError(f"{path} is not a dit checkpoint with EMA weights, which sampling uses (its run had no "
+                        f"task.ema_decay): sample from a run trained with task.ema_decay set (DiT uses 0.9999)")
+    cfg, info, task, module = load_run(path, weights="ema", ckpt=ckpt)
     if cfg_scale is not None and cfg.task.label_dropout == 0 and cfg_scale != 1:
         raise UserError(f"{path} was trained with task.label_dropout=0, so its null-class embedding is untrained and "
                         f"cfg_scale={cfg_scale} would guide with it: sample with cfg_scale=1.0, or train with "

@@ -77,17 +77,31 @@ class MAEPretrainer(nn.Module):
         pred, mask = self.model(images, self.mask_ratio)
         return {"loss": masked_mse(pred, self.target(images), mask), "pred": pred, "mask": mask}
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's :func:`pooled_features` of ``images``. Called through the set-up module (the task marks it
+        a forward method), so that FSDP gathers the encoder's parameters as for ``forward``."""
+        return pooled_features(self.model.encoder, images)
+
+
+def pooled_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pooled (and ``fc_norm``-ed, where the encoder has one), L2-normalised float32 features (B, D) of images."""
+    tokens = encoder.forward_features(images)
+    return F.normalize(encoder.forward_head(tokens, pre_logits=True).float(), dim=-1)
+
 
 def encoder_features(fabric: Fabric, encoder: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled (and ``fc_norm``-ed, where the encoder has one), L2-normalised float32 features (N, D) and labels (N,)
-    of a whole (sharded) split, gathered on every process. The encoder sees one loader batch at a time; only the
-    (N, D) features are kept."""
+    """:func:`pooled_features` (N, D) and labels (N,) of a whole (sharded) split, gathered on every process. The
+    encoder sees one loader batch at a time; only the (N, D) features are kept.
+
+    ``encoder``: an encoder, or a module with a ``features(images)`` method (:class:`MAEPretrainer` as Fabric set it
+    up, whose calls go through its wrapper: FSDP gathers the parameters there)."""
     dtype = next(encoder.parameters()).dtype  # bf16-true converts the weights, not the loader's float32 images
+    features = encoder.features if isinstance(encoder, MAEPretrainer) or "features" in getattr(
+        encoder, "_forward_methods", ()) else (lambda images: pooled_features(encoder, images))
     feats, labels = [], []
     for images, y in loader:
         with fabric.autocast():
-            tokens = encoder.forward_features(images.to(dtype))
-            feats.append(F.normalize(encoder.forward_head(tokens, pre_logits=True).float(), dim=-1))
+            feats.append(features(images.to(dtype)).float())
         labels.append(y)
     return _gather(fabric, torch.cat(feats)), _gather(fabric, torch.cat(labels))
 
@@ -168,15 +182,18 @@ class MAETask(Task):
         return MAEPretrainer(model, t.mask_ratio, t.norm_pix_loss)
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        if hasattr(module, "mark_forward_method"):  # set up by Fabric: features() must go through its wrapper
+            module.mark_forward_method("features")
         metrics = {"test/recon_loss": mean_loss(ctx.fabric, module, ctx.loaders["test"]),
-                   "test/knn_acc": self.knn(module.backbone, ctx)}
+                   "test/knn_acc": self.knn(module, ctx)}
         if ctx.cfg.task.knn_random_baseline:  # the same encoder, freshly initialised
             metrics.update(untrained_baseline(ctx, lambda: build_encoder(ctx.cfg, ctx.data),
                                               lambda fresh: {"test/knn_acc_random_init": self.knn(fresh, ctx)}))
         return metrics
 
     def knn(self, encoder: nn.Module, ctx: EvalContext) -> float:
-        """Weighted k-NN top-1 accuracy (%) of the encoder's pooled features, training split -> test split."""
+        """Weighted k-NN top-1 accuracy (%) of the encoder's pooled features, training split -> test split
+        (``encoder``: as :func:`encoder_features` takes it)."""
         train_feats, train_labels = encoder_features(ctx.fabric, encoder, ctx.loaders["train"])
         test_feats, test_labels = encoder_features(ctx.fabric, encoder, ctx.loaders["test"])
         return knn_accuracy(train_feats, train_labels, test_feats, test_labels, ctx.cfg.task.knn_k,
