@@ -94,17 +94,14 @@ def test_a_resumed_epoch_skips_what_every_shard_has_seen():
 def test_test_losses_do_not_change_with_the_number_of_processes(tmp_path):
     run_dir = tmp_path / "mae"
     fit(tiny_cfg(run_dir, *FAST, "task=mae", "trainer.max_steps=2"))
-    losses = []
-    for devices in (1, 2):
-        out = tmp_path / f"eval{devices}.json"
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / "eval.py"),
-                               f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"trainer.devices={devices}",
-                               "trainer.accelerator=cpu", f"out={out}"], cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("wrote ") == 1  # written and printed once, not once per process
-        losses.append(json.loads(out.read_text())["metrics"]["test/recon_loss"])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    one = json.loads((run_dir / "eval.json").read_text())["metrics"]["test/recon_loss"]  # 1 process
+    out = tmp_path / "eval2.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "eval.py"),
+                           f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.devices=2", "trainer.accelerator=cpu", f"out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # written and printed once, not once per process
+    assert json.loads(out.read_text())["metrics"]["test/recon_loss"] == pytest.approx(one, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ exact resume
@@ -145,21 +142,16 @@ def test_two_process_kill_and_resume_is_bit_exact(tmp_path, task):
         for name in a.get(key, {}):
             assert torch.equal(a[key][name], b[key][name]), (key, name, stopped_at)
     assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"]))
-
-
-@pytest.mark.slow
-def test_resuming_on_another_number_of_processes_says_so_and_finishes(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = train_process(*DDP_RESUME, "task=mae", "trainer.max_steps=6", f"run.dir={run_dir}")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    proc = train_process(f"run.dir={run_dir}", "resume=auto", "trainer.max_steps=9", "trainer.devices=1",
+    if task != "mae":
+        return
+    # resumed on another number of processes: allowed, said once, and the run goes on
+    proc = train_process(f"run.dir={run_dir}", "resume=auto", "trainer.max_steps=63", "trainer.devices=1",
                          "trainer.strategy=auto", "trainer.progress_bar=false")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     warnings = [line for line in out.splitlines() if "cannot continue exactly" in line]
     assert len(warnings) == 1 and "on 1 process(es) a run saved with 2" in warnings[0], out[-3000:]
-    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["progress"]["step"] == 9
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["progress"]["step"] == 63
 
 
 # ------------------------------------------------------------------------------------------ logged means
@@ -326,7 +318,7 @@ def test_ranks_started_with_different_configs_are_refused_not_hung(tmp_path):
 
 @pytest.mark.slow
 def test_a_hung_process_ends_its_peers_wait_with_a_message(tmp_path):
-    procs = _external_ranks(tmp_path, [[], []], extra=("trainer.max_steps=100000", "trainer.dist_timeout_s=8",
+    procs = _external_ranks(tmp_path, [[], []], extra=("trainer.max_steps=100000", "trainer.dist_timeout_s=5",
                                                        "trainer.log_every_steps=1", "trainer.eval_every_epochs=null"))
     wait_for_step(procs[0], tmp_path / "run", 2)
     os.kill(procs[1].pid, signal.SIGSTOP)  # rank 1 hangs
@@ -336,7 +328,7 @@ def test_a_hung_process_ends_its_peers_wait_with_a_message(tmp_path):
         os.kill(procs[1].pid, signal.SIGKILL)
         procs[1].communicate()
     assert procs[0].returncode == 2, out[-3000:]
-    assert "waited more than trainer.dist_timeout_s=8 s for the others" in out, out[-3000:]
+    assert "waited more than trainer.dist_timeout_s=5 s for the others" in out, out[-3000:]
 
 
 @pytest.mark.slow
