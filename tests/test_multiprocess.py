@@ -106,15 +106,14 @@ def test_test_losses_do_not_change_with_the_number_of_processes(tmp_path):
 
 # ------------------------------------------------------------------------------------------ exact resume
 DDP_RESUME = (*QUIET, *TINY_MODEL, *FAST, *DDP, "trainer.precision=32-true", "trainer.eval_every_epochs=null",
-              "trainer.log_every_steps=1", "trainer.max_steps=60", "model.drop_path_rate=0.2")
+              "trainer.log_every_steps=1", "trainer.max_steps=40", "model.drop_path_rate=0.2")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["mae", "dit"])
-def test_two_process_kill_and_resume_is_bit_exact(tmp_path, task):
-    args = (*DDP_RESUME, f"task={task}") + (("model.drop_path_rate=null", "task.ema_decay=0.9", "task.sample_steps=2",
-                                              "task.samples_per_class=1", "task.num_eval_samples=10")
-                                             if task == "dit" else ())
+def test_two_process_kill_and_resume_is_bit_exact(tmp_path):
+    # MAE with drop path: every rank draws masks and dropout masks from its own stream. (DiT's timesteps, noise and
+    # label drops come from the same per-process streams, saved and restored alike; its EMA resumes in test_fsdp.)
+    args = (*DDP_RESUME, "task=mae")
     straight = train_process(*args, f"run.dir={tmp_path / 'straight'}")
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out[-3000:]
@@ -127,7 +126,7 @@ def test_two_process_kill_and_resume_is_bit_exact(tmp_path, task):
     assert proc.returncode == 143, out[-3000:]
     ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     stopped_at = ckpt["progress"]["step"]
-    assert 3 <= stopped_at < 60
+    assert 3 <= stopped_at < 40
     states = ckpt["rng"]
     assert isinstance(states, list) and len(states) == 2
     assert not torch.equal(states[0]["torch"], states[1]["torch"])  # the ranks draw from their own streams
@@ -142,16 +141,14 @@ def test_two_process_kill_and_resume_is_bit_exact(tmp_path, task):
         for name in a.get(key, {}):
             assert torch.equal(a[key][name], b[key][name]), (key, name, stopped_at)
     assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"]))
-    if task != "mae":
-        return
     # resumed on another number of processes: allowed, said once, and the run goes on
-    proc = train_process(f"run.dir={run_dir}", "resume=auto", "trainer.max_steps=63", "trainer.devices=1",
+    proc = train_process(f"run.dir={run_dir}", "resume=auto", "trainer.max_steps=43", "trainer.devices=1",
                          "trainer.strategy=auto", "trainer.progress_bar=false")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     warnings = [line for line in out.splitlines() if "cannot continue exactly" in line]
     assert len(warnings) == 1 and "on 1 process(es) a run saved with 2" in warnings[0], out[-3000:]
-    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["progress"]["step"] == 63
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["progress"]["step"] == 43
 
 
 # ------------------------------------------------------------------------------------------ logged means
