@@ -228,7 +228,8 @@ def test_external_launcher_needs_a_shared_run_dir(tmp_path, monkeypatch):
 
 
 def test_tools_print_the_message_without_a_traceback(tmp_path):
-    for tool, args in (("train", ["data=cifar100", "data.root=/nonexistent"]), ("eval", ["ckpt=/nonexistent.ckpt"]),
+    train = ["data=cifar100", "data.root=/nonexistent", f"run.dir={tmp_path / 'run'}"]  # never a runs/ in the checkout
+    for tool, args in (("train", train), ("eval", ["ckpt=/nonexistent.ckpt"]),
                        ("sample", ["ckpt=/nonexistent.ckpt"])):
         out = run_tool(tool, *args)
         assert out.returncode == 2, (tool, out.stderr[-2000:])
