@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from lightning.fabric.strategies import FSDPStrategy
@@ -19,7 +19,10 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["BlockFSDPStrategy", "EqualBatches", "block_types", "full_parameters", "is_sharded"]
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+__all__ = ["BlockFSDPStrategy", "EqualBatches", "block_types", "every_rank", "full_parameters", "is_sharded"]
 
 
 def block_types(module: nn.Module) -> set[type[nn.Module]]:
@@ -157,3 +160,12 @@ class EqualBatches:
             cut = len(previous[0]) - 1
             yield type(previous)(t[:cut] for t in previous)
             yield type(previous)(t[cut:] for t in previous)
+
+
+def every_rank(fabric: Fabric, value: Any) -> list[Any]:
+    """``value`` of every process, in rank order, on every process (a collective; pickled objects)."""
+    if fabric.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

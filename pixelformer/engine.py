@@ -258,7 +258,8 @@ def check_same_config(fabric: Fabric, cfg: DictConfig) -> None:
     the same one-line error naming the keys that differ."""
     if fabric.world_size == 1:
         return
-    from .rundir import every_rank, flatten
+    from .distributed import every_rank
+    from .rundir import flatten
 
     mine = flatten(to_plain(cfg))
     configs = every_rank(fabric, mine)

@@ -31,12 +31,22 @@ __all__ = ["per_sample_seeds", "rand", "randint", "randn", "randn_like", "rank_s
 _SAMPLE_SEEDS: ContextVar[Optional[tuple[int, ...]]] = ContextVar("pixelformer_sample_seeds", default=None)
 
 
+def _mix(*entropy: int) -> int:
+    """A well-mixed 63-bit seed of ``entropy`` (numpy's ``SeedSequence``: nearby inputs give unrelated streams)."""
+    state = np.random.SeedSequence([e % 2 ** 63 for e in entropy]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def _seed_all(s: int) -> None:
+    torch.manual_seed(s)  # also seeds every CUDA device of this process
+    np.random.seed(s % 2 ** 32)
+    random.seed(s)
+
+
 def rank_seed(seed: int, rank: int) -> int:
-    """The seed of process ``rank``'s training stream: ``seed`` for rank 0, a well-mixed 63-bit value of
-    ``(seed, rank)`` for the others (numpy's ``SeedSequence``: nearby seeds and ranks give unrelated streams)."""
-    if rank == 0:
-        return seed
-    return int(np.random.SeedSequence([seed % 2 ** 63, rank]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    """The seed of process ``rank``'s training stream: ``seed`` for rank 0, a mix of ``(seed, rank)`` for the
+    others."""
+    return seed if rank == 0 else _mix(seed, rank)
 
 
 def seed_process_streams(seed: int, rank: int) -> None:
@@ -45,21 +55,14 @@ def seed_process_streams(seed: int, rank: int) -> None:
     Rank 0 is left alone (it continues the ``seed`` stream it was started with); every other rank is reseeded from
     :func:`rank_seed`.
     """
-    if rank == 0:
-        return
-    s = rank_seed(seed, rank)
-    torch.manual_seed(s)  # also seeds every CUDA device of this process
-    np.random.seed(s % 2 ** 32)
-    random.seed(s)
+    if rank != 0:
+        _seed_all(rank_seed(seed, rank))
 
 
 def reseed_process_streams(seed: int, rank: int, step: int) -> None:
     """A fresh stream for process ``rank`` from ``(seed, rank, step)``: a resume whose saved streams do not match
     the processes (another count of them) continues with these."""
-    s = int(np.random.SeedSequence([seed % 2 ** 63, rank, step, 1]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-    torch.manual_seed(s)
-    np.random.seed(s % 2 ** 32)
-    random.seed(s)
+    _seed_all(_mix(seed, rank, step, 1))
 
 
 @contextlib.contextmanager

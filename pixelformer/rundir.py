@@ -27,6 +27,7 @@ from .checkpoint import (TRANSPOSED_SINCOS_FORMAT, capture_rng_state, check_stat
                          read_checkpoint, restore_rng_state)
 from .config import GROUPS, compose, compose_saved, to_plain, validate
 from .errors import CheckpointError, UserError
+from .distributed import every_rank
 from .rng import reseed_process_streams
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_KEYS", "Checkpointer", "RunDirLock", "check_resumable",
-           "check_resume_config", "compose_for_resume", "every_rank", "flatten", "peek_checkpoint",
+           "check_resume_config", "compose_for_resume", "flatten", "peek_checkpoint",
            "prepare_run_files", "resolve_resume", "resume_source"]
 
 CHECKPOINT_FORMAT = "pixelformer-checkpoint/2"  # 1: before the sin-cos layout fix (still resumable, with a warning)
@@ -329,15 +330,6 @@ class Checkpointer:
             held = None  # unreadable: replaced
         if held != step:
             copy_atomic(resumed, self.best)
-
-
-def every_rank(fabric: Fabric, value: Any) -> list[Any]:
-    """``value`` of every process, in rank order, on every process (a collective; pickled objects)."""
-    if fabric.world_size == 1:
-        return [value]
-    gathered: list[Any] = [None] * fabric.world_size
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
