@@ -113,6 +113,32 @@ def test_sdpa_mask_path_equals_plain_masked_attention_forward_and_grad():
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("grid,kernel,prefix,border", [((6, 5), 3, 1, "shift"), ((13, 11), 5, 2, "shift"),
+                                                       ((9, 20), (3, 5), 0, "clip"), ((5, 5), 7, 1, "shift")])
+def test_tiled_path_equals_plain_masked_attention_forward_and_grad(grid, kernel, prefix, border):
+    # grids not divisible by the 8 x 8 query tile (padded edge tiles), prefix tokens, both borders, kernel > grid
+    m = make("tiled", grid=grid, kernel=kernel, prefix=prefix, border=border)
+    x = tokens(m, requires_grad=True)
+    out = m(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = reference_attention(m, x_ref, m.dense_mask(x.device))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], g)
+    grads_ref = torch.autograd.grad(ref, [x_ref, *m.parameters()], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_set_grid_size_rebuilds_the_mask():
+    m = make("tiled", grid=(6, 5), kernel=3, prefix=1)
+    m(tokens(m))
+    m.set_grid_size((4, 7))
+    assert m.num_tokens == 29 and m.dense_mask(torch.device("cpu")).shape == (29, 29)
+    x = tokens(m)
+    torch.testing.assert_close(m(x), reference_attention(m, x, m.dense_mask(x.device)), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("tile", [None, (2, 4), "auto"])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_path_equals_masked_attention(tile):
@@ -184,12 +210,13 @@ def test_gradients_reach_every_parameter():
 def test_auto_backend_rule_on_cpu():
     m = make("auto", grid=(48, 48), kernel=7, prefix=0)
     x = torch.randn(1, m.num_tokens, 32)
-    assert m.resolve_backend(x) == "sdpa_mask"  # gradients needed: no CPU flex backward
+    assert m.resolve_backend(x) == "tiled"  # gradients needed: no CPU flex backward, the linear-cost path
     with torch.no_grad():
         assert m.resolve_backend(x) == "flex"  # inference at >= 2,048 tokens
+        assert m.resolve_backend(x.to("meta")) == "tiled"  # FLOP counting sees the linear path
     small = make("auto")
     with torch.no_grad():
-        assert small.resolve_backend(tokens(small)) == "sdpa_mask"
+        assert small.resolve_backend(tokens(small)) == "tiled"
     strict = make("flex")
     with pytest.raises(RuntimeError, match="no FlexAttention backward on CPU"):
         strict(tokens(strict))

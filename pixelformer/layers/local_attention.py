@@ -9,9 +9,12 @@ are attended by every token. Two backends compute the same function:
   ``create_block_mask``'s O(N^2) evaluation (13 s at 16,384 tokens on one CPU thread, 0.1 s here). Tokens are put in
   the order that needs the fewest 128 x 128 blocks (raster rows or square-ish tiles, chosen by counting; see
   ``best_token_order``) with prefix tokens last, so grid blocks stay aligned.
-* ``"sdpa_mask"``: ``F.scaled_dot_product_attention`` with the dense (N, N) boolean mask: the reference, and the path
-  wherever flex does not run (torch 2.14 has no FlexAttention backward on CPU). O(N^2) memory: 268 MB of mask plus
-  ~3 GB of scores per image at 16,384 tokens.
+* ``"tiled"``: the grid cut into query tiles; each tile attends, with ``F.scaled_dot_product_attention``, to the
+  rectangle of keys its windows cover (the tile plus a k // 2 halo) and the prefix tokens, under the same mask
+  restricted to that rectangle. Plain gathers and SDPA, so it trains anywhere (torch 2.14 has no FlexAttention
+  backward on CPU) at O(N (t + k - 1)^2) cost and memory instead of O(N^2): the CPU training path.
+* ``"sdpa_mask"``: ``F.scaled_dot_product_attention`` with the dense (N, N) boolean mask: the reference. O(N^2)
+  memory: 268 MB of mask plus ~3 GB of scores per image at 16,384 tokens.
 
 Why not NATTEN (PyPI ``natten``): 0.21.7 is an sdist only on PyPI (pre-built wheels live on whl.natten.org and stop
 at torch 2.13 + CUDA); built without CUDA its only CPU path is its own "flex" backend, i.e. this same FlexAttention,
@@ -34,10 +37,11 @@ __all__ = [
     "local_attention_layer",
     "neighbourhood_mask",
     "tile_order",
+    "tiled_attention",
 ]
 
 Pair = Union[int, Sequence[int]]
-Backend = Literal["flex", "sdpa_mask", "auto"]
+Backend = Literal["flex", "tiled", "sdpa_mask", "auto"]
 Border = Literal["shift", "clip"]
 
 FLEX_BLOCK = 128  # FlexAttention's default block: the unit its skipping works in
@@ -47,6 +51,10 @@ FLEX_BLOCK = 128  # FlexAttention's default block: the unit its skipping works i
 CPU_FLEX_MIN_TOKENS = 2048
 # Tile shapes best_token_order considers besides raster order: 128 tokens each, so one tile is one flex block.
 TILE_CANDIDATES = ((8, 16), (16, 8), (4, 32))
+# Query tile side of the "tiled" backend: keys per query are (t + k - 1)^2 / t^2 of the window's k^2 (t = 8, k = 7:
+# 196 keys for 64 queries); smaller tiles waste fewer keys but make more, smaller SDPA calls. Measured on one CPU
+# thread, fwd+bwd, 3 heads x 64, k = 7: tiles of 4 to 16 are within 1.5x of each other, 8 the fastest at 4,096 tokens.
+TILED_QUERY_TILE = 8
 
 
 def _pair(value: Pair, what: str) -> tuple[int, int]:
@@ -242,6 +250,88 @@ def best_token_order(grid_h: int, grid_w: int, kernel: Pair, num_prefix_tokens: 
     return best
 
 
+class _TiledPlan:
+    """Index tensors of the "tiled" backend for one grid and kernel (built once per device, O(N (t + k - 1)^2)).
+
+    Grid tokens (raster index) are grouped in ``t x t`` query tiles (T tiles, Q = t * t slots; edge tiles are padded
+    with a repeat of one of their own tokens, whose output is dropped). Each tile's keys are the rectangle its queries'
+    windows cover (K slots, padded likewise and masked out). ``query`` (T, Q) and ``key`` (T, K) are raster indices,
+    ``allowed`` (T, Q, K) is the neighbourhood mask restricted to them and ``slot`` (N_grid,) is where each token's
+    output sits in the flattened (T * Q) tile output.
+    """
+
+    def __init__(self, grid_h: int, grid_w: int, kernel: tuple[int, int], border: Border, tile: int,
+                 device: Optional[torch.device]) -> None:
+        kh, kw = kernel
+        r = torch.arange(grid_h)
+        c = torch.arange(grid_w)
+        lo_r, hi_r = _windows(r, grid_h, kh, border)
+        lo_c, hi_c = _windows(c, grid_w, kw, border)
+        row_tiles = [torch.arange(s, min(s + tile, grid_h)) for s in range(0, grid_h, tile)]
+        col_tiles = [torch.arange(s, min(s + tile, grid_w)) for s in range(0, grid_w, tile)]
+        queries, keys, allowed = [], [], []
+        q_slots, k_slots = tile * tile, 0
+        for rows in row_tiles:
+            key_rows = torch.arange(int(lo_r[rows].min()), int(hi_r[rows].max()))
+            for cols in col_tiles:
+                key_cols = torch.arange(int(lo_c[cols].min()), int(hi_c[cols].max()))
+                qr, qc = rows.repeat_interleave(len(cols)), cols.repeat(len(rows))
+                kr, kc = key_rows.repeat_interleave(len(key_cols)), key_cols.repeat(len(key_rows))
+                ok = ((kr[None] >= lo_r[qr][:, None]) & (kr[None] < hi_r[qr][:, None])
+                      & (kc[None] >= lo_c[qc][:, None]) & (kc[None] < hi_c[qc][:, None]))
+                queries.append(qr * grid_w + qc)
+                keys.append(kr * grid_w + kc)
+                allowed.append(ok)
+                k_slots = max(k_slots, len(kr))
+        T = len(queries)
+        self.query = torch.empty(T, q_slots, dtype=torch.int64)
+        self.key = torch.empty(T, k_slots, dtype=torch.int64)
+        self.allowed = torch.zeros(T, q_slots, k_slots, dtype=torch.bool)
+        self.slot = torch.empty(grid_h * grid_w, dtype=torch.int64)
+        for t, (q, k, ok) in enumerate(zip(queries, keys, allowed)):
+            self.query[t, :len(q)], self.query[t, len(q):] = q, q[0]  # padding slots repeat the tile's first query
+            self.key[t, :len(k)], self.key[t, len(k):] = k, k[0]  # padding keys stay masked out
+            self.allowed[t, :len(q), :len(k)] = ok
+            self.allowed[t, len(q):, 0] = True  # padding queries need one allowed key, else their softmax is NaN
+            self.slot[q] = t * q_slots + torch.arange(len(q))
+        for name in ("query", "key", "allowed", "slot"):
+            setattr(self, name, getattr(self, name).to(device))
+
+
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _TiledPlan, num_prefix: int,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """Neighbourhood attention by query tiles: (B, H, N, D) q, k, v in timm's layout -> (B, H, N, D).
+
+    Grid queries attend to their tile's key rectangle plus the prefix keys; prefix queries attend to everything
+    (P x N scores, linear in N). Same function as SDPA with the dense mask, up to float rounding.
+    """
+    B, H, N, D = q.shape
+    P = num_prefix
+    qg, kg, vg = q[:, :, P:], k[:, :, P:], v[:, :, P:]
+    T, Q = plan.query.shape
+    K = plan.key.shape[1]
+
+    def tiles(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        # (B, H, N_grid, D) -> (B * T, H, slots, D)
+        out = x.index_select(2, index.reshape(-1)).view(B, H, T, index.shape[1], D)
+        return out.transpose(1, 2).reshape(B * T, H, index.shape[1], D)
+
+    q_t, k_t, v_t = tiles(qg, plan.query), tiles(kg, plan.key), tiles(vg, plan.key)
+    mask = plan.allowed
+    if P:
+        # every grid query also sees the prefix keys
+        k_t = torch.cat([k[:, :, :P].unsqueeze(1).expand(B, T, H, P, D).reshape(B * T, H, P, D), k_t], dim=2)
+        v_t = torch.cat([v[:, :, :P].unsqueeze(1).expand(B, T, H, P, D).reshape(B * T, H, P, D), v_t], dim=2)
+        mask = torch.cat([mask.new_ones(T, Q, P), mask], dim=2)
+    mask = mask.unsqueeze(0).expand(B, T, Q, K + P).reshape(B * T, 1, Q, K + P)
+    out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, dropout_p=dropout_p)
+    out = out.view(B, T, H, Q, D).transpose(1, 2).reshape(B, H, T * Q, D).index_select(2, plan.slot)
+    if P:
+        prefix = F.scaled_dot_product_attention(q[:, :, :P], k, v, dropout_p=dropout_p)
+        out = torch.cat([prefix, out], dim=2)
+    return out
+
+
 _compiled_flex: Optional[Callable] = None
 
 
@@ -272,10 +362,11 @@ class LocalAttention(Attention):
         grid_size: Token grid (int or (grid_h, grid_w)).
         num_prefix_tokens: Leading class / register tokens, attending to and attended by all.
         border: "shift" (NAT windows moved inside the grid; default) or "clip" (see :func:`neighbourhood_mask`).
-        backend: "flex" (FlexAttention + BlockMask), "sdpa_mask" (SDPA with the dense mask: the reference), or
-            "auto": flex on CUDA; on CPU flex only for calls without gradients (torch has no CPU flex backward) with
-            at least ``CPU_FLEX_MIN_TOKENS`` tokens, else sdpa_mask; sdpa_mask whenever attention dropout is active
-            (flex has none).
+        backend: "flex" (FlexAttention + BlockMask), "tiled" (query tiles with a halo, see :func:`tiled_attention`),
+            "sdpa_mask" (SDPA with the dense mask: the reference), or "auto": flex on CUDA; on CPU flex for calls
+            without gradients with at least ``CPU_FLEX_MIN_TOKENS`` tokens, else tiled (torch has no CPU flex
+            backward); tiled whenever attention dropout is active (flex has none) and on the meta device (so FLOP
+            counts are the linear path's).
         tile: Token order for the flex path: "auto" (the sparsest by :func:`best_token_order`), None (raster) or a
             tile shape. Internal only: the input and output stay in timm's layout.
         compile: Compile flex (default True: eager flex materialises the N x N scores, so it is never faster).
@@ -287,8 +378,8 @@ class LocalAttention(Attention):
         super().__init__(dim, num_heads=num_heads, **attn_kwargs)
         if grid_size is None:
             raise ValueError("LocalAttention needs grid_size (the token grid, e.g. img_size // patch_size)")
-        if backend not in ("flex", "sdpa_mask", "auto"):
-            raise ValueError(f"backend must be 'flex', 'sdpa_mask' or 'auto', got {backend!r}")
+        if backend not in ("flex", "tiled", "sdpa_mask", "auto"):
+            raise ValueError(f"backend must be 'flex', 'tiled', 'sdpa_mask' or 'auto', got {backend!r}")
         if border not in ("shift", "clip"):
             raise ValueError(f"border must be 'shift' or 'clip', got {border!r}")
         if backend == "flex" and self.attn_drop.p > 0:
@@ -301,6 +392,12 @@ class LocalAttention(Attention):
         # Per-device caches, not buffers: derived from the config, so kept out of state_dict and rebuilt on demand.
         self._dense_masks: dict[str, torch.Tensor] = {}
         self._flex_plans: dict[str, tuple] = {}
+        self._tiled_plans: dict[str, _TiledPlan] = {}
+
+    def set_grid_size(self, grid_size: Pair) -> None:
+        """Attend over a new token grid (a new input resolution); the cached masks and plans are rebuilt lazily."""
+        self.grid_size = _pair(grid_size, "grid_size")
+        self._dense_masks, self._flex_plans, self._tiled_plans = {}, {}, {}
 
     @property
     def num_tokens(self) -> int:
@@ -342,9 +439,17 @@ class LocalAttention(Attention):
             self._flex_plans[key] = (perm, inv, layout.block_mask())
         return self._flex_plans[key]
 
+    def tiled_plan(self, device: torch.device) -> _TiledPlan:
+        """Index tensors of the tiled backend, cached per device."""
+        key = str(device)
+        if key not in self._tiled_plans:
+            gh, gw = self.grid_size
+            self._tiled_plans[key] = _TiledPlan(gh, gw, self.kernel, self.border, TILED_QUERY_TILE, device)
+        return self._tiled_plans[key]
+
     def _apply(self, fn, recurse: bool = True):
         # .to() / .cuda() / .half(): drop the per-device caches (they are rebuilt lazily on the new device)
-        self._dense_masks, self._flex_plans = {}, {}
+        self._dense_masks, self._flex_plans, self._tiled_plans = {}, {}, {}
         return super()._apply(fn, recurse)
 
     def resolve_backend(self, x: torch.Tensor) -> str:
@@ -357,13 +462,15 @@ class LocalAttention(Attention):
                     f"backend='flex' cannot train on CPU: torch {torch.__version__} has no FlexAttention backward on "
                     "CPU. Use backend='sdpa_mask' or 'auto', or run under torch.no_grad().")
             return "flex"
-        if self.backend == "sdpa_mask" or dropout:
-            return "sdpa_mask"
+        if self.backend in ("sdpa_mask", "tiled"):
+            return self.backend
+        if dropout or x.device.type == "meta":
+            return "tiled"
         if x.device.type == "cuda":
             return "flex"
         if x.device.type == "cpu" and not needs_grad and x.shape[1] >= CPU_FLEX_MIN_TOKENS:
             return "flex"
-        return "sdpa_mask"
+        return "tiled"
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -392,6 +499,9 @@ class LocalAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         if backend == "flex":
             x = _flex(q, k, v, block_mask, self.compile)
+        elif backend == "tiled":
+            x = tiled_attention(q, k, v, self.tiled_plan(x.device), self.num_prefix_tokens,
+                                dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask(x.device),
                                                dropout_p=self.attn_drop.p if self.training else 0.0)
