@@ -18,6 +18,7 @@ attention modules, so that training keeps timm's fused ``scaled_dot_product_atte
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -57,34 +58,46 @@ def attention_weights(model: nn.Module, images: torch.Tensor,
     and the weights are recomputed from it with the module's own ``qkv``, ``q_norm``/``k_norm`` and ``scale``:
     training keeps the fused kernel, which never materialises them. Runs in eval mode, without gradients.
     """
-    blocks = list(model.blocks)
-    for i, block in enumerate(blocks):
-        attn = getattr(block, "attn", None)
-        if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")):
-            raise UserError(f"block {i} of {type(model).__name__} has no timm Attention (qkv, q_norm, k_norm, scale): "
-                            f"its attention weights cannot be recomputed")
-    inputs: list[Optional[torch.Tensor]] = [None] * len(blocks)
+    attns = _attention_modules(model)
+    inputs: list[Optional[torch.Tensor]] = [None] * len(attns)
 
     def capture(index: int, module: nn.Module, args: tuple, output: Any) -> None:
         inputs[index] = args[0].detach()
 
-    hooks = [block.attn.register_forward_hook(lambda m, a, o, i=i: capture(i, m, a, o))
-             for i, block in enumerate(blocks)]
+    hooks = [attn.register_forward_hook(lambda m, a, o, i=i: capture(i, m, a, o)) for i, attn in enumerate(attns)]
     try:
         with torch.no_grad(), eval_mode(model):
             (forward or model.forward_features)(images)
-            return [_softmax_attention(block.attn, x) for block, x in zip(blocks, inputs)]
+            return [_softmax_attention(attn, x) for attn, x in zip(attns, inputs)]
     finally:
         for hook in hooks:
             hook.remove()
 
 
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of a backbone (the contract's ``attention_sites``; else those of ``model.blocks``),
+    each checked to have timm's ``Attention`` layout."""
+    if callable(getattr(model, "attention_sites", None)):
+        attns = [site.attn for site in model.attention_sites()]
+    else:
+        attns = [getattr(block, "attn", None) for block in model.blocks]
+    for i, attn in enumerate(attns):
+        if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")):
+            raise UserError(f"block {i} of {type(model).__name__} has no timm Attention (qkv, q_norm, k_norm, scale): "
+                            f"its attention weights cannot be recomputed")
+    return attns
+
+
 def _softmax_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What timm's ``Attention`` computes before weighting the values, from its input x (B, T, D)."""
+    """What timm's ``Attention`` computes before weighting the values, from its input x (B, T, D); a
+    ``LocalAttention`` (``dense_mask``) gives zero weight outside each query's neighbourhood, as it computes."""
     batch, tokens, _ = x.shape
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return ((q.float() * attn.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
+    scores = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
+    if callable(getattr(attn, "dense_mask", None)):
+        scores = scores.masked_fill(~attn.dense_mask(scores.device), float("-inf"))
+    return scores.softmax(dim=-1)
 
 
 def token_positions(grid: int, patch_size: int) -> torch.Tensor:
@@ -200,7 +213,7 @@ def analysis_target(task_name: str, module: nn.Module, sample: tuple[torch.Tenso
                             torch.full((batch,), denoiser.num_classes, device=x.device))
 
         embed = denoiser.x_embedder
-        return Target(task_name, denoiser, embed.patch_size, embed.grid_size, 0, noised, run, None,
+        return Target(task_name, denoiser.backbone, embed.patch_size, embed.grid_size, 0, noised, run, None,
                       [f"denoiser at timestep {t} of {steps} on test images noised with seed 0, null label "
                        f"(unconditional)"])
     if not (isinstance(backbone, nn.Module) and hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")):
@@ -213,6 +226,16 @@ def analysis_target(task_name: str, module: nn.Module, sample: tuple[torch.Tenso
         f"task {task_name} has no classifier: analysed its encoder on whole images (no masking)"]
     return Target(task_name, backbone, backbone.patch_embed.patch_size, backbone.patch_embed.grid_size,
                   backbone.num_prefix_tokens, lambda images: images, backbone.forward_features, classifier, notes)
+
+
+def _sites(target: Target) -> list[tuple[nn.Module, torch.Tensor, int]]:
+    """(attention module, (N, 2) positions of its tokens in input pixels, prefix tokens) per block: a backbone's
+    ``attention_sites`` (each level of a hierarchical model on its own grid), else every block on the input grid."""
+    if callable(getattr(target.model, "attention_sites", None)):
+        return [(s.attn, token_positions(s.grid_size[0], s.stride), s.num_prefix_tokens)
+                for s in target.model.attention_sites()]
+    positions = token_positions(target.grid, target.patch_size)
+    return [(block.attn, positions, target.num_prefix_tokens) for block in target.model.blocks]
 
 
 def _pos_embed_kind(model: nn.Module) -> str:
@@ -318,15 +341,16 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
         "data_permute_pixels": cfg.data.permute_pixels, "notes": target.notes,
     }
     # --- mean attention distance, over chunks of images whose attention fits the budget
-    depth, heads = len(target.model.blocks), target.model.blocks[0].attn.num_heads
+    sites = _sites(target)
+    depth, heads = len(sites), sites[0][0].num_heads
     tokens = target.num_prefix_tokens + target.grid ** 2
     chunk = max(1, ATTENTION_BUDGET // (depth * heads * tokens * tokens * 4))
     totals = torch.zeros(depth, heads, dtype=torch.float64)
     for start in range(0, len(images), chunk):
         batch = images[start:start + chunk]
-        for layer, attn in enumerate(attention_weights(target.model, target.prepare(batch), target.forward)):
-            totals[layer] += mean_attention_distance(attn, positions, target.num_prefix_tokens).double().cpu() \
-                * len(batch)
+        attns = attention_weights(target.model, target.prepare(batch), target.forward)
+        for layer, ((_, where, prefix), attn) in enumerate(zip(sites, attns)):
+            totals[layer] += mean_attention_distance(attn, where, prefix).double().cpu() * len(batch)
     distance = totals / len(images)
     uniform = torch.cdist(positions, positions).mean().item()  # what attention spread evenly would give
     report["attention_distance"] = {
@@ -337,9 +361,15 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
     files = [_plot_distance(distance, uniform, report, out_dir / "attention_distance.png")]
     # --- attention maps
     pictures = to_unit_interval(images[:opts.map_images].cpu().float(), info.mean, info.std)
+    # drawn for the blocks on the input grid (a hierarchical model's coarser levels are measured above, not drawn)
+    on_input = [i for i, (_, where, _) in enumerate(sites) if len(where) == len(positions)]
+    if len(on_input) < len(sites):
+        report["notes"].append(f"attention maps show the {len(on_input)} of {len(sites)} blocks on the input grid"
+                               + ("; no rollout across levels" if opts.rollout else ""))
     for i, picture in enumerate(pictures):  # one image at a time: at 784 tokens, a ViT-B's attention is 350 MB
         attns = attention_weights(target.model, target.prepare(images[i:i + 1]), target.forward)
-        files.append(_plot_maps(picture, [a[0].mean(dim=0).cpu() for a in attns], target, opts,
+        files.append(_plot_maps(picture, [attns[j][0].mean(dim=0).cpu() for j in on_input], target,
+                                opts if len(on_input) == len(sites) else dataclasses.replace(opts, rollout=False),
                                 out_dir / f"attention_maps_{i}.png"))
     # --- position embeddings
     kind = _pos_embed_kind(target.model)

@@ -63,6 +63,12 @@ class ModelCfg:
     patch_drop_rate: Optional[float] = None  # fraction of patch tokens dropped at random in training; None: 0
     init_values: Optional[float] = None  # layer scale: residual branches scaled by a learned vector from this value
     qk_norm: Optional[bool] = None  # LayerNorm on queries and keys per head; None: off
+    # pit_local_* / pit_hourglass_* only (pixelformer/models/local_vit.py, hourglass.py); None: the registered default
+    kernel: Optional[int] = None  # neighbourhood side of local attention (odd; 7)
+    global_layers: Optional[list[int]] = None  # pit_local_*: blocks that keep global attention
+    depths: Optional[list[int]] = None  # pit_hourglass_*: blocks per level, pixel level first, the last one global
+    factors: Optional[list[int]] = None  # pit_hourglass_*: token-merge factor between levels
+    attn_backend: Optional[Literal["auto", "flex", "tiled", "sdpa_mask"]] = None  # local attention kernel
 
 
 @dataclass

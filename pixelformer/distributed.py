@@ -27,8 +27,9 @@ __all__ = ["BlockFSDPStrategy", "EqualBatches", "block_types", "every_rank", "fu
 
 def block_types(module: nn.Module) -> set[type[nn.Module]]:
     """The classes of the modules held in any ``blocks`` or ``*_blocks`` container (``nn.ModuleList`` or
-    ``nn.Sequential``) inside ``module``: timm's ``Block`` of the PiT/ViT backbones and of MAE's decoder, DiT's
-    ``DiTBlock``, and the blocks of any backbone registered later that keeps its blocks in such a container."""
+    ``nn.Sequential``) inside ``module``: timm's ``Block`` of every backbone (DiT conditions them in place) and of
+    MAE's decoder, the hourglass's level changes, and the blocks of any backbone registered later that keeps them in
+    such a container."""
     found: set[type[nn.Module]] = set()
     for parent in module.modules():
         for name, child in parent.named_children():

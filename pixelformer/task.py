@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .data import DataInfo
 
 __all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "eval_mode", "evaluate_classifier", "get_task",
-           "list_tasks", "mean_loss", "register_task", "seeded_batches", "save_confusion_matrix", "save_image_grid",
+           "check_backbone_parts", "list_tasks", "mean_loss", "register_task", "seeded_batches", "save_confusion_matrix", "save_image_grid",
            "untrained_baseline"]
 
 ENTRY_POINT_GROUP = "pixelformer.tasks"
@@ -87,6 +87,10 @@ class Task:
     monitored: ClassVar[tuple[str, str]] = ("test/loss", "min")
     #: Submodule of the built module that the trainer averages (EMA) when ``cfg.task.ema_decay`` is set.
     ema_target: ClassVar[Optional[str]] = None
+    #: The parts of the backbone contract (``pixelformer.models.backbone.PARTS``) the task needs; a backbone that
+    #: lacks one is refused at config time (:func:`check_backbone_parts`). The built module names its backbone
+    #: ``module.backbone``: what the analysis, ``init_from`` and the k-NN read.
+    backbone_parts: ClassVar[tuple[str, ...]] = ("classify",)
 
     def monitor(self, cfg: DictConfig) -> tuple[str, str]:
         """``monitored``, unless the config changes what can be measured (e.g. DiT's FID needs a classifier)."""
@@ -179,6 +183,20 @@ def build_backbone(cfg: DictConfig, data: DataInfo, num_classes: int = 0, **defa
         model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(data.mean), "std": tuple(data.std)}
         model.default_cfg = model.pretrained_cfg
     return model
+
+
+def check_backbone_parts(cfg: DictConfig, data: DataInfo, parts: tuple[str, ...], task: str) -> None:
+    """Refuse, in one line, a backbone that lacks a part of the contract the task needs. The backbone is built on the
+    meta device (no memory, no init); a config it cannot be built from is left to the real build to report."""
+    from .models import create_backbone, require
+
+    overrides = {k: v for k, v in cfg.model.items() if k != "name"}
+    try:
+        with torch.device("meta"):
+            model = create_backbone(cfg.model.name, img_size=data.img_size, in_chans=data.in_chans, **overrides)
+    except (ValueError, TypeError, UserError):
+        return
+    require(model, parts, task, cfg.model.name)
 
 
 @contextlib.contextmanager

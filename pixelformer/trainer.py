@@ -43,7 +43,7 @@ from .optim import build_optimizer, build_scheduler
 from .rng import seed_process_streams
 from .rundir import Checkpointer, prepare_run_files
 from .runtime import check_fits_memory, leave_signals_to_main
-from .task import EvalContext, Task, eval_mode
+from .task import EvalContext, Task, check_backbone_parts, eval_mode
 
 __all__ = ["EMA", "MetricsWindow", "NonFiniteLossError", "Progress", "Trainer", "TrainingInterrupted"]
 
@@ -219,6 +219,7 @@ class Trainer:
         fabric.seed_everything(cfg.run.seed, verbose=False)
         train_set, test_set, self.data = build_datasets(cfg.data)
         check_fits_memory(cfg, self.data, fabric.device)
+        check_backbone_parts(cfg, self.data, task.backbone_parts, task.name)
         task.check(cfg, self.data)
         with fabric.init_module():
             module = task.build_module(cfg, self.data)
@@ -559,17 +560,17 @@ def eval_loaders(fabric: Fabric, cfg: DictConfig, train_set: Any, test_set: Any)
 
 
 def describe_module(module: nn.Module) -> dict[str, int]:
-    """Depth, width, heads, tokens per image (prefix tokens included) and patches of the task module's (first)
-    transformer, and the whole module's parameter count: what a run prints at start, logs to W&B and records in
-    ``eval.json``. A task without a transformer (the vae task's autoencoder) gets the parameter count only."""
+    """Depth, width, heads, tokens per image (prefix tokens included) and patches of the task module's backbone
+    (``module.backbone``, read through the backbone contract), and the whole module's parameter count: what a run
+    prints at start, logs to W&B and records in ``eval.json``. A task without a backbone (the vae task's
+    autoencoder) gets the parameter count only."""
     from .models import describe_backbone
 
     params = sum(p.numel() for p in module.parameters())
-    trunk = next((m for m in module.modules()
-                  if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.Sequential))), None)
-    if trunk is None:
+    backbone = getattr(module, "backbone", None)
+    if not callable(getattr(backbone, "token_layout", None)):
         return {"params": params}
-    arch = describe_backbone(trunk)
+    arch = describe_backbone(backbone)
     return {"depth": arch["depth"], "width": arch["embed_dim"], "heads": arch["num_heads"], "tokens": arch["tokens"],
             "patches": arch["num_patches"], "params": params}
 

@@ -68,11 +68,11 @@ def test_attention_weights_of_the_dit_denoiser_equal_timms():
     with torch.no_grad():  # adaLN-Zero starts every block as the identity: give it something to condition
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    _sharpen(dit)
+    _sharpen(dit.backbone)
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([3, 10])
-    weights = attention_weights(dit, x, forward=lambda images: dit(images, t, y))
+    weights = attention_weights(dit.backbone, x, forward=lambda images: dit(images, t, y))
     reference = []
-    for block in dit.blocks:
+    for block in dit.backbone.blocks:
         block.attn.fused_attn = False
         block.attn.attn_drop.register_forward_hook(lambda m, a, o: reference.append(a[0]))
     with torch.no_grad():

@@ -14,7 +14,9 @@ from pixelformer.trainer import EMA
 from pixelformer.engine import evaluate_checkpoint, fit
 from pixelformer.metrics import ClassifierFeatures, build_fid
 from pixelformer.models import create_dit
-from pixelformer.models.dit import DiTBlock
+from pixelformer.models.backbone import run_block
+
+from reference_dit import DiT as ReferenceDiT
 from conftest import on_step, run_tool, tiny_cfg
 
 TINY = dict(img_size=8, in_chans=3, num_classes=5, depth=2, embed_dim=32, num_heads=2)
@@ -31,13 +33,36 @@ def perturbed(model):
 
 def test_adaln_zero_blocks_start_as_identity_and_the_model_at_zero():
     torch.manual_seed(0)
-    block = DiTBlock(32, num_heads=2)
     nn_init = create_dit("pit_mini", **TINY)  # DiT's init zeroes every block's modulation
-    block.load_state_dict(nn_init.blocks[0].state_dict())
     x, c = torch.randn(2, 9, 32), torch.randn(2, 32)
-    assert torch.equal(block(x, c), x)
+    assert torch.equal(run_block(nn_init.backbone.blocks[0], x, c), x)
     out = nn_init(torch.randn(2, 3, 8, 8), torch.tensor([0, 999]), torch.tensor([1, 5]))
     assert out.shape == (2, 3, 8, 8) and torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("learn_sigma,pos_embed", [(False, "sincos"), (True, "learned")])
+def test_backbone_built_dit_is_the_reference_dit(learn_sigma, pos_embed):
+    """Built around pit_mini's blocks, the denoiser has the reference DiT's parameters (names, shapes and, from the
+    same seed, values: the same random draws) and computes the same outputs bit for bit."""
+    sizes = dict(img_size=8, in_chans=3, num_classes=5, depth=2, embed_dim=32, num_heads=2, mlp_ratio=4.0)
+    torch.manual_seed(0)
+    reference = ReferenceDiT(patch_size=1, learn_sigma=learn_sigma, pos_embed=pos_embed, **sizes)
+    torch.manual_seed(0)
+    ours = create_dit("pit_mini", learn_sigma=learn_sigma, pos_embed=pos_embed, **sizes)
+    theirs, mine = reference.state_dict(), ours.reference_state_dict()
+    assert sorted(theirs) == sorted(mine)
+    assert all(torch.equal(theirs[k], mine[k]) for k in theirs)
+    perturbed(reference)
+    ours.load_state_dict(reference.state_dict())  # strict: the reference names load as they are
+    ours.train()  # label dropout draws: the same stream on both sides
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 400, 999]), torch.tensor([0, 3, 5])
+    for mode in ("train", "eval"):
+        reference.train(mode == "train"), ours.train(mode == "train")
+        torch.manual_seed(1)
+        expected = reference(x, t, y)
+        torch.manual_seed(1)
+        assert torch.equal(ours(x, t, y), expected), mode
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
 
 
 @pytest.mark.parametrize("name", list_backbones())

@@ -70,7 +70,7 @@ def resume(run_dir, steps: int) -> None:
 # ------------------------------------------------------------------------------------------------ unit tests
 def test_block_types_are_found_in_every_model():
     info = build_datasets(compose(["data.limit_train=8", "data.limit_test=8"]).data)[2]
-    for task, expected in (("cls", {"Block"}), ("mae", {"Block"}), ("dit", {"DiTBlock"})):
+    for task, expected in (("cls", {"Block"}), ("mae", {"Block"}), ("dit", {"Block"})):  # DiT conditions the backbone's own blocks
         cfg = compose([*QUIET, *TINY_MODEL, f"task={task}"])
         module = get_task(task).build_module(cfg, info)
         assert {t.__name__ for t in block_types(module)} == expected, task
@@ -170,7 +170,7 @@ def test_fsdp_dit_ema_sampling_and_fid(tmp_path, cls_run):
     run_dir = tmp_path / "dit"
     out = train(run_dir, "task=dit", "task.ema_decay=0", "task.sample_steps=3", "task.samples_per_class=1",
                 "task.num_eval_samples=20", f"task.classifier_ckpt={classifier}")
-    units(out, 2, "DiTBlock")
+    units(out, 2, "Block")
     ckpt = full_shapes(run_dir)
     denoiser = {k[len("denoiser."):]: v for k, v in ckpt["model"].items() if k.startswith("denoiser.")}
     assert denoiser.keys() == ckpt["ema"].keys()

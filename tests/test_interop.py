@@ -13,7 +13,7 @@ from pixelformer.checkpoint import check_state_dict, load_backbone_weights, read
 from pixelformer.data import DataInfo
 from pixelformer.engine import fit
 from pixelformer.layers import build_sincos_2d_pos_embed
-from pixelformer.models import MaskedAutoencoder, create_dit
+from pixelformer.models import DiT, MaskedAutoencoder, create_dit
 from pixelformer.task import get_task
 from conftest import run_tool, tiny_cfg
 
@@ -220,19 +220,19 @@ def dit_ckpt(tmp_path_factory):
 
 
 def test_dit_init_from_a_dit_checkpoint_starts_from_its_ema(dit_ckpt, tmp_path, capsys):
-    ema = read_checkpoint(dit_ckpt)["ema"]
+    ema = read_checkpoint(dit_ckpt)["ema"]  # the module's own key names (backbone.blocks...)
     task = get_task("dit")
     cfg = tiny_cfg(tmp_path / "a", *DIT_RUN)
     module = task.build_module(cfg, DIGITS)
     report = task.init_from(module, str(dit_ckpt))
     assert report["source"] == ["EMA weights"] and report["reinitialised"] == []
-    assert set(report["loaded"]) == set(ema)
+    assert set(report["loaded"]) == set(DiT.to_reference_names(ema))  # reported under DiT's names
     assert all(torch.equal(v, ema[k]) for k, v in module.denoiser.state_dict().items())
     # another number of classes: the label table starts fresh, the rest loads
     fewer = task.build_module(cfg, DataInfo("digits", 5, 1, 8, (0.5,), (0.25,)))
     report = task.init_from(fewer, str(dit_ckpt))
     assert report["reinitialised"] == ["y_embedder.embedding_table.weight"]
-    assert torch.equal(fewer.denoiser.blocks[0].attn.qkv.weight, ema["blocks.0.attn.qkv.weight"])
+    assert torch.equal(fewer.denoiser.backbone.blocks[0].attn.qkv.weight, ema["backbone.blocks.0.attn.qkv.weight"])
     # a learned table starts from the checkpoint's fixed one
     learned = task.build_module(tiny_cfg(tmp_path / "b", *DIT_RUN, "model.pos_embed=learned"), DIGITS)
     assert task.init_from(learned, str(dit_ckpt))["reinitialised"] == ["pos_embed"]

@@ -45,7 +45,7 @@ def test_seeded_init_is_the_one_committed_results_were_trained_with():
     assert first(mae["decoder_blocks.1.mlp.fc2.weight"]) == [-0.010801977477967739, 0.03712322935461998]
     assert first(mae["mask_token"]) == [0.012720235623419285, -0.031956322491168976]
     torch.manual_seed(0)
-    dit = create_dit("pit_mini", img_size=8, in_chans=1, num_classes=10, depth=2).state_dict()
+    dit = create_dit("pit_mini", img_size=8, in_chans=1, num_classes=10, depth=2).reference_state_dict()
     assert first(dit["blocks.1.attn.qkv.weight"]) == [-0.0881885290145874, -0.052790429443120956]
     assert first(dit["y_embedder.embedding_table.weight"]) == [0.011849370785057545, -0.01256939023733139]
 
@@ -217,7 +217,7 @@ def test_pretrained_cfg_follows_the_model_and_the_data(tmp_path):
     assert (cfg["num_classes"], cfg["first_conv"], cfg["classifier"]) == (7, "patch_embed.proj", "head")
     assert cfg["architecture"] == "vit_tiny"
     for name in list_backbones():
-        assert create_backbone(name, img_size=4, depth=1).pretrained_cfg["input_size"] == (3, 4, 4), name
+        assert create_backbone(name, img_size=4, depth=2).pretrained_cfg["input_size"] == (3, 4, 4), name
     overlay = timm.create_model("pixelformer_pit_mini", img_size=8, in_chans=1, pretrained_cfg_overlay=dict(
         mean=(0.3,), std=(0.2,)))
     assert resolve_data_config({}, model=overlay)["mean"] == (0.3,)
@@ -254,7 +254,7 @@ def test_timm_create_model_loads_a_pixelformer_checkpoint(tmp_path, task, prefix
 def test_describe_backbone_reads_the_built_model():
     for name in list_backbones():
         arch = describe_backbone(name, img_size=16, in_chans=3)
-        real = create_backbone(name, img_size=16, in_chans=3, depth=1)
+        real = create_backbone(name, img_size=16, in_chans=3, depth=2)
         assert arch["embed_dim"] == real.embed_dim and arch["num_heads"] == real.blocks[0].attn.num_heads
         assert arch["patch_size"] == real.patch_embed.patch_size and arch["mlp_ratio"] == 4.0
         assert arch["tokens"] == real.patch_embed.num_patches + real.num_prefix_tokens
@@ -278,7 +278,8 @@ def test_a_user_registered_backbone_serves_every_task(tmp_path):
     try:
         assert timm.is_model("pixelformer_my_wide_pit")  # registered with timm on registration
         dit = create_dit("my_wide_pit", img_size=8, in_chans=1, num_classes=3)
-        assert (len(dit.blocks), dit.blocks[0].mlp.fc1.out_features, dit.blocks[0].attn.num_heads) == (3, 96, 3)
+        block = dit.backbone.blocks[0]
+        assert (len(dit.backbone.blocks), block.mlp.fc1.out_features, block.attn.num_heads) == (3, 96, 3)
         assert dit.x_embedder.patch_size == 1
         for task in ("cls", "mae", "dit"):
             module = get_task(task).build_module(tiny_cfg(tmp_path, f"task={task}", "model=my_wide_pit",
@@ -291,10 +292,11 @@ def test_a_user_registered_backbone_serves_every_task(tmp_path):
 
 def test_dit_takes_sizes_from_the_registry_and_keeps_its_key_names():
     dit = create_dit("vit_small", img_size=8, in_chans=3, num_classes=4, depth=1)
-    assert (dit.x_embedder.patch_size, dit.blocks[0].attn.num_heads, dit.final_layer.linear.in_features) == (2, 6, 384)
+    block = dit.backbone.blocks[0]
+    assert (dit.x_embedder.patch_size, block.attn.num_heads, dit.final_layer.linear.in_features) == (2, 6, 384)
     with pytest.raises(ValueError, match="pixel transformer"):
         create_dit("pit_small", img_size=8, patch_size=2)
-    keys = set(create_dit("pit_mini", img_size=4, in_chans=1, num_classes=2, depth=1).state_dict())
+    keys = set(create_dit("pit_mini", img_size=4, in_chans=1, num_classes=2, depth=1).reference_state_dict())
     assert keys == {
         "x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias",
         "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "y_embedder.embedding_table.weight",

@@ -3,9 +3,10 @@
 Paper: W. Peebles, S. Xie, "Scalable Diffusion Models with Transformers", arXiv 2212.09748; on pixel tokens in
 Nguyen et al., arXiv 2406.09415 (DiT-L/2 vs PiT-L). Every block is conditioned on the timestep and class through
 adaLN-Zero: a zero-initialised linear layer regresses shift, scale and gate of each sub-layer, so every block starts as
-the identity and the whole denoiser starts by predicting zero. Sizes and token layout are those of the backbone registry,
-read off the registered model itself (:func:`~pixelformer.models.describe_backbone`): ``pit_small`` = 12 blocks x
-384 wide x 6 heads, patch 1; ``vit_small`` the same with patch 2; a user-registered backbone works the same way.
+the identity and the whole denoiser starts by predicting zero. The denoiser is built around any registered backbone
+(the backbone contract's conditioning part): ``pit_small`` = 12 blocks x 384 wide x 6 heads, patch 1 (DiT exactly);
+``vit_small`` the same with patch 2; ``pit_local_*`` and ``pit_hourglass_*`` bring their own blocks and levels; a
+user-registered backbone works the same way.
 
 The noise schedule, losses and samplers live outside the model (diffusers schedulers, ``pixelformer/tasks/dit.py``).
 """
@@ -15,18 +16,12 @@ import math
 from typing import Any
 
 import torch
-from timm.layers import Attention, Mlp
 from torch import nn
 
-from ..layers import PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table
-from ._registry import describe_backbone
+from ._registry import create_backbone
+from .backbone import condition_blocks, modulate, require
 
-__all__ = ["DiT", "DiTBlock", "LabelEmbedder", "TimestepEmbedder", "create_dit"]
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D) scaled and shifted per sample by (B, D) vectors."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+__all__ = ["DiT", "FinalLayer", "LabelEmbedder", "TimestepEmbedder", "create_dit"]
 
 
 #################################################################################
@@ -72,27 +67,6 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 #                                 Core DiT model                                #
 #################################################################################
-class DiTBlock(nn.Module):
-    """Pre-norm transformer block whose norms are modulated (adaLN-Zero) by the conditioning vector.
-
-    Hand-written because timm has no conditioned block; its attention and MLP are timm's.
-    """
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=lambda: nn.GELU("tanh"))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
 class FinalLayer(nn.Module):
     """adaLN-modulated norm and a linear map from each token to its patch of output values."""
 
@@ -108,48 +82,69 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional denoiser: noisy image, timestep and label -> noise (and optionally variance) per pixel.
+    """Class-conditional denoiser: noisy image, timestep and label -> noise (and optionally variance) per pixel,
+    around any registered backbone (:mod:`pixelformer.models.backbone`).
+
+    The backbone embeds the image and runs its own blocks, made adaLN-Zero blocks by
+    :func:`~pixelformer.models.backbone.condition_blocks`; the timestep and label embeddings sum to the
+    conditioning vector every block is modulated by, and the final layer maps each input-level token to its patch of
+    output values. With a ``pit_*`` / ``vit_*`` backbone this is DiT exactly: the same parameters, initialisation
+    (the same random draws) and forward; ``reference_state_dict()`` gives the reference key names (``x_embedder.``,
+    ``blocks.``, ``pos_embed``; other families' extra parts stay under ``backbone.``), and loading takes either.
 
     Args:
-        img_size: Square input size.
-        patch_size: 1 for pixel tokens.
-        in_chans: Image (or latent) channels.
+        backbone: A backbone built without head, prefix tokens or its own init (``create_dit`` builds it).
         num_classes: Number of classes; one more embedding row is the null class for guidance.
-        embed_dim, depth, num_heads, mlp_ratio: Transformer size.
         class_dropout_prob: Label dropout in training (classifier-free guidance).
         learn_sigma: Also output a variance channel per input channel (output has 2 x in_chans channels).
         pos_embed: ``sincos`` (DiT's fixed table) or ``learned`` (starting from that table).
         norm_eps: LayerNorm epsilon (DiT's is 1e-6).
     """
 
-    def __init__(self, img_size: int = 32, patch_size: int = 1, in_chans: int = 3, num_classes: int = 10,
-                 embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 class_dropout_prob: float = 0.1, learn_sigma: bool = False, pos_embed: str = "sincos",
-                 norm_eps: float = 1e-6) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int = 10, class_dropout_prob: float = 0.1,
+                 learn_sigma: bool = False, pos_embed: str = "sincos", norm_eps: float = 1e-6) -> None:
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"DiT pos_embed must be sincos or learned, got {pos_embed!r}")
         if not norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {norm_eps}")
-        self.in_chans, self.num_classes = in_chans, num_classes
-        self.out_chans = 2 * in_chans if learn_sigma else in_chans
-        self.x_embedder = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.t_embedder = TimestepEmbedder(embed_dim)
-        self.y_embedder = LabelEmbedder(num_classes, embed_dim, class_dropout_prob)
-        table = build_sincos_2d_pos_embed(embed_dim, self.x_embedder.grid_size)
-        if pos_embed == "learned":
-            self.pos_embed = nn.Parameter(table.clone())
-        else:
-            self.register_buffer("pos_embed", table, persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(embed_dim, num_heads, mlp_ratio, norm_eps) for _ in range(depth)])
-        self.final_layer = FinalLayer(embed_dim, patch_size, self.out_chans, norm_eps)
+        layout = backbone.token_layout()
+        if layout.num_prefix_tokens:
+            raise ValueError("the DiT denoiser needs a backbone without prefix tokens (class_token=False, "
+                             "reg_tokens=0)")
+        dim = backbone.embed_dim
+        self.in_chans, self.num_classes = layout.in_chans, num_classes
+        self.out_chans = 2 * layout.in_chans if learn_sigma else layout.in_chans
+        condition_blocks(backbone, norm_eps)
+        if pos_embed == "learned":  # DiT's learned table starts as the fixed one
+            table = backbone.pos_embed
+            del backbone.pos_embed
+            backbone.pos_embed = nn.Parameter(table.clone())
+            backbone.pos_embed_kind = "learned"
+        self.backbone = backbone
+        self.t_embedder = TimestepEmbedder(dim)
+        self.y_embedder = LabelEmbedder(num_classes, dim, class_dropout_prob)
+        self.final_layer = FinalLayer(dim, layout.patch_size, self.out_chans, norm_eps)
         self._init_weights()
 
+    @property
+    def x_embedder(self) -> nn.Module:
+        """The backbone's patch embedding (DiT's name): ``patchify`` / ``unpatchify``, ``img_size``, ``grid_size``."""
+        return self.backbone.patch_embed
+
+    @property
+    def pos_embed(self) -> torch.Tensor:
+        return self.backbone.pos_embed
+
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        """DiT's init, its linear layers in DiT's order (timestep MLP, blocks, final layer), so that a pit/vit
+        backbone gets the very numbers of the reference DiT from the same seed."""
+        linears = [m for m in self.t_embedder.modules() if isinstance(m, nn.Linear)]
+        linears += [m for m in self.backbone.modules() if isinstance(m, nn.Linear)]
+        linears += [m for m in self.final_layer.modules() if isinstance(m, nn.Linear)]
+        for m in linears:
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -157,7 +152,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output layer at zero.
-        for block in self.blocks:
+        for block in self.backbone.condition_blocks():
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
@@ -166,29 +161,59 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,), y (B,) -> (B, out_chans, H, W)."""
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H / p) * (W / p)
+        tokens = self.backbone.embed_patches(x)  # (B, N, D), N = (H / p) * (W / p), position added
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        tokens = self.backbone.forward_tokens(tokens, c)  # every block modulated by c; input-level tokens out
         tokens = self.final_layer(tokens, c)  # (B, N, p * p * out_chans)
         return self.x_embedder.unpatchify(tokens, self.out_chans)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed"}
+    # The reference DiT's key names <-> where the parts live here (exact key or prefix).
+    _REFERENCE_NAMES = (("backbone.patch_embed.", "x_embedder."), ("backbone.blocks.", "blocks."),
+                        ("backbone.pos_embed", "pos_embed"))
+
+    @classmethod
+    def _rename(cls, state_dict: dict, prefix: str, to_reference: bool) -> None:
+        """Rename in place, keeping the order, the keys under ``prefix`` between here and the reference names."""
+        pairs = [(a, b) if to_reference else (b, a) for a, b in cls._REFERENCE_NAMES]
+        items = list(state_dict.items())
+        state_dict.clear()
+        for key, value in items:
+            rest = key[len(prefix):] if key.startswith(prefix) else None
+            for old, new in pairs:
+                if rest is not None and (rest == old if not old.endswith(".") else rest.startswith(old)):
+                    key = prefix + new + rest[len(old):]
+                    break
+            state_dict[key] = value
+
+    @classmethod
+    def to_reference_names(cls, state: dict) -> dict:
+        """A copy of a denoiser state dict (either naming) under the reference DiT's key names (``x_embedder.``,
+        ``blocks.``, ``pos_embed``, ...), the layout DiT's released checkpoints use."""
+        renamed = dict(state)
+        cls._rename(renamed, "", to_reference=True)
+        return renamed
+
+    def reference_state_dict(self) -> dict:
+        """``state_dict()`` under the reference DiT's key names: for export, and what checkpoint loading compares.
+
+        ``state_dict()`` itself keeps the module's own names (``backbone.blocks.0...``): wrappers that key on the
+        real module paths (FSDP's full-state-dict hooks) need them. Loading takes either naming.
+        """
+        return self.to_reference_names(self.state_dict())
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        load_fixed_table(self, "pos_embed", state_dict, prefix, error_msgs)  # checked, never dropped unseen
+        self._rename(state_dict, prefix, to_reference=False)  # the children then find their keys
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
 
-# DiT's own options; every other keyword sizes the backbone whose architecture the denoiser copies.
+# DiT's own options; every other keyword sizes the backbone the denoiser is built around.
 _DIT_ONLY = ("num_classes", "class_dropout_prob", "learn_sigma", "pos_embed")
 
 
 def create_dit(backbone: str, **overrides: Any) -> DiT:
-    """A DiT with the depth, width, heads, MLP ratio, patch and norm epsilon of a registered backbone.
+    """A DiT around the registered backbone ``backbone``, built without head, prefix tokens or its own init.
 
     ``overrides`` that size the backbone (``img_size``, ``in_chans``, ``patch_size``, ``depth``, ``embed_dim``, ...)
     are applied to it, so the registry validates them (a ``pit_*`` refuses patches); ``num_classes``,
@@ -197,7 +222,7 @@ def create_dit(backbone: str, **overrides: Any) -> DiT:
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     dit_args = {k: overrides.pop(k) for k in _DIT_ONLY if k in overrides}
-    arch = describe_backbone(backbone, num_classes=0, **overrides)
-    args = {k: arch[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                                 "mlp_ratio", "norm_eps")}
-    return DiT(**args, **dit_args)
+    model = create_backbone(backbone, num_classes=0, class_token=False, global_pool="avg", reg_tokens=0,
+                            fc_norm=False, pos_embed="sincos", weight_init="skip", **overrides)
+    require(model, ("dense", "conditioning"), "dit", backbone)
+    return DiT(model, norm_eps=getattr(model, "norm_eps", 1e-6), **dit_args)

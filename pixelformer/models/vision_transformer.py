@@ -26,6 +26,7 @@ from torch import nn
 
 from ..layers import PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table, resize_pos_embed
 from ._registry import register_backbone
+from .backbone import PARTS, AttentionSite, TokenLayout, describe, run_block
 
 __all__ = ["VisionTransformer", "MODEL_SIZES", "GLOBAL_POOLS", "default_pretrained_cfg"]
 
@@ -74,6 +75,9 @@ def _check_sizes(**sizes: Any) -> None:
 class VisionTransformer(TimmVisionTransformer):
     """ViT backbone with an optional linear head; patch size 1 makes it a pixel transformer.
 
+    Implements every part of the backbone contract (:mod:`pixelformer.models.backbone`): classify, dense, masking
+    (any subset of tokens runs through global attention), conditioning, intermediates, attention_maps, resize.
+
     Args:
         img_size: Square input size.
         patch_size: Patch side; 1 = one token per pixel.
@@ -102,7 +106,11 @@ class VisionTransformer(TimmVisionTransformer):
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, increasing linearly to this value over the blocks.
         patch_drop_rate: Fraction of patch tokens dropped at random in training (prefix tokens are kept).
+        weight_init: ``"project"`` (the project's init, below) or ``"skip"`` (timm's meaning: the caller initialises
+            every weight, as the DiT denoiser does; no random numbers are drawn for it here).
     """
+
+    supports: frozenset[str] = frozenset(PARTS)
 
     def __init__(
             self,
@@ -128,6 +136,7 @@ class VisionTransformer(TimmVisionTransformer):
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             patch_drop_rate: float = 0.0,
+            weight_init: Literal["project", "skip"] = "project",
     ) -> None:
         if pos_embed not in ("sincos", "learned", "none"):
             raise ValueError(f"pos_embed must be one of sincos, learned, none; got {pos_embed!r}")
@@ -168,7 +177,10 @@ class VisionTransformer(TimmVisionTransformer):
             table = build_sincos_2d_pos_embed(embed_dim, self.patch_embed.grid_size, self.num_prefix_tokens)
             self.register_buffer("pos_embed", table, persistent=False)
         self.pretrained_cfg = self.default_cfg = default_pretrained_cfg(img_size, in_chans, num_classes)
-        self._init_weights()
+        if weight_init not in ("project", "skip"):
+            raise ValueError(f"weight_init must be 'project' or 'skip', got {weight_init!r}")
+        if weight_init == "project":
+            self._init_weights()
 
     @staticmethod
     def _resolve_pool(pool: Optional[str], global_pool: Optional[str]) -> str:
@@ -235,10 +247,14 @@ class VisionTransformer(TimmVisionTransformer):
         """timm's hook (used by ``forward_intermediates``): positions and prefix tokens, then position dropout."""
         return self.pos_drop(self.prepend_prefix(self._add_pos(x)))
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the blocks and the final norm (none with ``fc_norm``) on embedded tokens (B, T, D) -> (B, T, D)."""
+    def forward_tokens(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the blocks and the final norm (none with ``fc_norm``) on embedded tokens (B, T, D) -> (B, T, D);
+        ``cond`` (B, D) modulates every block (after :func:`~pixelformer.models.backbone.condition_blocks`)."""
         x = self.norm_pre(self.pos_drop(x))
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if cond is not None:
+            for block in self.blocks:
+                x = run_block(block, x, cond)
+        elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
@@ -255,10 +271,29 @@ class VisionTransformer(TimmVisionTransformer):
         """(B, C, H, W) -> logits (B, num_classes), or pooled features (B, D) when there is no head."""
         return self.forward_head(self.forward_features(x))
 
-    # ----------------------------------------------------------- utilities
+    # ----------------------------------------------------------- contract
     @property
     def img_size(self) -> int:
         return self.patch_embed.img_size
+
+    def token_layout(self) -> TokenLayout:
+        grid, p = self.patch_embed.grid_size, self.patch_embed.patch_size
+        return TokenLayout(self.patch_embed.img_size, self.patch_embed.in_chans, p, (grid, grid),
+                           self.num_prefix_tokens, (((grid, grid), p),))
+
+    def attention_sites(self) -> list[AttentionSite]:
+        grid, p = self.patch_embed.grid_size, self.patch_embed.patch_size
+        return [AttentionSite(f"blocks.{i}.attn", b.attn, (grid, grid), p, self.num_prefix_tokens,
+                              getattr(b.attn, "kernel", None)) for i, b in enumerate(self.blocks)]
+
+    def condition_blocks(self) -> list[nn.Module]:
+        """The blocks, in execution order, that conditioning modulates (all of them)."""
+        return list(self.blocks)
+
+    def describe(self, flops: bool = False) -> dict[str, Any]:
+        return describe(self, flops)
+
+    # ----------------------------------------------------------- utilities
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

@@ -86,6 +86,11 @@ class DiffusionTrainer(nn.Module):
         self.sample_shape = (denoiser.in_chans, denoiser.x_embedder.img_size, denoiser.x_embedder.img_size)
 
     @property
+    def backbone(self) -> nn.Module:
+        """The transformer inside the denoiser (its blocks adaLN-conditioned): what the analysis reads."""
+        return self.denoiser.backbone
+
+    @property
     def vae(self) -> Any:
         return self._vae[0]
 
@@ -175,12 +180,11 @@ def build_denoiser(cfg: DictConfig, data: DataInfo) -> DiT:
         raise UserError(f"model.{unsupported[0]} has no meaning for the dit denoiser; remove it")
     if model.pos_embed == "none":
         raise UserError("the dit denoiser needs positions: model.pos_embed=sincos (DiT's) or learned")
+    sizes = {k: v for k, v in model.items() if k not in ("name", "pos_embed") and v is not None}
     try:
         return create_dit(model.name, img_size=data.img_size, in_chans=data.in_chans, num_classes=data.num_classes,
-                          patch_size=model.patch_size, depth=model.depth, embed_dim=model.embed_dim,
-                          num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, pos_embed=model.pos_embed,
-                          norm_eps=model.norm_eps, class_dropout_prob=cfg.task.label_dropout,
-                          learn_sigma=cfg.task.learn_sigma)
+                          pos_embed=model.pos_embed, class_dropout_prob=cfg.task.label_dropout,
+                          learn_sigma=cfg.task.learn_sigma, **sizes)
     except ValueError as e:
         raise UserError(f"cannot build a DiT {model.name} for {data.name} ({data.img_size}x{data.img_size}x"
                         f"{data.in_chans}): {e}") from None
@@ -219,7 +223,7 @@ def load_denoiser_weights(denoiser: DiT, state: dict[str, torch.Tensor], source:
     another grid (resized), a saved fixed table equal to the model's sin-cos one (kept), and a learned table the
     checkpoint lacks (it starts from the sin-cos table, as DiT's learned tables do). Anything else is an error.
     """
-    expected = denoiser.state_dict()
+    expected, state = denoiser.reference_state_dict(), DiT.to_reference_names(state)
     loaded, reinitialised, matched, problems = {}, [], [], []
     for key, value in state.items():
         want = expected.get(key)
@@ -260,6 +264,7 @@ class DiTTask(Task):
     name = "dit"
     config_cls = DiTTaskCfg
     ema_target = "denoiser"  # the trainer keeps its EMA (task.ema_decay); evaluation and sampling use that copy
+    backbone_parts = ("dense", "conditioning")  # a noise prediction per pixel, adaLN-Zero around its blocks
 
     def monitor(self, cfg: DictConfig) -> tuple[str, str]:
         return ("test/fid", "min") if scores_samples(cfg.task) else ("test/loss", "min")

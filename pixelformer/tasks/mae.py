@@ -63,6 +63,7 @@ class MAEPretrainer(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
+        """The encoder being pretrained (saved as ``model.encoder.*``, MAE's layout)."""
         return self.model.encoder
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ class MAEPretrainer(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The encoder's :func:`pooled_features` of ``images``. Called through the set-up module (the task marks it
         a forward method), so that FSDP gathers the encoder's parameters as for ``forward``."""
-        return pooled_features(self.model.encoder, images)
+        return pooled_features(self.backbone, images)
 
 
 def pooled_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -167,6 +168,7 @@ class MAETask(Task):
     name = "mae"
     config_cls = MAETaskCfg
     monitored = ("test/knn_acc", "max")
+    backbone_parts = ("masking", "dense", "classify")  # visible tokens only, pixel targets, pooled k-NN features
 
     def check(self, cfg: DictConfig, data: DataInfo) -> None:
         check_task_config(cfg.task)

@@ -102,6 +102,7 @@ def build_autoencoder(t: DictConfig, data: DataInfo) -> nn.Module:
 @register_task
 class VAETask(Task):
     name = "vae"
+    backbone_parts = ()  # a convolutional autoencoder: no transformer backbone
     config_cls = VAETaskCfg
     monitored = ("test/mse", "min")
 
