@@ -1,0 +1,171 @@
+"""Accuracy at equal wall-clock: the global, local and hourglass pixel transformers trained for the same time.
+
+Fashion-MNIST at 28x28 (784 pixel tokens, the full 60,000-image training set), one CPU thread per run, one run at a
+time. For each family the training step is timed first (in this process, the run's batch size), and the run gets as
+many steps as fit in ``--budget-s`` seconds of training; its cosine schedule then ends on time. ``cls``: test top-1
+on the first ``--limit-test`` test images at the end. ``dit``: FID on the features of a ``cls`` classifier (the
+pit_mini seed-0 run of this experiment) and the accuracy of that classifier on the samples, with DPM-Solver++.
+
+Run from the repository root (``apt-get install dataset-fashion-mnist`` first)::
+
+    nohup nice -n 5 python benchmarks/equal_time.py --task cls --seeds 0,1,2 > equal_time_cls.log 2>&1 &
+    python benchmarks/equal_time.py --task dit --seeds 0
+    python benchmarks/equal_time.py --report            # table and plot from the committed points
+
+Each finished point writes ``docs/results/equal_time/<task>/<model>-s<seed>.json`` at once, and a point whose file
+exists is skipped, so a stopped sweep continues where it stopped (commit the files as they appear). ``--report``
+writes ``summary.json`` and ``equal_time.png`` there from whatever points exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results" / "equal_time"
+FAMILIES = ("pit_mini", "pit_hourglass_mini", "pit_local_mini")
+COMMON = ["data=fashion_mnist", "logger=disabled", "trainer.accelerator=cpu", "trainer.precision=32-true",
+          "trainer.progress_bar=false", "trainer.eval_every_epochs=null", "trainer.log_every_steps=10"]
+TASK_ARGS = {
+    "cls": ["task=cls", "data.batch_size=32", "optim.lr=1e-3", "optim.warmup_steps=30"],
+    "dit": ["task=dit", "data.batch_size=32", "optim.lr=3e-4", "task.ema_decay=0.999", "task.num_eval_samples=100",
+            "task.sample_steps=20", "task.untrained_baseline=false", "task.samples_per_class=4"],
+}
+
+
+def step_seconds(task: str, model: str, batch: int, steps: int = 6) -> float:
+    """Median seconds of one training step (forward, loss, backward, AdamW) of ``task`` with ``model`` at 28x28."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from pixelformer.config import compose
+    from pixelformer.data import DataInfo
+    from pixelformer.task import get_task
+
+    torch.set_num_threads(1)
+    cfg = compose([f"task={task}", f"model={model}", "data=fashion_mnist", "logger=disabled"])
+    data = DataInfo("fashion_mnist", 10, 1, 28, (0.286,), (0.353,))
+    torch.manual_seed(0)
+    module = get_task(task).build_module(cfg, data).train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    images, labels = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        loss = module((images, labels))["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_point(task: str, model: str, seed: int, budget_s: float, limit_test: int, classifier: Path | None) -> dict:
+    batch = 32
+    per_step = step_seconds(task, model, batch)
+    steps = max(10, int(budget_s / per_step))
+    run_dir = ROOT / "runs" / "equal_time" / task / f"{model}-s{seed}"
+    args = [*COMMON, *TASK_ARGS[task], f"model={model}", f"run.seed={seed}", f"run.dir={run_dir}",
+            f"trainer.max_steps={steps}", f"data.limit_test={limit_test}", "resume=auto"]
+    if task == "dit":
+        args.append(f"task.classifier_ckpt={classifier}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.time()
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    total = time.time() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{task} {model} seed {seed} failed:\n{done.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    trained = [r for r in records if "train/loss" in r]
+    report = json.loads((run_dir / "eval.json").read_text())
+    return dict(task=task, model=model, seed=seed, budget_s=budget_s, step_s_calibrated=per_step, steps=steps,
+                batch=batch, images_seen=steps * batch, train_s=trained[-1]["time"] - started if trained else None,
+                total_s=total, metrics=report["metrics"], params=report.get("architecture", {}).get("params"),
+                limit_test=limit_test, args=args, machine=machine())
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    return dict(cpu=cpu, threads=1, cores=os.cpu_count())
+
+
+def report() -> None:
+    """summary.json and equal_time.png from the points on disk."""
+    from matplotlib.figure import Figure
+
+    summary = {}
+    fig = Figure(figsize=(9, 3.4))
+    axes = fig.subplots(1, 2)
+    for ax, (task, metric, label) in zip(axes, (("cls", "test/acc1", "test top-1 (%)"),
+                                                ("dit", "test/fid", "FID (classifier features, lower is better)"))):
+        points = [json.loads(p.read_text()) for p in sorted((OUT / task).glob("*.json"))]
+        rows = {}
+        for i, model in enumerate(FAMILIES):
+            mine = [p for p in points if p["model"] == model and metric in p["metrics"]]
+            if not mine:
+                continue
+            values = [p["metrics"][metric] for p in mine]
+            rows[model] = dict(seeds=[p["seed"] for p in mine], values=values, mean=statistics.mean(values),
+                               std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                               steps=[p["steps"] for p in mine], train_s=[p["train_s"] for p in mine],
+                               images_seen=[p["images_seen"] for p in mine],
+                               step_s=[p["step_s_calibrated"] for p in mine])
+            if task == "dit":
+                rows[model]["sample_acc"] = [p["metrics"].get("test/sample_acc") for p in mine]
+            ax.scatter([i] * len(values), values, s=18)
+            ax.errorbar([i], [rows[model]["mean"]], yerr=[rows[model]["std"]], fmt="_", color="black", ms=14)
+        if rows:
+            budget = points[0]["budget_s"]
+            ax.set(xticks=range(len(FAMILIES)), xticklabels=[f.replace("pit_", "") for f in FAMILIES], ylabel=label,
+                   title=f"{task}: {budget / 60:.0f} min of training each, Fashion-MNIST 28x28")
+        summary[task] = rows
+    fig.tight_layout()
+    fig.savefig(OUT / "equal_time.png", dpi=110)
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for task, rows in summary.items():
+        for model, row in rows.items():
+            print(f"{task:4} {model:20} mean {row['mean']:7.2f} +- {row['std']:5.2f}  seeds {row['seeds']}  "
+                  f"steps {row['steps']}  train_s {[round(s) for s in row['train_s'] if s]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=("cls", "dit"), default="cls")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--models", default=",".join(FAMILIES))
+    parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per run")
+    parser.add_argument("--limit-test", type=int, default=2000, help="test images of the final evaluation")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        report()
+        return
+    classifier = ROOT / "runs" / "equal_time" / "cls" / "pit_mini-s0" / "checkpoints" / "best.ckpt"
+    if args.task == "dit" and not classifier.is_file():
+        raise SystemExit(f"{classifier} is missing: run --task cls --seeds 0 --models pit_mini first (FID features)")
+    (OUT / args.task).mkdir(parents=True, exist_ok=True)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for model in args.models.split(","):
+            path = OUT / args.task / f"{model}-s{seed}.json"
+            if path.exists():
+                print(f"skip {path.relative_to(ROOT)} (done)", flush=True)
+                continue
+            point = run_point(args.task, model, seed, args.budget_s, args.limit_test, classifier)
+            path.write_text(json.dumps(point, indent=1) + "\n")
+            shown = {k: round(v, 3) for k, v in point["metrics"].items() if isinstance(v, float)}
+            print(f"{args.task} {model} seed {seed}: {point['steps']} steps in {point['train_s']:.0f} s -> {shown}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
