@@ -132,10 +132,37 @@ def report() -> None:
     fig.tight_layout()
     fig.savefig(OUT / "equal_time.png", dpi=110)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (OUT / "section.md").write_text(section(summary))
     for task, rows in summary.items():
         for model, row in rows.items():
             print(f"{task:4} {model:20} mean {row['mean']:7.2f} +- {row['std']:5.2f}  seeds {row['seeds']}  "
                   f"steps {row['steps']}  train_s {[round(s) for s in row['train_s'] if s]}")
+
+
+def section(summary: dict) -> str:
+    """The results report's section (``docs/results/equal_time/section.md``; ``tools/report.py`` includes it)."""
+    points = [json.loads(p.read_text()) for task in ("cls", "dit") for p in sorted((OUT / task).glob("*.json"))]
+    machines = sorted({p["machine"]["cpu"] for p in points})
+    budget = points[0]["budget_s"] if points else 0
+    lines = ["## Pixel, local and hourglass transformers at equal wall-clock (Fashion-MNIST 28x28)", "",
+             f"Dataset: Fashion-MNIST, 28x28 = 784 pixel tokens, the full 60,000-image training set (a fraction of an "
+             f"epoch fits the budget), batch 32. Each run trains for {budget / 60:.0f} min of one CPU thread "
+             f"({', '.join(machines)}): the step is timed first and the run gets the steps that fit, so its cosine "
+             "schedule ends on time. `cls`: top-1 on the first 2,000 test images; `dit`: FID on the features of the "
+             "`pit_mini` seed-0 classifier of this experiment, on 100 samples (DPM-Solver++, 20 steps), so compare "
+             "FIDs only with each other.", "",
+             "Command: `python benchmarks/equal_time.py --task cls --seeds 0,1,2`, `--task dit --seeds 0`, then "
+             "`--report`. Cost: one budget per point plus evaluation.", "",
+             "| task | model | metric mean ± sd | per seed | steps (images seen) | s per step |",
+             "| --- | --- | ---: | --- | --- | ---: |"]
+    for task, rows in summary.items():
+        for model, row in rows.items():
+            lines.append(f"| {task} | {model} | {row['mean']:.2f} ± {row['std']:.2f} | "
+                         f"{', '.join(f'{v:.2f}' for v in row['values'])} | "
+                         f"{', '.join(f'{s} ({i:,})' for s, i in zip(row['steps'], row['images_seen']))} | "
+                         f"{statistics.mean(row['step_s']):.2f} |")
+    lines += ["", "![equal_time.png](equal_time/equal_time.png)", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -99,6 +99,36 @@ def batch_for(tokens: int) -> int:
     return max(1, 8 * 784 // tokens)
 
 
+def section(rows: list[dict], machine: dict, precisions: list[str], models: list[str], args) -> str:
+    """The results report's section (``DIR/section.md``; ``tools/report.py`` includes it when DIR is under
+    docs/results)."""
+    where = machine.get("cpu_model") or machine.get("device")
+    lines = ["## What a pixel token costs: global, local and hourglass attention", "",
+             f"Random images at 28, 64 and 128 pixels square (784, 4,096 and 16,384 pixel tokens), one "
+             f"{args.device} process per point, {args.threads} thread(s) ({where}). Train = one whole step (forward, "
+             "cross-entropy, backward, AdamW), median of the repeats; peak = the process's peak resident memory.", "",
+             f"Command: `python benchmarks/token_cost.py --size {args.size} --out docs/results/token_cost`.", "",
+             "| model | tokens | precision | batch | train ms / image | forward ms / image | peak MiB | GFLOPs |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['tokens']:,} | {r['precision']} | | failed: {r['error'][:80]} | | | |")
+        else:
+            lines.append(f"| {r['model']} | {r['tokens']:,} | {r['precision']} | {r['batch']} | "
+                         f"{r['train_ms_per_image']:.1f} | {r['forward_ms_per_image']:.1f} | {r['peak_mem_mib']:.0f} | "
+                         f"{r['gflops']:.2f} |")
+    lines += ["", "Growth of the training time per image from the fewest to the most tokens:", ""]
+    for precision in precisions:
+        for name in models:
+            mine = {r["tokens"]: r for r in rows if r["model"] == name and r["precision"] == precision
+                    and "error" not in r}
+            if len(mine) >= 2:
+                lo, hi = min(mine), max(mine)
+                lines.append(f"- {name}, {precision}: {hi:,} vs {lo:,} tokens: "
+                             f"{mine[hi]['train_ms_per_image'] / mine[lo]['train_ms_per_image']:.1f}x")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="mini", help="registered size of the three families (mini, tiny, ...)")
@@ -176,6 +206,7 @@ def main() -> None:
         except (ImportError, OSError):
             pass
         (out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
+        (out / "section.md").write_text(section(rows, machine, precisions, models, args))
         print(f"wrote {out / 'token_cost.json'}")
 
 

@@ -268,3 +268,11 @@ def test_summary_strings_are_escaped_in_the_report(tmp_path):
     assert "## Title &lt;img src=x onerror=alert(1)> ## \\[click\\](http://evil) \\*bold\\* \\| cell (small)" in readme
     assert "\n## [" not in readme and "](grid/small/x%29%20%21%5By%5D%28z.png)" in readme
     assert "Command: `` python tools/sweep.py `x` ``" in readme
+    # a benchmark's own section (written by its --report) follows the experiments and gets an index entry
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "section.md").write_text("## Cost of a token\n\n| a | b |\n")
+    readme = build(tmp_path, ["grid"], ["small"], replot=set()).read_text()
+    assert readme.rstrip().endswith("## Cost of a token\n\n| a | b |") and "- [Cost of a token](#cost-of-a-token)" in readme
+    (tmp_path / "bench" / "section.md").write_text("no heading")
+    with pytest.raises(UserError, match="must start with a '## ' heading"):
+        build(tmp_path, ["grid"], ["small"], replot=set())

@@ -267,7 +267,8 @@ def experiment_info(name: str, summaries: list[dict[str, Any]]) -> dict[str, Any
 
 def build(out: Path, experiments: list[str], scales: list[str], replot: Optional[set[tuple[str, str]]] = None) -> Path:
     """Write ``out/README.md`` from the summaries under ``out`` and the plots of the (experiment, scale) pairs in
-    ``replot`` (None: all; the others are drawn only when missing); returns the README's path."""
+    ``replot`` (None: all; the others are drawn only when missing), then every ``out/<benchmark>/section.md`` (a
+    benchmark's own section, e.g. ``benchmarks/equal_time.py --report``); returns the README's path."""
     sections = ["# Results: the paper's findings, measured with pixelformer", "",
                 "Built by `python tools/report.py` from the per-point summaries in this folder (each written by "
                 "`python tools/sweep.py experiment=<name> scale=<scale>`); rebuilding it re-runs nothing. Means and "
@@ -320,6 +321,13 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
                     f"[{_md(point)}]({_target(name, scale, pic)})" for point, pic in samples), ""]
                 sections += [f"![{_md(point)}]({_target(name, scale, pic)})" for point, pic in samples[:4]]
             sections.append("")
+    for section in sorted(out.glob("*/section.md")):  # a benchmark's own section (its --report writes it)
+        text = section.read_text().strip()
+        title = text.splitlines()[0].lstrip("#").strip() if text.startswith("## ") else None
+        if title is None:
+            raise UserError(f"{section} must start with a '## ' heading: it becomes a section of the report")
+        headings.append(title)
+        sections += [text, ""]
     index = sections.index(PAPER_NOTE) + 2
     sections[index:index] = [f"- [{_md(title)}](#{_anchor(title)})" for title in headings] + [""]
     if not found_any:
