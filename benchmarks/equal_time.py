@@ -1,14 +1,15 @@
 """Accuracy at equal wall-clock: the global, local and hourglass pixel transformers trained for the same time.
 
 Fashion-MNIST at 28x28 (784 pixel tokens, the full 60,000-image training set), one CPU thread per run, one run at a
-time. For each family the training step is timed first (in this process, the run's batch size), and the run gets as
-many steps as fit in ``--budget-s`` seconds of training; its cosine schedule then ends on time. ``cls``: test top-1
+time. For each family the training step is timed once (in this process, the run's batch size; kept in the committed
+``calibration.json``) and every run of it gets as many steps as fit in ``--budget-s`` seconds of training on that
+machine; its cosine schedule then ends on time. ``cls``: test top-1
 on the first ``--limit-test`` test images at the end. ``dit``: FID on the features of a ``cls`` classifier (the
 pit_mini seed-0 run of this experiment) and the accuracy of that classifier on the samples, with DPM-Solver++.
 
 Run from the repository root (``apt-get install dataset-fashion-mnist`` first)::
 
-    nohup nice -n 5 python benchmarks/equal_time.py --task cls --seeds 0,1,2 > equal_time_cls.log 2>&1 &
+    nohup nice -n 5 python benchmarks/equal_time.py --task cls --seeds 0,1,2 > equal_time_cls.log 2>&1 &   # ~2 h
     python benchmarks/equal_time.py --task dit --seeds 0
     python benchmarks/equal_time.py --report            # table and plot from the committed points
 
@@ -68,10 +69,27 @@ def step_seconds(task: str, model: str, batch: int, steps: int = 6) -> float:
     return statistics.median(times)
 
 
+def calibrated_steps(task: str, model: str, batch: int, budget_s: float) -> tuple[float, int, dict]:
+    """(seconds per step, steps that fit ``budget_s``, the machine timed on) for ``model``, from the committed
+    ``calibration.json`` when it holds this task, model and budget, else timed here and written there.
+
+    Timed once and kept: every seed, on whatever machine a later session runs on, trains the same number of steps,
+    so "equal wall-clock" always means equal time on the machine the calibration names (CPUs differ by 3x between
+    sessions here)."""
+    path = OUT / "calibration.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    key = f"{task}/{model}/batch{batch}/budget{budget_s:g}"
+    if key not in table:
+        per_step = step_seconds(task, model, batch)
+        table[key] = dict(step_s=per_step, steps=max(10, int(budget_s / per_step)), machine=machine())
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    entry = table[key]
+    return entry["step_s"], entry["steps"], entry["machine"]
+
+
 def run_point(task: str, model: str, seed: int, budget_s: float, limit_test: int, classifier: Path | None) -> dict:
     batch = 32
-    per_step = step_seconds(task, model, batch)
-    steps = max(10, int(budget_s / per_step))
+    per_step, steps, calibrated_on = calibrated_steps(task, model, batch, budget_s)
     run_dir = ROOT / "runs" / "equal_time" / task / f"{model}-s{seed}"
     args = [*COMMON, *TASK_ARGS[task], f"model={model}", f"run.seed={seed}", f"run.dir={run_dir}",
             f"trainer.max_steps={steps}", f"data.limit_test={limit_test}", "resume=auto"]
@@ -90,7 +108,7 @@ def run_point(task: str, model: str, seed: int, budget_s: float, limit_test: int
     return dict(task=task, model=model, seed=seed, budget_s=budget_s, step_s_calibrated=per_step, steps=steps,
                 batch=batch, images_seen=steps * batch, train_s=trained[-1]["time"] - started if trained else None,
                 total_s=total, metrics=report["metrics"], params=report.get("architecture", {}).get("params"),
-                limit_test=limit_test, args=args, machine=machine())
+                limit_test=limit_test, args=args, machine=machine(), calibrated_on=calibrated_on)
 
 
 def machine() -> dict:
@@ -143,12 +161,14 @@ def section(summary: dict) -> str:
     """The results report's section (``docs/results/equal_time/section.md``; ``tools/report.py`` includes it)."""
     points = [json.loads(p.read_text()) for task in ("cls", "dit") for p in sorted((OUT / task).glob("*.json"))]
     machines = sorted({p["machine"]["cpu"] for p in points})
+    timed_on = sorted({p.get("calibrated_on", p["machine"])["cpu"] for p in points})
     budget = points[0]["budget_s"] if points else 0
     lines = ["## Pixel, local and hourglass transformers at equal wall-clock (Fashion-MNIST 28x28)", "",
              f"Dataset: Fashion-MNIST, 28x28 = 784 pixel tokens, the full 60,000-image training set (a fraction of an "
-             f"epoch fits the budget), batch 32. Each run trains for {budget / 60:.0f} min of one CPU thread "
-             f"({', '.join(machines)}): the step is timed first and the run gets the steps that fit, so its cosine "
-             "schedule ends on time. `cls`: top-1 on the first 2,000 test images; `dit`: FID on the features of the "
+             f"epoch fits the budget), batch 32. Each run trains for {budget / 60:.0f} min of one CPU thread: each "
+             f"family's step was timed once, back to back, on {', '.join(timed_on)} (`calibration.json`), and every "
+             "run of it gets the steps that fit, so its cosine schedule ends on time and a run on another machine "
+             f"trains the same steps (runs made on: {', '.join(machines)}). `cls`: top-1 on the first 2,000 test images; `dit`: FID on the features of the "
              "`pit_mini` seed-0 classifier of this experiment, on 100 samples (DPM-Solver++, 20 steps), so compare "
              "FIDs only with each other.", "",
              "Command: `python benchmarks/equal_time.py --task cls --seeds 0,1,2`, `--task dit --seeds 0`, then "
@@ -170,8 +190,9 @@ def main() -> None:
     parser.add_argument("--task", choices=("cls", "dit"), default="cls")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--models", default=",".join(FAMILIES))
-    parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per run")
+    parser.add_argument("--budget-s", type=float, default=720.0, help="training seconds per run")
     parser.add_argument("--limit-test", type=int, default=2000, help="test images of the final evaluation")
+    parser.add_argument("--only", default=None, help="run only this model (the --models are still calibrated)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
@@ -181,8 +202,10 @@ def main() -> None:
     if args.task == "dit" and not classifier.is_file():
         raise SystemExit(f"{classifier} is missing: run --task cls --seeds 0 --models pit_mini first (FID features)")
     (OUT / args.task).mkdir(parents=True, exist_ok=True)
+    for model in args.models.split(","):  # every family timed back to back, under the same conditions
+        calibrated_steps(args.task, model, 32, args.budget_s)
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for model in args.models.split(","):
+        for model in [args.only] if args.only else args.models.split(","):
             path = OUT / args.task / f"{model}-s{seed}.json"
             if path.exists():
                 print(f"skip {path.relative_to(ROOT)} (done)", flush=True)
