@@ -212,7 +212,7 @@ def test_auto_backend_rule_on_cpu():
     x = torch.randn(1, m.num_tokens, 32)
     assert m.resolve_backend(x) == "tiled"  # gradients needed: no CPU flex backward, the linear-cost path
     with torch.no_grad():
-        assert m.resolve_backend(x) == "flex"  # inference at >= 2,048 tokens
+        assert m.resolve_backend(x) == "tiled"  # inference too: 4x faster than compiled flex on CPU
         assert m.resolve_backend(x.to("meta")) == "tiled"  # FLOP counting sees the linear path
     small = make("auto")
     with torch.no_grad():

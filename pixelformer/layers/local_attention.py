@@ -45,10 +45,6 @@ Backend = Literal["flex", "tiled", "sdpa_mask", "auto"]
 Border = Literal["shift", "clip"]
 
 FLEX_BLOCK = 128  # FlexAttention's default block: the unit its skipping works in
-# Below this many tokens compiled flex barely beats masked SDPA on one CPU thread, not worth seconds of compile (by
-# benchmarks/local_attention.py, forward: 784 tokens 6.1 vs 6.7 ms masked SDPA, 4,096 tokens 57 vs 217 ms); "auto" on
-# CPU only switches above it.
-CPU_FLEX_MIN_TOKENS = 2048
 # Tile shapes best_token_order considers besides raster order: 128 tokens each, so one tile is one flex block.
 TILE_CANDIDATES = ((8, 16), (16, 8), (4, 32))
 # Query tile side of the "tiled" backend: keys per query are (t + k - 1)^2 / t^2 of the window's k^2 (t = 8, k = 7:
@@ -363,10 +359,10 @@ class LocalAttention(Attention):
         num_prefix_tokens: Leading class / register tokens, attending to and attended by all.
         border: "shift" (NAT windows moved inside the grid; default) or "clip" (see :func:`neighbourhood_mask`).
         backend: "flex" (FlexAttention + BlockMask), "tiled" (query tiles with a halo, see :func:`tiled_attention`),
-            "sdpa_mask" (SDPA with the dense mask: the reference), or "auto": flex on CUDA; on CPU flex for calls
-            without gradients with at least ``CPU_FLEX_MIN_TOKENS`` tokens, else tiled (torch has no CPU flex
-            backward); tiled whenever attention dropout is active (flex has none) and on the meta device (so FLOP
-            counts are the linear path's).
+            "sdpa_mask" (SDPA with the dense mask: the reference), or "auto": flex on CUDA, tiled everywhere else
+            and whenever attention dropout is active (flex has none). On CPU tiled wins both ways: torch has no CPU
+            flex backward, and forward it measured 4x faster than compiled flex (pit_local_mini, 4,096 tokens, one
+            thread: 186 vs 788 ms per image); on the meta device it makes FLOP counts the linear path's.
         tile: Token order for the flex path: "auto" (the sparsest by :func:`best_token_order`), None (raster) or a
             tile shape. Internal only: the input and output stay in timm's layout.
         compile: Compile flex (default True: eager flex materialises the N x N scores, so it is never faster).
@@ -464,11 +460,7 @@ class LocalAttention(Attention):
             return "flex"
         if self.backend in ("sdpa_mask", "tiled"):
             return self.backend
-        if dropout or x.device.type == "meta":
-            return "tiled"
-        if x.device.type == "cuda":
-            return "flex"
-        if x.device.type == "cpu" and not needs_grad and x.shape[1] >= CPU_FLEX_MIN_TOKENS:
+        if x.device.type == "cuda" and not dropout:
             return "flex"
         return "tiled"
 
