@@ -99,7 +99,7 @@ def batch_for(tokens: int) -> int:
     return max(1, 8 * 784 // tokens)
 
 
-def section(rows: list[dict], machine: dict, precisions: list[str], models: list[str], args) -> str:
+def section(rows: list[dict], machine: dict, args) -> str:
     """The results report's section (``DIR/section.md``; ``tools/report.py`` includes it when DIR is under
     docs/results)."""
     where = machine.get("cpu_model") or machine.get("device")
@@ -118,8 +118,8 @@ def section(rows: list[dict], machine: dict, precisions: list[str], models: list
                          f"{r['train_ms_per_image']:.1f} | {r['forward_ms_per_image']:.1f} | {r['peak_mem_mib']:.0f} | "
                          f"{r['gflops']:.2f} |")
     lines += ["", "Growth of the training time per image from the fewest to the most tokens:", ""]
-    for precision in precisions:
-        for name in models:
+    for precision in sorted({r["precision"] for r in rows}):
+        for name in sorted({r["model"] for r in rows}):
             mine = {r["tokens"]: r for r in rows if r["model"] == name and r["precision"] == precision
                     and "error" not in r}
             if len(mine) >= 2:
@@ -158,8 +158,12 @@ def main() -> None:
     if bad:
         parser.error(f"--tokens {bad}: choose from {sorted(SIDES)}")
     precisions = args.precision.split(",")
-    rows = []
     out = Path(args.out) if args.out else None
+    # points measured before in DIR stay unless measured again now (re-run one model or precision into the same DIR)
+    again = {(m, t, p) for m in models for t in tokens for p in precisions}
+    rows = [] if out is None or not (out / "token_cost.json").exists() else [
+        r for r in json.loads((out / "token_cost.json").read_text())
+        if (r["model"], r["tokens"], r["precision"]) not in again]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     print(f"{'model':<22}{'tokens':>7}{'prec':>6}{'batch':>6}{'train ms/img':>14}{'fwd ms/img':>12}"
           f"{'peak MiB':>10}{'GFLOPs':>9}", flush=True)
@@ -184,8 +188,8 @@ def main() -> None:
                     (out / "token_cost.json").write_text(json.dumps(rows, indent=1) + "\n")
     # growth from the fewest to the most tokens, per model and precision
     print("\ntime per training image, most tokens / fewest tokens:")
-    for precision in precisions:
-        for name in models:
+    for precision in sorted({r["precision"] for r in rows}):
+        for name in sorted({r["model"] for r in rows}):
             mine = {r["tokens"]: r for r in rows if r["model"] == name and r["precision"] == precision
                     and "error" not in r}
             if len(mine) >= 2:
@@ -206,7 +210,9 @@ def main() -> None:
         except (ImportError, OSError):
             pass
         (out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
-        (out / "section.md").write_text(section(rows, machine, precisions, models, args))
+        rows.sort(key=lambda r: (r["precision"] != "fp32", r["precision"], r["tokens"], r["model"]))
+        (out / "token_cost.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "section.md").write_text(section(rows, machine, args))
         print(f"wrote {out / 'token_cost.json'}")
 
 

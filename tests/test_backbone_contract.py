@@ -103,6 +103,10 @@ def test_every_backbone_keeps_the_contract(name):
         sites = model.attention_sites()
         assert len(sites) == len(model.condition_blocks())
         assert all(s.grid_size in [grid for grid, _ in layout.levels] for s in sites)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision runs (token_cost's and the trainer's bf16)
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
     if "resize" in model.supports:  # the same weights at 16x16
         model.set_input_size(16)
         assert model.forward_features(torch.randn(1, 1, 16, 16)).shape[1] == model.token_layout().tokens

@@ -72,7 +72,9 @@ class TokenSplit(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         (h, w), f, (b, _, d) = grid, self.factor, x.shape  # grid: the coarse one
         x = self.proj(x).reshape(b, h, w, f, f, d).permute(0, 1, 3, 2, 4, 5)  # (B, h, f, w, f, D)
-        return torch.lerp(skip, x.reshape(b, h * f * w * f, d), self.fac.to(x.dtype))
+        up = x.reshape(b, h * f * w * f, d)
+        # lerp written out: under autocast ``up`` is bf16 while ``skip`` may be fp32, and torch.lerp wants one dtype
+        return skip + self.fac * (up - skip)
 
 
 class HourglassTransformer(nn.Module):
