@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -207,9 +208,12 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for model in [args.only] if args.only else args.models.split(","):
             path = OUT / args.task / f"{model}-s{seed}.json"
-            if path.exists():
+            if path.exists() and json.loads(path.read_text())["budget_s"] == args.budget_s:
                 print(f"skip {path.relative_to(ROOT)} (done)", flush=True)
                 continue
+            if path.exists():  # a point of another budget: its run directory would resume to the wrong length
+                print(f"redo {path.relative_to(ROOT)} (budget was not {args.budget_s:g} s)", flush=True)
+                shutil.rmtree(ROOT / "runs" / "equal_time" / args.task / f"{model}-s{seed}", ignore_errors=True)
             point = run_point(args.task, model, seed, args.budget_s, args.limit_test, classifier)
             path.write_text(json.dumps(point, indent=1) + "\n")
             shown = {k: round(v, 3) for k, v in point["metrics"].items() if isinstance(v, float)}
