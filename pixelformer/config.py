@@ -28,13 +28,13 @@ from .errors import UserError, did_you_mean
 from .task import TaskCfg, get_task, list_tasks
 
 __all__ = [
-    "CONFIG_DIR", "GROUPS", "Config", "DataCfg", "LoggerCfg", "ModelCfg", "OptimCfg", "RunCfg", "TaskCfg",
+    "CONFIG_DIR", "GROUPS", "Config", "DataCfg", "LoggerCfg", "ModelCfg", "OptimCfg", "RecipeCfg", "RunCfg", "TaskCfg",
     "TrainerCfg", "WandbCfg", "check_accumulation", "compose", "compose_saved", "eval_batch_size", "group_choices",
     "to_plain",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package (setup.cfg package_data)
-GROUPS = ("task", "model", "data", "optim", "trainer", "logger")
+GROUPS = ("task", "model", "data", "optim", "trainer", "logger", "recipe")
 
 
 @dataclass
@@ -147,6 +147,25 @@ class TrainerCfg:
 
 
 @dataclass
+class RecipeCfg:
+    """How a run spends its pixel tokens over training (pixelformer/recipe.py). The defaults (``recipe=plain``) train
+    every token at full size every step; ``recipe=budget`` is the measured time-to-accuracy recipe. The schedule is a
+    function of the step alone, so a run resumed in the middle of a phase continues it exactly."""
+    name: str = "plain"
+    # Share of each image's pixel tokens dropped at random in a training step (timm's PatchDropout; the CLS token is
+    # kept); the backbone must support the "token_drop" part (pit_* / vit_*).
+    token_drop: float = 0.0
+    # constant: token_drop until the full-token phase; linear: from token_drop down to 0 at its start
+    token_drop_schedule: Literal["constant", "linear"] = "constant"
+    # Progressive resolution: the first low_res_frac of the steps see images resized to low_res_scale x the side
+    # (rounded to the patch size; the position table resampled on the fly, the same parameters); null: full size.
+    low_res_scale: Optional[float] = None
+    low_res_frac: float = 0.5
+    # The last share of the steps at every token and full size, so the model is evaluated the way it last trained.
+    full_frac: float = 0.0
+
+
+@dataclass
 class WandbCfg:
     mode: Literal["online", "offline", "disabled"] = "offline"
     project: str = "pixelformer"
@@ -177,6 +196,7 @@ class Config:
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
     run: RunCfg = field(default_factory=RunCfg)
+    recipe: RecipeCfg = field(default_factory=RecipeCfg)
     resume: Optional[str] = None  # "auto" (continue run.dir if it has a checkpoint) or a checkpoint path
     init_from: Optional[str] = None  # start the backbone from a checkpoint's encoder (e.g. MAE pretraining)
 
@@ -224,7 +244,7 @@ def _group_layer(group: str, choice: str, config_dir: Path) -> DictConfig:
         raise UserError(f"unknown {group} {choice!r}.{hint} Choices: {', '.join(valid)}")
     path = config_dir / group / f"{choice}.yaml"
     content = _load_yaml(path) if path.exists() else OmegaConf.create({})  # a registered backbone without a file
-    if group == "model" and "name" not in content:
+    if group in ("model", "recipe") and "name" not in content:
         content.name = choice
     return OmegaConf.create({group: content})
 
@@ -433,10 +453,34 @@ def validate(cfg: DictConfig) -> None:
     if not _in_range(optim.momentum, 0, 1):
         problems.append(f"optim.momentum must be in [0, 1) (e.g. 0.9), got {optim.momentum}")
 
+    problems += recipe_problems(cfg.recipe)
     if not 0 <= cfg.run.seed < 2 ** 32:
         problems.append(f"run.seed must be in [0, 2**32 - 1] (what numpy accepts), got {cfg.run.seed}")
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def recipe_problems(recipe: DictConfig) -> list[str]:
+    """The ``recipe.*`` values no schedule can follow, one message each (what the task and backbone support is
+    checked when the run is built: :func:`pixelformer.recipe.check_recipe`)."""
+    problems = []
+    if not _in_range(recipe.token_drop, 0, 1):
+        problems.append(f"recipe.token_drop must be in [0, 1) (the share of pixel tokens dropped; 0 turns it off), got "
+                        f"{recipe.token_drop}")
+    if recipe.low_res_scale is not None and not _in_range(recipe.low_res_scale, 0, 1, low_open=True):
+        problems.append(f"recipe.low_res_scale must be in (0, 1) (e.g. 0.5 trains 28x28 images at 14x14 first), or "
+                        f"null for full size throughout, got {recipe.low_res_scale}")
+    if not _in_range(recipe.low_res_frac, 0, 1, high_open=False):
+        problems.append(f"recipe.low_res_frac must be in [0, 1] (the share of the steps at low resolution), got "
+                        f"{recipe.low_res_frac}")
+    if not _in_range(recipe.full_frac, 0, 1, high_open=False):
+        problems.append(f"recipe.full_frac must be in [0, 1] (the share of the last steps at every token and full "
+                        f"size), got {recipe.full_frac}")
+    elif recipe.low_res_scale is not None and _in_range(recipe.low_res_frac, 0, 1, high_open=False) \
+            and recipe.low_res_frac + recipe.full_frac > 1:
+        problems.append(f"recipe.low_res_frac={recipe.low_res_frac} + recipe.full_frac={recipe.full_frac} is more "
+                        f"than every step: lower one of them")
+    return problems
 
 
 def check_accumulation(cfg: DictConfig, batches_per_epoch: int, num_images: int) -> None:

@@ -91,6 +91,9 @@ class Task:
     #: lacks one is refused at config time (:func:`check_backbone_parts`). The built module names its backbone
     #: ``module.backbone``: what the analysis, ``init_from`` and the k-NN read.
     backbone_parts: ClassVar[tuple[str, ...]] = ("classify",)
+    #: The token-budget levers (``pixelformer.recipe``: ``token_drop``, ``low_res``) the task's training follows;
+    #: ``module(batch)`` must then accept a batch whose first element, the images, is resized.
+    recipe_levers: ClassVar[tuple[str, ...]] = ()
 
     def monitor(self, cfg: DictConfig) -> tuple[str, str]:
         """``monitored``, unless the config changes what can be measured (e.g. DiT's FID needs a classifier)."""

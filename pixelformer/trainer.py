@@ -40,6 +40,7 @@ from .distributed import EqualBatches, full_parameters, is_sharded
 from .errors import UserError
 from .logs import ProgressLog
 from .optim import build_optimizer, build_scheduler
+from .recipe import TokenBudget, check_recipe, levers_in_use
 from .rng import seed_process_streams
 from .rundir import Checkpointer, prepare_run_files
 from .runtime import check_fits_memory, leave_signals_to_main
@@ -171,6 +172,7 @@ class Trainer:
         self.log = ProgressLog(fabric, cfg.trainer)
         self.ema: Optional[EMA] = None
         self.scaler = loss_scaler(fabric)
+        self.budget: Optional[TokenBudget] = None
 
     # ---------------------------------------------------------------------------------------------- the loop
     def fit(self, resume_path: Optional[Path], saved: Optional[Mapping[str, Any]],
@@ -223,6 +225,9 @@ class Trainer:
         task.check(cfg, self.data)
         with fabric.init_module():
             module = task.build_module(cfg, self.data)
+        if levers_in_use(cfg.recipe):
+            check_recipe(cfg.recipe, task.name, task.recipe_levers, module.backbone, cfg.model.name,
+                         self.data.img_size)
         if cfg.init_from and resume_path is None:
             fabric.print(init_report(cfg.init_from, task.init_from(module, cfg.init_from)))
         # Initialisation above drew from run.seed on every rank alike; from here each process draws its own masks,
@@ -260,6 +265,8 @@ class Trainer:
                              f"it further")
                 return finished
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, steps_per_epoch)
+        self.budget = TokenBudget(cfg.recipe, self.total_steps, self.data.img_size,
+                                  module.backbone.patch_embed.patch_size) if levers_in_use(cfg.recipe) else None
         self.raw_module = module  # the unwrapped module: its parameters are the ones Fabric's wrapper trains
         decay = cfg.task.get("ema_decay")
         if task.ema_target is not None and decay is not None:  # DiT's recipe: the EMA starts as an exact copy
@@ -304,6 +311,8 @@ class Trainer:
                      f"data={cfg.data.name} ({len(train_set)} train / {len(test_set)} test, "
                      f"{d.img_size}x{d.img_size}x{d.in_chans}) | steps={self.total_steps} "
                      f"precision={cfg.trainer.precision} devices={fabric.world_size}\nrun dir: {self.run_dir}")
+        if self.budget is not None:
+            fabric.print(self.budget.describe())
         return None
 
     # ----------------------------------------------------------------------------------------------- steps
@@ -323,6 +332,8 @@ class Trainer:
 
     def micro_step(self, batch: Any, accumulating: bool) -> bool:
         """Forward and backward of one micro-batch; returns ``accumulating`` (no optimizer step yet)."""
+        if self.budget is not None:  # this step's token drop and image size (a function of the step: resumable)
+            batch = self.budget.apply(self.raw_module.backbone, batch, self.progress.step)
         with self.fabric.no_backward_sync(self.module, enabled=accumulating):
             self.out = self.module(batch)
             self.fabric.backward(self.out["loss"] / self.cfg.trainer.accumulate_grad_batches)
@@ -412,6 +423,8 @@ class Trainer:
         """The task's metrics (eval mode, no gradients, training RNG untouched), then ``last.ckpt``, the
         ``best.ckpt`` copy when the monitored metric improved, and the task's pictures."""
         fabric, p = self.fabric, self.progress
+        if self.budget is not None:  # evaluated at full size, like the model it is trained to become
+            self.budget.restore(self.raw_module.backbone)
         with self.log.waiting(f"evaluating step {p.step}"):
             metrics = run_evaluation(self.task, self.module, self.context)
         metrics["epoch"] = p.epoch

@@ -41,6 +41,9 @@ PARTS: dict[str, str] = {
     "intermediates": "forward_intermediates with timm's semantics (features_only, probes)",
     "attention_maps": "attention_sites(): the attention modules and the grid their tokens sit on (analysis)",
     "resize": "set_input_size(img_size): the same weights at another resolution",
+    "token_drop": "set_token_drop(rate): a random share of the input-level tokens dropped in training (recipe)",
+    "train_size": "set_train_size(img_size): train at another resolution with the same parameter objects, so the "
+                  "optimizer state stays with them (progressive resolution; None: back to the built size)",
 }
 
 
@@ -95,6 +98,7 @@ class Backbone(Protocol):
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any: ...
     def attention_sites(self) -> list[AttentionSite]: ...
     def set_input_size(self, img_size: Optional[int] = None, patch_size: Optional[int] = None) -> None: ...
+    def set_train_size(self, img_size: Optional[int] = None) -> None: ...
     def condition_blocks(self) -> Iterable[nn.Module]: ...
 
 

@@ -16,8 +16,8 @@ config away.
 
 Contract parts (:mod:`pixelformer.models.backbone`): classify, dense, conditioning, intermediates (one NCHW map per
 block, at its level's grid), attention_maps (each block's attention on its own level's grid), resize (to sides
-divisible by the product of the factors). Not ``masking``: merging needs every token of each group, and MAE's
-encoder sees only the visible pixels.
+divisible by the product of the factors), train_size (the same sides). Not ``masking`` or ``token_drop``: merging
+needs every token of each group, and MAE's encoder sees only the visible pixels.
 """
 from __future__ import annotations
 
@@ -95,9 +95,11 @@ class HourglassTransformer(nn.Module):
         weight_init: ``project`` (trunc-normal .02 linear layers, as the PiT) or ``skip`` (the caller initialises).
     """
 
-    supports = frozenset(PARTS) - {"masking"}
+    supports = frozenset(PARTS) - {"masking", "token_drop"}
     unsupported_reasons = {"masking": "merging needs every token of each group, and MAE's encoder sees only the "
-                                      "visible pixels"}
+                                      "visible pixels",
+                           "token_drop": "merging needs every token of each group; train it at a lower resolution "
+                                         "instead (recipe.low_res_scale)"}
 
     def __init__(self, img_size: int = 32, patch_size: int = 1, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 192, depths: Sequence[int] = (2, 2, 4), factors: Sequence[int] = (2, 2),
@@ -217,7 +219,10 @@ class HourglassTransformer(nn.Module):
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) pixel tokens with their position embedding."""
         x = self.patch_embed(x)
-        return x if self.pos_embed is None else x + self.pos_embed
+        table, grid = self.pos_embed, self.patch_embed.grid_size
+        if isinstance(table, nn.Parameter) and table.shape[1] != grid * grid:  # set_train_size: resampled per forward
+            table = resize_pos_embed(table, grid, 0)
+        return x if table is None else x + table
 
     def prepend_prefix(self, x: torch.Tensor) -> torch.Tensor:
         return x  # no prefix tokens
@@ -325,17 +330,45 @@ class HourglassTransformer(nn.Module):
             self.patch_embed.set_input_size(old * self.patch_embed.patch_size)
             raise
         grid = self.patch_embed.grid_size
+        self._native_img_size = self.patch_embed.img_size
         if isinstance(self.pos_embed, nn.Parameter):
             self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, grid, 0))
-        elif self.pos_embed is not None:
+        self._set_grid()
+        size = self.patch_embed.img_size
+        self.pretrained_cfg = self.default_cfg = {**self.pretrained_cfg,
+                                                  "input_size": (self.patch_embed.in_chans, size, size)}
+
+    def set_train_size(self, img_size: Optional[int] = None) -> None:
+        """Take ``img_size`` inputs without replacing a parameter (``None``: back to the built size): a learned table is
+        resampled in each forward, a sin-cos table recomputed, each local level laid on its new grid (progressive
+        resolution; the optimizer's state stays with its parameters)."""
+        native = getattr(self, "_native_img_size", None) or self.patch_embed.img_size
+        self._native_img_size = native
+        size = native if img_size is None else img_size
+        if size == self.patch_embed.img_size:
+            return
+        old = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(size)
+        try:
+            self._check_grid(self.patch_embed.grid_size)
+        except ValueError:
+            self.patch_embed.set_input_size(old * self.patch_embed.patch_size)
+            raise
+        self._set_grid()
+
+    def set_token_drop(self, rate: float) -> None:
+        if rate:
+            raise ValueError(self.unsupported_reasons["token_drop"])
+
+    def _set_grid(self) -> None:
+        """A sin-cos table and every local level's neighbourhoods on the current grid."""
+        grid = self.patch_embed.grid_size
+        if self.pos_embed is not None and not isinstance(self.pos_embed, nn.Parameter):
             table = build_sincos_2d_pos_embed(self.embed_dim, grid).to(self.pos_embed)
             self.register_buffer("pos_embed", table, persistent=False)
         for kind, index, level in self._plan:
             if kind == "block" and isinstance(self.blocks[index].attn, LocalAttention):
                 self.blocks[index].attn.set_grid_size(self.level_grid(level))
-        size = self.patch_embed.img_size
-        self.pretrained_cfg = self.default_cfg = {**self.pretrained_cfg,
-                                                  "input_size": (self.patch_embed.in_chans, size, size)}
 
     # ------------------------------------------------------------------------------------------------ timm API
     @torch.jit.ignore

@@ -13,7 +13,7 @@ position tables. The attention kernel is chosen per call by ``LocalAttention`` (
 attention for CPU training; see its docstring).
 
 Contract parts (:mod:`pixelformer.models.backbone`): classify, dense, conditioning, intermediates, attention_maps,
-resize. Not ``masking``: a neighbourhood is defined on the whole pixel grid, so MAE's encoder, which sees a random
+resize, train_size. Not ``masking`` or ``token_drop``: a neighbourhood is defined on the whole pixel grid, so MAE's encoder, which sees a random
 quarter of the pixels, is refused (as is ``patch_drop_rate``).
 """
 from __future__ import annotations
@@ -38,9 +38,11 @@ class LocalVisionTransformer(VisionTransformer):
         **kwargs: Those of :class:`VisionTransformer` (``patch_size`` any, ``patch_drop_rate`` must stay 0).
     """
 
-    supports = frozenset(PARTS) - {"masking"}
+    supports = frozenset(PARTS) - {"masking", "token_drop"}
     unsupported_reasons = {"masking": "its neighbourhood attention needs the whole pixel grid, and MAE's encoder sees "
-                                      "only the visible pixels"}
+                                      "only the visible pixels",
+                           "token_drop": "its neighbourhood attention needs the whole pixel grid; train it at a lower "
+                                         "resolution instead (recipe.low_res_scale)"}
 
     def __init__(self, kernel: int = 7, global_layers: Sequence[int] = (), attn_backend: str = "auto",
                  **kwargs: Any) -> None:
@@ -67,9 +69,12 @@ class LocalVisionTransformer(VisionTransformer):
             local.load_state_dict(old.state_dict())  # same parameters and names: the PiT's initialisation is kept
             block.attn = local
 
-    def set_input_size(self, img_size: Optional[int] = None, patch_size: Optional[int] = None) -> None:
-        super().set_input_size(img_size, patch_size)
-        grid = self.patch_embed.grid_size
+    def set_token_drop(self, rate: float) -> None:
+        if rate:
+            raise ValueError(self.unsupported_reasons["token_drop"])
+
+    def _set_grid(self, grid: int) -> None:
+        super()._set_grid(grid)
         for block in self.blocks:
             if isinstance(block.attn, LocalAttention):
                 block.attn.set_grid_size(grid)

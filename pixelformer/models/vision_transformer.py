@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any, Literal, Optional
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import PatchDropout, trunc_normal_
 from timm.models import checkpoint_seq, group_parameters
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
@@ -76,7 +76,8 @@ class VisionTransformer(TimmVisionTransformer):
     """ViT backbone with an optional linear head; patch size 1 makes it a pixel transformer.
 
     Implements every part of the backbone contract (:mod:`pixelformer.models.backbone`): classify, dense, masking
-    (any subset of tokens runs through global attention), conditioning, intermediates, attention_maps, resize.
+    (any subset of tokens runs through global attention), conditioning, intermediates, attention_maps, resize,
+    token_drop, train_size.
 
     Args:
         img_size: Square input size.
@@ -222,9 +223,18 @@ class VisionTransformer(TimmVisionTransformer):
             self.attn_pool.init_weights()
 
     # --------------------------------------------------------------- forward
+    def _pos_table(self) -> Optional[torch.Tensor]:
+        """The position table of the current grid: a learned table trained at another size (``set_train_size``) is
+        resampled from its parameter in every forward, so gradients reach the one parameter the optimizer holds."""
+        table, grid = self.pos_embed, self.patch_embed.grid_size
+        if isinstance(table, nn.Parameter) and table.shape[1] != self.num_prefix_tokens + grid * grid:
+            return resize_pos_embed(table, grid, self.num_prefix_tokens)
+        return table
+
     def _add_pos(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) patch tokens + the patch rows of the position table."""
-        return x if self.pos_embed is None else x + self.pos_embed[:, self.num_prefix_tokens:]
+        table = self._pos_table()
+        return x if table is None else x + table[:, self.num_prefix_tokens:]
 
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) patch tokens with their position embedding, no prefix tokens yet.
@@ -240,7 +250,7 @@ class VisionTransformer(TimmVisionTransformer):
             return x
         prefix = prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)  # (1, P, D)
         if self.pos_embed is not None:
-            prefix = prefix + self.pos_embed[:, : self.num_prefix_tokens]
+            prefix = prefix + self.pos_embed[:, : self.num_prefix_tokens]  # prefix rows never resize
         return torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,15 +328,42 @@ class VisionTransformer(TimmVisionTransformer):
     def set_input_size(self, img_size: Optional[int] = None, patch_size: Optional[int] = None) -> None:
         """Change the input resolution in place, resizing a learned or recomputing a sin-cos position embedding."""
         self.patch_embed.set_input_size(img_size, patch_size)
-        grid = self.patch_embed.grid_size
+        self._native_img_size = self.patch_embed.img_size
+        self._set_grid(self.patch_embed.grid_size)
         if isinstance(self.pos_embed, nn.Parameter):
+            grid = self.patch_embed.grid_size
             self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, grid, self.num_prefix_tokens))
-        elif self.pos_embed is not None:
-            table = build_sincos_2d_pos_embed(self.embed_dim, grid, self.num_prefix_tokens).to(self.pos_embed)
-            self.register_buffer("pos_embed", table, persistent=False)
         size = self.patch_embed.img_size
         self.pretrained_cfg = self.default_cfg = {**self.pretrained_cfg,
                                                   "input_size": (self.patch_embed.in_chans, size, size)}
+
+    def set_train_size(self, img_size: Optional[int] = None) -> None:
+        """Take ``img_size`` inputs from now on without replacing a parameter (``None``: back to the size the model
+        was built or last resized for): a learned table stays at its size and is resampled in each forward, a sin-cos
+        table is recomputed. Progressive resolution trains this way; the optimizer's state stays with its parameters.
+        """
+        native = getattr(self, "_native_img_size", None) or self.patch_embed.img_size
+        self._native_img_size = native
+        size = native if img_size is None else img_size
+        if size != self.patch_embed.img_size:
+            self.patch_embed.set_input_size(size)
+            self._set_grid(self.patch_embed.grid_size)
+
+    def _set_grid(self, grid: int) -> None:
+        """Lay what depends on the token grid on ``grid`` (a sin-cos table; subclasses: attention neighbourhoods)."""
+        if self.pos_embed is not None and not isinstance(self.pos_embed, nn.Parameter):
+            table = build_sincos_2d_pos_embed(self.embed_dim, grid, self.num_prefix_tokens).to(self.pos_embed)
+            self.register_buffer("pos_embed", table, persistent=False)
+
+    def set_token_drop(self, rate: float) -> None:
+        """Drop ``rate`` of the patch tokens of each image at random in training from now on (timm's
+        ``PatchDropout``, prefix tokens kept; it draws from the process's training stream); 0 turns it off."""
+        if not 0 <= rate < 1:
+            raise ValueError(f"token drop rate must be in [0, 1), got {rate}")
+        if isinstance(self.patch_drop, PatchDropout):
+            self.patch_drop.prob = rate
+        elif rate > 0:  # timm builds an Identity for patch_drop_rate=0
+            self.patch_drop = PatchDropout(rate, num_prefix_tokens=self.num_prefix_tokens)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:

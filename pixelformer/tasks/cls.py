@@ -40,6 +40,7 @@ class ClassificationTask(Task):
     name = "cls"
     config_cls = ClsTaskCfg
     monitored = ("test/acc1", "max")
+    recipe_levers = ("token_drop", "low_res")  # the classifier takes any image size its backbone is set to
 
     def build_module(self, cfg: DictConfig, data: DataInfo) -> nn.Module:
         return Classifier(build_backbone(cfg, data, num_classes=data.num_classes), cfg.task.label_smoothing)

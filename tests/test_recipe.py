@@ -1,0 +1,129 @@
+"""The token-budget recipe (pixelformer/recipe.py): its schedule, the backbone levers, refusals, exact resume."""
+import pytest
+import torch
+
+from pixelformer import UserError
+from pixelformer.checkpoint import read_checkpoint
+from pixelformer.config import compose
+from pixelformer.engine import fit
+from pixelformer.models import create_backbone
+from pixelformer.recipe import TokenBudget
+from conftest import QUIET, on_step, tiny_cfg
+
+RECIPE = dict(name="test", token_drop=0.5, token_drop_schedule="constant", low_res_scale=0.5, low_res_frac=0.4,
+              full_frac=0.1)
+
+
+def test_the_plan_of_each_step():
+    budget = TokenBudget(RECIPE, total_steps=100, img_size=28, patch_size=1)
+    assert (budget.low_img_size, budget.low_res_until, budget.full_from) == (14, 40, 90)
+    assert [(p.token_drop, p.img_size) for p in map(budget.plan, (0, 39, 40, 89, 90, 99))] == \
+        [(0.5, 14), (0.5, 14), (0.5, None), (0.5, None), (0.0, None), (0.0, None)]
+    linear = TokenBudget({**RECIPE, "token_drop_schedule": "linear"}, 100, 28, 1)
+    assert [linear.plan(s).token_drop for s in (0, 45, 89, 90)] == [0.5, 0.25, pytest.approx(0.5 / 90), 0.0]
+    # the low side is a whole number of patches, at least one
+    assert TokenBudget(RECIPE, 100, 28, 4).low_img_size == 16
+    assert TokenBudget({**RECIPE, "low_res_scale": 0.01}, 100, 28, 4).low_img_size == 4
+    # the low-resolution phase never runs into the full-token phase
+    assert TokenBudget({**RECIPE, "low_res_frac": 0.95, "full_frac": 0.05}, 10, 28, 1).low_res_until == 10
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
+def test_train_size_keeps_the_parameters_and_returns_to_the_same_model(pos_embed):
+    torch.manual_seed(0)
+    model = create_backbone("pit_mini", img_size=8, in_chans=1, num_classes=3, pos_embed=pos_embed).eval()
+    images = torch.randn(2, 1, 8, 8)
+    before, params = model(images), {n: p for n, p in model.named_parameters()}
+    model.set_train_size(4)
+    assert {n: p for n, p in model.named_parameters()} == params  # the same objects: optimizer state stays valid
+    small = model(torch.randn(2, 1, 4, 4))
+    if pos_embed == "learned":  # the 8x8 table, resampled in the forward, gets the gradient
+        small.sum().backward()
+        assert model.pos_embed.grad is not None and model.pos_embed.grad[:, 1:].abs().sum() > 0
+    model.set_train_size(None)
+    assert torch.equal(model(images), before)
+    with pytest.raises(Exception, match="does not match"):
+        model(torch.randn(2, 1, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["pit_local_mini", "pit_hourglass_mini"])
+def test_the_cheap_families_train_at_a_lower_size(name):
+    model = create_backbone(name, img_size=16, in_chans=1, num_classes=3, depth=2 if "local" in name else None)
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        before = model.eval()(images)
+    model.set_train_size(8)
+    model.train()(torch.randn(2, 1, 8, 8)).sum().backward()
+    model.set_train_size(None)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), before)
+
+
+def test_token_drop_keeps_the_prefix_and_a_share_of_the_pixels():
+    model = create_backbone("pit_mini", img_size=8, in_chans=1, num_classes=3).train()
+    assert model.forward_features(torch.randn(2, 1, 8, 8)).shape[1] == 65
+    model.set_token_drop(0.75)
+    assert model.forward_features(torch.randn(2, 1, 8, 8)).shape[1] == 1 + 16
+    assert model.eval().forward_features(torch.randn(2, 1, 8, 8)).shape[1] == 65  # never in evaluation
+    model.set_token_drop(0.0)
+    assert model.train().forward_features(torch.randn(2, 1, 8, 8)).shape[1] == 65
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipe.token_drop=1.5"], "recipe.token_drop must be in [0, 1)"),
+    (["recipe.low_res_scale=1"], "recipe.low_res_scale must be in (0, 1)"),
+    (["recipe.low_res_scale=0.5", "recipe.low_res_frac=0.8", "recipe.full_frac=0.3"], "more than every step"),
+    (["recipe=fast"], "unknown recipe 'fast'"),
+])
+def test_a_bad_recipe_is_refused_by_key(args, message, tmp_path):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        compose([*QUIET, f"run.dir={tmp_path}", *args])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task=mae", "recipe.token_drop=0.5"], "task=mae does not train with the token drop lever"),
+    (["model=pit_local_mini", "recipe.token_drop=0.5"], "needs the backbone part 'token_drop'"),
+    (["model=pit_hourglass_mini", "recipe.low_res_scale=0.3"], "cannot take"),
+])
+def test_a_lever_the_task_or_backbone_lacks_is_refused_in_one_line(args, message, tmp_path):
+    cfg = compose([*QUIET, f"run.dir={tmp_path / 'run'}", "data.limit_train=64", "trainer.max_steps=1",
+                   "model.depth=1" if "hourglass" not in args[0] else "model.depths=[1,1]", *args])
+    with pytest.raises(UserError, match=message) as caught:
+        fit(cfg)
+    assert "\n" not in str(caught.value)
+
+
+ARGS = ("data.limit_train=256", "data.batch_size=32", "model.drop_rate=0.1", "trainer.max_steps=30",
+        "trainer.ckpt_every_steps=5", "trainer.eval_every_steps=12", "recipe=budget",
+        "recipe.token_drop_schedule=linear", "recipe.low_res_frac=0.5", "recipe.full_frac=0.2")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_run_resumed_in_the_middle_of_a_phase_ends_on_the_same_weights(tmp_path, monkeypatch):
+    # 30 steps: 4x4 images until step 15, half the tokens dropped (linearly fewer) until step 24, then all of them
+    straight = fit(tiny_cfg(tmp_path / "straight", *ARGS))
+
+    def stop_at_13(trainer, step):
+        if step == 13:
+            raise Interrupt()
+    on_step(monkeypatch, stop_at_13)
+    with pytest.raises(Interrupt):
+        fit(tiny_cfg(tmp_path / "resumed", *ARGS))
+    assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 12
+    monkeypatch.undo()
+    resumed = fit(tiny_cfg(tmp_path / "resumed", *ARGS, "resume=auto"))
+    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert straight == resumed
+    # and the recipe changed the training: the plain run ends elsewhere
+    plain = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    fit(tiny_cfg(tmp_path / "plain", *ARGS[:6]))
+    other = read_checkpoint(tmp_path / "plain" / "checkpoints" / "last.ckpt")
+    assert not torch.equal(plain["model"]["backbone.blocks.0.attn.qkv.weight"],
+                           other["model"]["backbone.blocks.0.attn.qkv.weight"])
+
