@@ -24,6 +24,9 @@ from .errors import UserError
 
 __all__ = ["StepPlan", "TokenBudget", "check_recipe", "levers_in_use"]
 
+LEVER_TASKS = {"token_drop": "cls trains with it; mae's masking already drops tokens", "low_res": "cls and mae train "
+               "with it"}
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -106,7 +109,7 @@ def check_recipe(recipe: Mapping[str, Any], task_name: str, task_levers: tuple[s
         key = "recipe.token_drop" if lever == "token_drop" else "recipe.low_res_scale"
         if lever not in task_levers:
             raise UserError(f"{key}={recipe[key.split('.')[1]]}: task={task_name} does not train with the "
-                            f"{lever.replace('_', ' ')} lever (tasks that do: cls); set {key}="
+                            f"{lever.replace('_', ' ')} lever ({LEVER_TASKS[lever]}); set {key}="
                             f"{'0' if lever == 'token_drop' else 'null'} or recipe=plain")
         require(backbone, ["token_drop" if lever == "token_drop" else "train_size"], task_name, model_name)
     if "low_res" in levers_in_use(recipe):

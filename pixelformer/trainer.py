@@ -422,7 +422,7 @@ class Trainer:
     def evaluate(self, final: bool = False) -> dict[str, float]:
         """The task's metrics (eval mode, no gradients, training RNG untouched), then ``last.ckpt``, the
         ``best.ckpt`` copy when the monitored metric improved, and the task's pictures."""
-        fabric, p = self.fabric, self.progress
+        fabric, p, started = self.fabric, self.progress, time.perf_counter()
         if self.budget is not None:  # evaluated at full size, like the model it is trained to become
             self.budget.restore(self.raw_module.backbone)
         with self.log.waiting(f"evaluating step {p.step}"):
@@ -440,6 +440,7 @@ class Trainer:
         self.visualize()
         summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
         self.log.line(f"{'final' if final else 'eval'} step {p.step} epoch {p.epoch}: {summary}")
+        self.window.start += time.perf_counter() - started  # train/images_per_sec times training, not evaluation
         return metrics
 
     def upload_checkpoint(self, best: bool) -> None:

@@ -82,6 +82,7 @@ def test_a_bad_recipe_is_refused_by_key(args, message, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["task=mae", "recipe.token_drop=0.5"], "task=mae does not train with the token drop lever"),
+    (["task=dit", "recipe.low_res_scale=0.5"], "task=dit does not train with the low res lever"),
     (["model=pit_local_mini", "recipe.token_drop=0.5"], "needs the backbone part 'token_drop'"),
     (["model=pit_hourglass_mini", "recipe.low_res_scale=0.3"], "cannot take"),
 ])
@@ -127,3 +128,10 @@ def test_a_run_resumed_in_the_middle_of_a_phase_ends_on_the_same_weights(tmp_pat
     assert not torch.equal(plain["model"]["backbone.blocks.0.attn.qkv.weight"],
                            other["model"]["backbone.blocks.0.attn.qkv.weight"])
 
+
+
+def test_mae_pretrains_at_a_lower_resolution_first(tmp_path):
+    run = tmp_path / "mae"
+    metrics = fit(tiny_cfg(run, "task=mae", "data.limit_train=128", "data.batch_size=32", "trainer.max_steps=6",
+                           "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.5", "task.knn_k=5"))
+    assert "test/knn_acc" in metrics  # evaluated at full size after 3 steps at 4x4

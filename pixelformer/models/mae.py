@@ -101,6 +101,14 @@ class MaskedAutoencoder(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def decoder_table(self) -> torch.Tensor:
+        """The decoder's sin-cos table on the encoder's current grid (another one while the encoder trains at a lower
+        resolution, ``set_train_size``: computed, nothing is learned in it)."""
+        grid, table = self.encoder.patch_embed.grid_size, self.decoder_pos_embed
+        if table.shape[1] != self.num_prefix_tokens + grid * grid:
+            table = build_sincos_2d_pos_embed(table.shape[-1], grid, self.num_prefix_tokens).to(table)
+        return table
+
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C): the reconstruction target of each token."""
         return self.encoder.patch_embed.patchify(images)
@@ -124,7 +132,7 @@ class MaskedAutoencoder(nn.Module):
         num_masked = ids_restore.shape[1] - visible.shape[1]
         x = torch.cat([visible, self.mask_token.expand(x.shape[0], num_masked, -1)], dim=1)
         x = x.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # back to the original order
-        x = torch.cat([prefix, x], dim=1) + self.decoder_pos_embed
+        x = torch.cat([prefix, x], dim=1) + self.decoder_table()
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_pred(self.decoder_norm(x))

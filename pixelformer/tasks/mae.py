@@ -169,6 +169,9 @@ class MAETask(Task):
     config_cls = MAETaskCfg
     monitored = ("test/knn_acc", "max")
     backbone_parts = ("masking", "dense", "classify")  # visible tokens only, pixel targets, pooled k-NN features
+    # Progressive resolution only: masking already drops task.mask_ratio of the tokens (a drop on top of it would
+    # just be a higher mask ratio).
+    recipe_levers = ("low_res",)
 
     def check(self, cfg: DictConfig, data: DataInfo) -> None:
         check_task_config(cfg.task)
