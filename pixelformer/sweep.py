@@ -1,6 +1,6 @@
 """Experiment grids: ``configs/experiment/<name>.yaml`` expanded into points, each trained resumably and summarised.
 
-An experiment file holds one finding at up to three scales (``small``, ``medium``, ``paper``)::
+An experiment file holds one finding at up to four scales (``small``, ``medium``, ``large``, ``paper``)::
 
     finding: 1                         # its place in the report
     title: Pixels vs patches at a fixed input size
@@ -46,7 +46,7 @@ from .errors import UserError, did_you_mean
 __all__ = ["SCALES", "Experiment", "Point", "Stage", "list_experiments", "load_experiment", "plan", "run_point",
            "summary_is_current", "write_json_atomic"]
 
-SCALES = ("small", "medium", "paper")
+SCALES = ("small", "medium", "large", "paper")
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 
 

@@ -1,4 +1,4 @@
-"""Run an experiment's grid: ``python tools/sweep.py experiment=NAME scale=small|medium|paper [key=value ...]``.
+"""Run an experiment's grid: ``python tools/sweep.py experiment=NAME scale=small|medium|large|paper [key=value ...]``.
 
 Examples::
 
