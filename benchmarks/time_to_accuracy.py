@@ -172,7 +172,8 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
         raise SystemExit(f"{variant} seed {seed} failed:\n{done.stderr[-3000:]}")
     full = run_dir / "full_test.json"
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
-                           f"out={full}", "data.limit_test=null"], cwd=ROOT, env=env, capture_output=True, text=True)
+                           f"out={full}", f"data.limit_test={args.final_images or 'null'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{variant} seed {seed}: full-test evaluation failed:\n{done.stderr[-3000:]}")
     seconds, flops = clock(variant, steps, table)
@@ -246,7 +247,8 @@ def report(target: float) -> dict:
 def section(summary: dict) -> str:
     target, rows = summary["target_acc1"], summary["variants"]
     lines = ["## Time to accuracy at 784 pixel tokens: the token-budget recipe against the plain recipe", "",
-             f"Fashion-MNIST 28x28 (784 pixel tokens), `{MODEL}`, the full 60,000 training images, batch {BATCH}, "
+             f"Fashion-MNIST 28x28 (784 pixel tokens), `{MODEL}`, {summary['train_images']:,} training images, "
+             f"batch {BATCH}, "
              f"one CPU thread per run. Time is training time, from each phase's step time timed back to back once "
              f"(`calibration.json`, {summary['machine']['cpu'] if summary['machine'] else '?'}); evaluation is left "
              f"out alike for every recipe. Target: {target:g} % top-1 on the evaluation subset; final: the full "
@@ -279,6 +281,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT, help="where points, calibration and summary go")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run directories go")
+    parser.add_argument("--final-images", type=int, default=None, help="test images of the final evaluation "
+                        "(default: all 10,000; fewer only for a quick check of the script)")
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="the first N training images (a "
                         "quick check of the script; the race uses all 60,000)")
     args = parser.parse_args()
