@@ -40,6 +40,45 @@ def setting_of(summary: dict[str, Any]) -> str:
     return summary["point"].rsplit("-s", 1)[0]
 
 
+# name, native side, training and test images of the built-in datasets (what a scale's heading names)
+DATASETS = {"digits": ("scikit-learn digits", 8, 1437, 360), "fashion_mnist": ("Fashion-MNIST", 28, 60000, 10000),
+            "mnist": ("MNIST", 28, 60000, 10000), "cifar10": ("CIFAR-10", 32, 50000, 10000),
+            "cifar100": ("CIFAR-100", 32, 50000, 10000)}
+
+
+def scale_setting(points: list[dict[str, Any]]) -> str:
+    """What a scale trains on, read off its points' arguments: dataset, image size, tokens, training images, epochs
+    per stage and the test images."""
+    def arg(args: list[str], key: str, default: Any = None) -> Any:
+        values = [a.split("=", 1)[1] for a in args if a.startswith(key + "=")]
+        return values[-1] if values and values[-1] != "null" else default
+
+    first = next(iter(points[0]["stages"].values()))["args"]
+    data = arg(first, "data", "digits")
+    name, native, train, test = DATASETS.get(data, (data, None, None, None))
+    sides = sorted({int(arg(next(iter(p["stages"].values()))["args"], "data.img_size", native or 0))
+                    for p in points} - {0})
+    side = "/".join(f"{x}x{x}" for x in sides)
+    subset, limit = arg(first, "data.train_subset"), arg(first, "data.limit_train")
+    images = (f"{int(subset):,} training images (a stratified subset)" if subset else
+              f"the first {int(limit):,} training images" if limit else
+              f"all {train:,} training images" if train else "its training split")
+    limit_test = arg(first, "data.limit_test")
+    tests = f"the first {int(limit_test):,} test images" if limit_test else \
+        f"the full test split ({test:,} images)" if test else "its test split"
+    tokens = sorted({p["tokens"] for p in points if p.get("tokens")})
+    token_text = (f"{tokens[0]:,} tokens" if len(tokens) == 1 else
+                  f"{', '.join(f'{t:,}' for t in tokens)} tokens") if tokens else "tokens as configured"
+    epochs = {}
+    for p in points:
+        for stage, info in p["stages"].items():
+            epochs.setdefault(stage, set()).add(info.get("epochs"))
+    epoch_text = ", ".join(f"{stage} {'/'.join(str(e) for e in sorted(v, key=str))} epoch(s)"
+                           for stage, v in epochs.items())
+    return (f"{name} at {side} ({token_text}), {images}, {epoch_text}; evaluated on {tests}"
+            if side else f"{name} ({token_text}), {images}, {epoch_text}; evaluated on {tests}")
+
+
 def _stats(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
@@ -299,6 +338,7 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
             flops = sum(p["total"]["train_flops"] for p in points + shared)
             headings.append(f"{exp['title']} ({scale})")
             sections += [f"## {_md(exp['title'])} ({scale})", "",
+                         f"*setting*: {_md(scale_setting(points))}", "",
                          f"*paper*: {_md(exp['paper'])}", "",
                          f"Command: {_code(_command(points, name, scale))} then "
                          f"`python tools/report.py experiment={name} scale={scale}`. Cost: {len(points)} points"
