@@ -547,7 +547,7 @@ def test_an_eval_json_folder_is_refused_on_resume(finished_run, tmp_path):
 
 
 def test_a_hand_edited_config_yaml_is_not_ignored_silently(finished_run, tmp_path, capsys):
-    from pixelformer.rundir import compose_for_resume
+    from pixelformer.run import compose_for_resume
 
     run_dir = _copy_run(finished_run, tmp_path)
     config = run_dir / "config.yaml"

@@ -127,10 +127,19 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, x, title = exp["metric"], exp["x"], exp["title"]
     written = []
+    for name, draw in (("metric.png", _plot_metric), ("cost.png", _plot_cost), ("curves.png", _plot_curves)):
+        fig = draw(plt, rows, exp)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
 
-    # 1. The metric against the experiment's x (tokens: a log axis), mean and standard deviation over seeds.
+
+def _plot_metric(plt: Any, rows: list[dict[str, Any]], exp: dict[str, Any]) -> Any:
+    """The metric against the experiment's x (tokens: a log axis), mean and standard deviation over seeds."""
+    metric, x, title = exp["metric"], exp["x"], exp["title"]
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     numeric = all(isinstance(x_value(r, x), (int, float)) for r in rows)
     arms = sorted({r["arm"] for r in rows if r["arm"] is not None}) or [None]
@@ -161,12 +170,11 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
     if len(arms) > 1 and numeric:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "metric.png", dpi=110)
-    plt.close(fig)
-    written.append("metric.png")
+    return fig
 
-    # 2. The cost side: the metric against training FLOPs and against wall-clock seconds.
+
+def _plot_cost(plt: Any, rows: list[dict[str, Any]], exp: dict[str, Any]) -> Any:
+    """The cost side: the metric against training FLOPs and against wall-clock seconds."""
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
     for ax, key, label in ((axes[0], "train_flops", "training FLOPs (forward + backward, counted)"),
                            (axes[1], "wall_s", "wall-clock seconds per run")):
@@ -174,16 +182,16 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
             ax.errorbar([r[key]], [r["mean"]], yerr=[r["std"]], marker="o", capsize=3, label=_label(r))
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(exp["metric"])
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{title}: cost", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(folder / "cost.png", dpi=110)
-    plt.close(fig)
-    written.append("cost.png")
+    fig.suptitle(f"{exp['title']}: cost", fontsize=9)
+    return fig
 
-    # 3. Training curves: the last stage's training loss (seed 0 of each setting) and the evaluations.
+
+def _plot_curves(plt: Any, rows: list[dict[str, Any]], exp: dict[str, Any]) -> Any:
+    """Training curves: the last stage's training loss (seed 0 of each setting) and the evaluations."""
+    metric = exp["metric"]
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
     for r in rows:
         run = min(r["runs"], key=lambda s: s.get("seed") or 0)
@@ -201,11 +209,7 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "curves.png", dpi=110)
-    plt.close(fig)
-    written.append("curves.png")
-    return written
+    return fig
 
 
 def _md(value: Any) -> str:
