@@ -127,7 +127,7 @@ class MemoryEstimate:
 # Elements of activation per token and block of a pre-norm block in training, in units of the width D: the inputs
 # of norm1, qkv, the attention output and proj (D each), q/k/v (3D), norm2's input and output (2D): 8D, plus the
 # MLP's hidden layer before and after GELU (2 x mlp_ratio x D). For PiT-Tiny (D=192, mlp_ratio 4, 12 blocks) in
-# fp32: (8 + 8) x 192 x 12 x 4 B = 147 KB per token, against the 149 KB that throughput.py measured (README,
+# fp32: (8 + 8) x 192 x 12 x 4 B = 147 KB per token, against the 149 KB that throughput.py measured (docs/performance.md,
 # "Memory and tokens"). The fused attention kernel keeps memory linear in tokens (per head, one log-sum-exp value).
 _BLOCK_ACTIVATIONS = 8
 

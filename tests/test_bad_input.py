@@ -279,7 +279,7 @@ def test_the_default_run_passes_the_memory_check(tmp_path):
 
 
 def test_activation_estimate_matches_the_measured_pit_tiny_figure():
-    # README "Memory and tokens": a PiT-Tiny training step measured 149 KB of activations per token in fp32, ~86 KB
+    # docs/performance.md "Memory and tokens": a PiT-Tiny training step measured 149 KB of activations per token in fp32, ~86 KB
     # in bf16-mixed (the estimate takes 2 bytes, a lower bound); checkpointing measured 2.7-3.2x less.
     from pixelformer.data import DataInfo
     from pixelformer.runtime import estimate_training_memory
