@@ -53,11 +53,13 @@ def scale_setting(points: list[dict[str, Any]]) -> str:
         values = [a.split("=", 1)[1] for a in args if a.startswith(key + "=")]
         return values[-1] if values and values[-1] != "null" else default
 
-    first = next(iter(points[0]["stages"].values()))["args"]
+    def args_of(point: dict[str, Any]) -> list[str]:
+        return next(iter(point.get("stages", {}).values()), {}).get("args", [])
+
+    first = args_of(points[0])
     data = arg(first, "data", "digits")
     name, native, train, test = DATASETS.get(data, (data, None, None, None))
-    sides = sorted({int(arg(next(iter(p["stages"].values()))["args"], "data.img_size", native or 0))
-                    for p in points} - {0})
+    sides = sorted({int(arg(args_of(p), "data.img_size", native or 0)) for p in points} - {0})
     side = "/".join(f"{x}x{x}" for x in sides)
     subset, limit = arg(first, "data.train_subset"), arg(first, "data.limit_train")
     images = (f"{int(subset):,} training images (a stratified subset)" if subset else
@@ -71,7 +73,7 @@ def scale_setting(points: list[dict[str, Any]]) -> str:
                   f"{', '.join(f'{t:,}' for t in tokens)} tokens") if tokens else "tokens as configured"
     epochs = {}
     for p in points:
-        for stage, info in p["stages"].items():
+        for stage, info in p.get("stages", {}).items():
             epochs.setdefault(stage, set()).add(info.get("epochs"))
     epoch_text = ", ".join(f"{stage} {'/'.join(str(e) for e in sorted(v, key=str))} epoch(s)"
                            for stage, v in epochs.items())
