@@ -1,13 +1,15 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   create .venv, install the pinned stack, train the default PiT on the embedded digits
 #   make test    create .venv, install the pinned stack, run the test suite
+#   make docs    also install the docs extra, build the documentation site into site/ (strict: warnings fail it)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 ARGS   ?=
 
-.PHONY: install train test results-small clean
+.PHONY: install train test docs results-small clean
 
 install: $(STAMP)
 
@@ -23,6 +25,13 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+$(DOCS_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m mkdocs build --strict $(ARGS)
+
 # The small suite of experiments (digits, all five findings, 3 seeds where the spread matters) and its report.
 # Resumable: run it again after an interruption; finished points are skipped.
 results-small: $(STAMP)
@@ -32,4 +41,4 @@ results-small: $(STAMP)
 	$(BIN)/python tools/report.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

@@ -169,7 +169,8 @@ def section(summary: dict) -> str:
              f"epoch fits the budget), batch 32. Each run trains for {budget / 60:.0f} min of one CPU thread: each "
              f"family's step was timed once, back to back, on {', '.join(timed_on)} (`calibration.json`), and every "
              "run of it gets the steps that fit, so its cosine schedule ends on time and a run on another machine "
-             f"trains the same steps (runs made on: {', '.join(machines)}). `cls`: top-1 on the first 2,000 test images; `dit`: FID on the features of the "
+             f"trains the same steps (runs made on: {', '.join(machines)}). `cls`: top-1 on the first 2,000 test "
+             "images; `dit`: FID on the features of the "
              "`pit_mini` seed-0 classifier of this experiment, on 100 samples (DPM-Solver++, 20 steps), so compare "
              "FIDs only with each other.", "",
              "Command: `python benchmarks/equal_time.py --task cls --seeds 0,1,2`, `--task dit --seeds 0`, then "
@@ -182,8 +183,30 @@ def section(summary: dict) -> str:
                          f"{', '.join(f'{v:.2f}' for v in row['values'])} | "
                          f"{', '.join(f'{s} ({i:,})' for s, i in zip(row['steps'], row['images_seen']))} | "
                          f"{statistics.mean(row['step_s']):.2f} |")
-    lines += ["", "![equal_time.png](equal_time/equal_time.png)", ""]
+    lines += ["", *verdicts(summary), "", "![equal_time.png](equal_time/equal_time.png)", ""]
     return "\n".join(lines)
+
+
+def verdicts(summary: dict) -> list[str]:
+    """One sentence per task, read off the table: which family leads, by how much, and with how many more steps;
+    where a cheaper family does worse than the global one, it says so."""
+    out = []
+    for task, rows in summary.items():
+        if "pit_mini" not in rows or len(rows) < 2:
+            continue
+        higher = task == "cls"  # top-1: higher is better; FID: lower
+        base = rows["pit_mini"]
+        parts = []
+        for model, row in rows.items():
+            if model == "pit_mini":
+                continue
+            better = row["mean"] > base["mean"] if higher else row["mean"] < base["mean"]
+            steps = statistics.mean(row["steps"]) / statistics.mean(base["steps"])
+            parts.append(f"`{model}` {'beats' if better else 'loses to'} the global `pit_mini` "
+                         f"({row['mean']:.2f} vs {base['mean']:.2f}) with {steps:.1f}x its steps")
+        metric = "top-1" if higher else "FID"
+        out.append(f"- `{task}` ({metric}, {len(base['seeds'])} seed(s)): " + "; ".join(parts) + ".")
+    return out
 
 
 def main() -> None:

@@ -39,9 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "time_to_accuracy"
 RUNS = ROOT / "runs" / "time_to_accuracy"
 MODEL, BATCH, SIDE = "pit_mini", 64, 28
-COMMON = ["task=cls", "data=fashion_mnist", f"model={MODEL}", f"data.batch_size={BATCH}", "optim.lr=1e-3",
-          "optim.warmup_steps=100", "logger=disabled", "trainer.accelerator=cpu", "trainer.precision=32-true",
-          "trainer.progress_bar=false", "trainer.eval_every_epochs=null", "trainer.log_every_steps=50"]
+DEVICE = "cpu"  # --device cuda: one GPU, bf16-mixed (benchmarks/gpu_race.sh)
+DATA_ROOT: str | None = None  # --data-root: the four Fashion-MNIST files elsewhere than the Debian package's folder
+
+
+def common() -> list[str]:
+    """The arguments every run of the race shares (the device's accelerator and precision among them)."""
+    device = ["trainer.accelerator=cpu", "trainer.precision=32-true"] if DEVICE == "cpu" else \
+        ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed"]
+    return ["task=cls", "data=fashion_mnist", f"model={MODEL}", f"data.batch_size={BATCH}", "optim.lr=1e-3",
+            "optim.warmup_steps=100", "logger=disabled", *device, "trainer.progress_bar=false",
+            "trainer.eval_every_epochs=null", "trainer.log_every_steps=50",
+            *([f"data.root={DATA_ROOT}"] if DATA_ROOT else [])]
 # name -> (recipe arguments, epochs). The budget recipe's levers: token drop, low resolution, full-token phase.
 VARIANTS: dict[str, tuple[list[str], float]] = {
     "plain": (["recipe=plain"], 3),
@@ -62,7 +71,7 @@ def recipe_of(variant: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from pixelformer.config import compose
 
-    cfg = compose([*COMMON, *VARIANTS[variant][0], "data.root=/nonexistent"])
+    cfg = compose([*common(), *VARIANTS[variant][0], "data.root=/nonexistent"])
     return OmegaConf.to_container(cfg.recipe)
 
 
@@ -89,22 +98,31 @@ def step_seconds(side: int, drop: float, steps: int = 5) -> float:
     from pixelformer.data import DataInfo
     from pixelformer.task import get_task
 
-    torch.set_num_threads(1)
-    cfg = compose([*COMMON, "data.root=/nonexistent"])
+    cuda = DEVICE == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
+    cfg = compose([*common(), "data.root=/nonexistent"])
     torch.manual_seed(0)
     module = get_task("cls").build_module(cfg, DataInfo("fashion_mnist", 10, 1, SIDE, (0.286,), (0.353,))).train()
     module.backbone.set_train_size(side)
     module.backbone.set_token_drop(drop)
+    module.to(DEVICE)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    images, labels = torch.randn(BATCH, 1, side, side), torch.randint(0, 10, (BATCH,))
+    images = torch.randn(BATCH, 1, side, side, device=DEVICE)
+    labels = torch.randint(0, 10, (BATCH,), device=DEVICE)
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + (3 if cuda else 1)):
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = module((images, labels))["loss"]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=cuda):
+            loss = module((images, labels))["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if i >= 1:
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= (3 if cuda else 1):
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -127,11 +145,12 @@ def calibration(keys: set[tuple[int, float]]) -> dict[str, dict]:
     ones are timed here, back to back, and added."""
     path = OUT / "calibration.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    missing = sorted(k for k in keys if f"{MODEL}/batch{BATCH}/side{k[0]}/drop{k[1]:g}" not in table)
+    missing = sorted(k for k in keys if f"{DEVICE}/{MODEL}/batch{BATCH}/side{k[0]}/drop{k[1]:g}" not in table)
     for side, drop in missing:
-        table[f"{MODEL}/batch{BATCH}/side{side}/drop{drop:g}"] = dict(
+        table[f"{DEVICE}/{MODEL}/batch{BATCH}/side{side}/drop{drop:g}"] = dict(
             step_s=step_seconds(side, drop), train_flops_per_image=train_flops(side, drop), machine=machine())
-        print(f"calibrated side {side} drop {drop:g}: {table[f'{MODEL}/batch{BATCH}/side{side}/drop{drop:g}']}",
+        print(f"calibrated side {side} drop {drop:g}: "
+              f"{table[f'{DEVICE}/{MODEL}/batch{BATCH}/side{side}/drop{drop:g}']}",
               flush=True)
     if missing:
         OUT.mkdir(parents=True, exist_ok=True)
@@ -143,7 +162,7 @@ def clock(variant: str, steps: int, table: dict) -> tuple[list[float], float]:
     """Calibrated seconds after each step (index = steps done), and the training FLOPs of the whole run."""
     seconds, flops = [0.0], 0.0
     for count, side, drop in phases(variant, steps):
-        entry = table[f"{MODEL}/batch{BATCH}/side{side}/drop{drop:g}"]
+        entry = table[f"{DEVICE}/{MODEL}/batch{BATCH}/side{side}/drop{drop:g}"]
         for _ in range(count):
             seconds.append(seconds[-1] + entry["step_s"])
         flops += count * BATCH * entry["train_flops_per_image"]
@@ -153,6 +172,9 @@ def clock(variant: str, steps: int, table: dict) -> tuple[list[float], float]:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine())
+    if DEVICE == "cuda":
+        import torch
+        return dict(cpu=torch.cuda.get_device_name(0), device="cuda", precision="bf16-mixed", cores=os.cpu_count())
     return dict(cpu=cpu, threads=1, cores=os.cpu_count())
 
 
@@ -160,18 +182,19 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
     recipe, epochs = VARIANTS[variant]
     steps = steps_of(args.epochs.get(variant, epochs))
     run_dir = RUNS / f"{variant}-s{seed}"
-    train_args = [*COMMON, *recipe, f"run.seed={seed}", f"run.dir={run_dir}", f"trainer.max_steps={steps}",
+    train_args = [*common(), *recipe, f"run.seed={seed}", f"run.dir={run_dir}", f"trainer.max_steps={steps}",
                   *([f"data.limit_train={TRAIN_IMAGES}"] if TRAIN_IMAGES < 60_000 else []),
                   f"trainer.eval_every_steps={args.eval_every}", f"data.limit_test={args.eval_images}",
                   "resume=auto"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if DEVICE == "cpu" else {})}
     started = time.time()
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *train_args], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{variant} seed {seed} failed:\n{done.stderr[-3000:]}")
     full = run_dir / "full_test.json"
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+    last = run_dir / "checkpoints" / "last.ckpt"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), f"ckpt={last}",
                            f"out={full}", f"data.limit_test={args.final_images or 'null'}"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -187,6 +210,7 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
             curve.append(dict(step=r["step"], images=r["step"] * BATCH, calibrated_s=seconds[r["step"]],
                               measured_s=measured, acc1=r["test/acc1"]))
     return dict(variant=variant, seed=seed, recipe=recipe_of(variant), steps=steps, batch=BATCH,
+                train_images=TRAIN_IMAGES,
                 epochs=args.epochs.get(variant, epochs), eval_every=args.eval_every, eval_images=args.eval_images,
                 curve=curve, train_s_calibrated=seconds[-1], train_flops=flops,
                 final_acc1=json.loads(full.read_text())["metrics"]["test/acc1"], total_s=time.time() - started,
@@ -202,7 +226,8 @@ def report(target: float) -> dict:
     from matplotlib.figure import Figure
 
     points = [json.loads(p.read_text()) for p in sorted((OUT / "points").glob("*.json"))]
-    calib = json.loads((OUT / "calibration.json").read_text())
+    calib = {k: v for k, v in json.loads((OUT / "calibration.json").read_text()).items()
+             if k.startswith(f"{DEVICE}/")}
     rows: dict[str, dict] = {}
     for variant in VARIANTS:
         mine = [p for p in points if p["variant"] == variant]
@@ -222,8 +247,10 @@ def report(target: float) -> dict:
     ratio = (budget["mean_seconds_to_target"] / plain["mean_seconds_to_target"]
              if plain.get("mean_seconds_to_target") and budget.get("mean_seconds_to_target") else None)
     summary = dict(target_acc1=target, seeds=sorted({s for r in rows.values() for s in r["seeds"]}), ratio=ratio,
-                   plain=plain, budget=budget, variants=rows, model=MODEL, batch=BATCH, data="fashion_mnist 28x28",
-                   train_images=TRAIN_IMAGES, machine=next(iter(calib.values()))["machine"] if calib else None,
+                   plain=plain, budget=budget, variants=rows, model=MODEL,
+                   batch=points[0]["batch"] if points else BATCH, data="fashion_mnist 28x28",
+                   train_images=points[0].get("train_images", TRAIN_IMAGES) if points else TRAIN_IMAGES,
+                   machine=next(iter(calib.values()))["machine"] if calib else None,
                    calibration=calib)
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
@@ -233,7 +260,7 @@ def report(target: float) -> dict:
                 alpha=0.8, label=p["variant"] if p["seed"] == min(q["seed"] for q in points
                                                                     if q["variant"] == p["variant"]) else None)
     ax.axhline(target, color="gray", ls="--", lw=1)
-    ax.set(xlabel="training minutes (calibrated, one CPU thread)", ylabel="test top-1 (%, eval subset)",
+    ax.set(xlabel=f"training minutes (calibrated, {DEVICE})", ylabel="test top-1 (%, eval subset)",
            title=f"Fashion-MNIST 28x28, {MODEL}: time to {target:g} %")
     ax.legend()
     fig.tight_layout()
@@ -246,10 +273,12 @@ def report(target: float) -> dict:
 
 def section(summary: dict) -> str:
     target, rows = summary["target_acc1"], summary["variants"]
+    where = summary["machine"] or {}
+    how = f"one {where.get('cpu')} GPU, bf16-mixed" if where.get("device") == "cuda" else "one CPU thread per run"
     lines = ["## Time to accuracy at 784 pixel tokens: the token-budget recipe against the plain recipe", "",
              f"Fashion-MNIST 28x28 (784 pixel tokens), `{MODEL}`, {summary['train_images']:,} training images, "
-             f"batch {BATCH}, "
-             f"one CPU thread per run. Time is training time, from each phase's step time timed back to back once "
+             f"batch {summary['batch']}, "
+             f"{how}. Time is training time, from each phase's step time timed back to back once "
              f"(`calibration.json`, {summary['machine']['cpu'] if summary['machine'] else '?'}); evaluation is left "
              f"out alike for every recipe. Target: {target:g} % top-1 on the evaluation subset; final: the full "
              f"10,000-image test set. Command: `python benchmarks/time_to_accuracy.py --variants plain,budget,drop,"
@@ -269,7 +298,7 @@ def section(summary: dict) -> str:
 
 
 def main() -> None:
-    global OUT, RUNS, TRAIN_IMAGES
+    global OUT, RUNS, TRAIN_IMAGES, DEVICE, BATCH, DATA_ROOT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="plain,budget")
     parser.add_argument("--seeds", default="0,1,2")
@@ -281,12 +310,16 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT, help="where points, calibration and summary go")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run directories go")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU, bf16-mixed")
+    parser.add_argument("--batch", type=int, default=BATCH, help="images per step (the CPU race: 64)")
+    parser.add_argument("--data-root", default=None, help="folder of the four Fashion-MNIST files")
     parser.add_argument("--final-images", type=int, default=None, help="test images of the final evaluation "
                         "(default: all 10,000; fewer only for a quick check of the script)")
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="the first N training images (a "
                         "quick check of the script; the race uses all 60,000)")
     args = parser.parse_args()
     OUT, RUNS, TRAIN_IMAGES = args.out, args.runs, args.train_images
+    DEVICE, BATCH, DATA_ROOT = args.device, args.batch, args.data_root
     sys.path.insert(0, str(ROOT))
     if args.report:
         report(args.target)

@@ -5,14 +5,13 @@ The Python API, the same runs as the console commands (``pixelformer-train ARGS`
     import pixelformer
     cfg = pixelformer.compose(["task=mae", "model=pit_tiny", "trainer.max_steps=100", "run.dir=runs/mae"])
     metrics = pixelformer.fit(cfg)              # trains, writes runs/mae/ (checkpoints, eval.json), returns metrics
-    run = pixelformer.load_run("runs/mae")      # a finished run's model and config (pixelformer/runs.py)
+    run = pixelformer.load_run("runs/mae")      # a finished run's model and config (pixelformer/saved.py)
 
 ``fit`` and ``load_run`` are imported on first use, so that ``import pixelformer`` does not load the trainer.
 """
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import CheckpointError, UserError
@@ -21,11 +20,10 @@ from .models import create_backbone, list_backbones  # also registers the backbo
 __version__ = "0.1.0"
 
 # name -> (module, attribute), imported when first used
-_LAZY = {"fit": ("engine", "fit"), "load_run": ("runs", "load_run")}
+_LAZY = {"fit": ("engine", "fit"), "load_run": ("saved", "load_run")}
 
-__all__ = ["CheckpointError", "UserError", "compose", "create_backbone", "fit", "list_backbones", "__version__"]
-if (Path(__file__).resolve().parent / "runs.py").is_file():
-    __all__.append("load_run")
+__all__ = ["CheckpointError", "UserError", "compose", "create_backbone", "fit", "list_backbones", "load_run",
+           "__version__"]
 
 
 def compose(overrides: Iterable[str] = ()) -> Any:
@@ -34,10 +32,10 @@ def compose(overrides: Iterable[str] = ()) -> Any:
     ``overrides`` are the command line's ``group=choice`` and ``key=value`` strings over the packaged YAML configs
     (``pixelformer/configs/``). As on the command line, a run being resumed (``run.dir=X resume=auto`` with a
     checkpoint there, or ``resume=PATH``) starts from the run's saved config and ``overrides`` change only the keys
-    they name (:func:`pixelformer.rundir.compose_for_resume`); without one this is
+    they name (:func:`pixelformer.run.compose_for_resume`); without one this is
     :func:`pixelformer.config.compose`. Raises :class:`UserError` for an unknown group, choice or key.
     """
-    from .rundir import compose_for_resume
+    from .run import compose_for_resume
 
     return compose_for_resume([overrides] if isinstance(overrides, str) else list(overrides))
 

@@ -203,7 +203,7 @@ def analysis_target(task_name: str, module: nn.Module, sample: tuple[torch.Tenso
                             f"(default {steps // 2}, the middle)")
 
         def noised(images: torch.Tensor) -> torch.Tensor:
-            x0 = module.to_unit_range(images)
+            x0 = module.to_signed_unit_interval(images)
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)  # the same noise always
             return module.scheduler.add_noise(x0, noise, torch.full((len(x0),), t, dtype=torch.long))
 
@@ -309,8 +309,8 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
     ``WANDB_MODE``) is online or offline, in a new W&B run named ``<run>-analysis`` whose files go to the output
     folder."""
     from .checkpoint import read_checkpoint
-    from .data import build_datasets, pixel_permutation, to_unit_interval
-    from .runs import checkpoint_of, load_run
+    from .data import build_datasets
+    from .saved import checkpoint_of, load_run
 
     opts = opts or AnalysisCfg()
     path = checkpoint_of(ckpt)
@@ -340,7 +340,20 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
         "data": cfg.data.name, "img_size": info.img_size, "patch_size": target.patch_size,
         "data_permute_pixels": cfg.data.permute_pixels, "notes": target.notes,
     }
-    # --- mean attention distance, over chunks of images whose attention fits the budget
+    files = _attention_distance(target, images, positions, report, out_dir)
+    files += _attention_maps(target, images, positions, info, opts, report, out_dir)
+    files += _pos_embed_similarity(target, positions, report, out_dir)
+    report["permutation"] = _permutation_accuracy(target, cfg, info, loader, len(test_set), opts, device)
+    report["files"] = [f.name for f in files]
+    (out_dir / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
+    _log_to_wandb(cfg, run_dir, out_dir, report, files)
+    log(_summary(report, out_dir))
+    return report
+
+
+def _attention_distance(target: Any, images: torch.Tensor, positions: torch.Tensor, report: dict[str, Any],
+                        out_dir: Path) -> list[Path]:
+    """Mean attention distance per layer and head, over chunks of images whose attention fits the budget."""
     sites = _sites(target)
     depth, heads = len(sites), sites[0][0].num_heads
     tokens = target.num_prefix_tokens + target.grid ** 2
@@ -358,46 +371,57 @@ def analyze(ckpt: str | os.PathLike, overrides: Sequence[str] = (), opts: Option
         "mean_per_layer": distance.mean(dim=1).tolist(), "uniform_attention": uniform,
         "prefix_tokens": "excluded as queries and keys; each query's weights over patch keys renormalised",
     }
-    files = [_plot_distance(distance, uniform, report, out_dir / "attention_distance.png")]
-    # --- attention maps
+    return [_plot_distance(distance, uniform, report, out_dir / "attention_distance.png")]
+
+
+def _attention_maps(target: Any, images: torch.Tensor, positions: torch.Tensor, info: Any, opts: AnalysisCfg,
+                    report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Attention maps of the first ``opts.map_images`` images, for the blocks on the input grid (a hierarchical
+    model's coarser levels are measured by the distance, not drawn)."""
+    from .data import to_unit_interval
+
+    sites = _sites(target)
     pictures = to_unit_interval(images[:opts.map_images].cpu().float(), info.mean, info.std)
-    # drawn for the blocks on the input grid (a hierarchical model's coarser levels are measured above, not drawn)
     on_input = [i for i, (_, where, _) in enumerate(sites) if len(where) == len(positions)]
     if len(on_input) < len(sites):
         report["notes"].append(f"attention maps show the {len(on_input)} of {len(sites)} blocks on the input grid"
                                + ("; no rollout across levels" if opts.rollout else ""))
+    files = []
     for i, picture in enumerate(pictures):  # one image at a time: at 784 tokens, a ViT-B's attention is 350 MB
         attns = attention_weights(target.model, target.prepare(images[i:i + 1]), target.forward)
         files.append(_plot_maps(picture, [attns[j][0].mean(dim=0).cpu() for j in on_input], target,
                                 opts if len(on_input) == len(sites) else dataclasses.replace(opts, rollout=False),
                                 out_dir / f"attention_maps_{i}.png"))
-    # --- position embeddings
+    return files
+
+
+def _pos_embed_similarity(target: Any, positions: torch.Tensor, report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Cosine similarities of a learned position table (a fixed or absent one is skipped, with the reason)."""
     kind = _pos_embed_kind(target.model)
-    if kind == "learned":
-        table = target.model.pos_embed[0, target.num_prefix_tokens:]
-        sim = pos_embed_similarity(table).cpu()
-        report["pos_embed"] = {"kind": kind, **_similarity_summary(sim, positions, target.patch_size)}
-        files.append(_plot_similarity(sim, target.grid, out_dir / "pos_embed_similarity.png"))
-    else:
+    if kind != "learned":
         report["pos_embed"] = {"kind": kind, "skipped": (
             "fixed 2D sin-cos table: its similarities show the formula, not something learned" if kind == "sincos"
             else "the model has no position embedding (model.pos_embed=none)")}
-    # --- pixel permutation
-    if target.classifier is not None:
-        permutation = pixel_permutation(info.img_size, opts.permute_seed)
-        plain = accuracy(target.classifier, loader, info.num_classes, device=device)
-        shuffled = accuracy(target.classifier, loader, info.num_classes, permutation, device=device)
-        report["permutation"] = {"seed": opts.permute_seed, "test_images": len(test_set), "acc1": plain,
-                                 "acc1_permuted": shuffled, "applied": (
-                                     "on top of the run's own data.permute_pixels" if cfg.data.permute_pixels
-                                     is not None else "to the test images as the run saw them")}
-    else:
-        report["permutation"] = {"skipped": f"task {cfg.task.name} has no classifier to measure an accuracy with"}
-    report["files"] = [f.name for f in files]
-    (out_dir / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
-    _log_to_wandb(cfg, run_dir, out_dir, report, files)
-    log(_summary(report, out_dir))
-    return report
+        return []
+    table = target.model.pos_embed[0, target.num_prefix_tokens:]
+    sim = pos_embed_similarity(table).cpu()
+    report["pos_embed"] = {"kind": kind, **_similarity_summary(sim, positions, target.patch_size)}
+    return [_plot_similarity(sim, target.grid, out_dir / "pos_embed_similarity.png")]
+
+
+def _permutation_accuracy(target: Any, cfg: Any, info: Any, loader: Any, test_images: int, opts: AnalysisCfg,
+                          device: torch.device) -> dict[str, Any]:
+    """Test accuracy with the pixels in place and shuffled by one fixed permutation (classifiers only)."""
+    from .data import pixel_permutation
+
+    if target.classifier is None:
+        return {"skipped": f"task {cfg.task.name} has no classifier to measure an accuracy with"}
+    permutation = pixel_permutation(info.img_size, opts.permute_seed)
+    plain = accuracy(target.classifier, loader, info.num_classes, device=device)
+    shuffled = accuracy(target.classifier, loader, info.num_classes, permutation, device=device)
+    return {"seed": opts.permute_seed, "test_images": test_images, "acc1": plain, "acc1_permuted": shuffled,
+            "applied": ("on top of the run's own data.permute_pixels" if cfg.data.permute_pixels is not None
+                        else "to the test images as the run saw them")}
 
 
 def _first_images(dataset: Any, count: int) -> torch.Tensor:
@@ -554,7 +578,7 @@ def _log_to_wandb(cfg: DictConfig, run_dir: Path, out_dir: Path, report: dict[st
     """The numbers and pictures to W&B when the run's logger is online or offline (``logger.wandb.mode=disabled``
     on the command line, or ``WANDB_MODE=disabled``, turns it off). A failing W&B only warns (SafeLogger)."""
     from .config import to_plain
-    from .loggers import SafeLogger, build_loggers
+    from .tracking import SafeLogger, build_loggers
 
     wandb_loggers = [lg for lg in build_loggers(cfg, out_dir, f"{run_dir.name}-analysis") if isinstance(lg, SafeLogger)]
     if not wandb_loggers:

@@ -367,8 +367,16 @@ def validate(cfg: DictConfig) -> None:
 
     Conditions are written so that NaN fails them (``not x >= 0`` rather than ``x < 0``).
     """
+    problems = [*_data_problems(cfg.data), *_model_problems(cfg.model), *_trainer_problems(cfg.trainer),
+                *_optim_problems(cfg.optim), *recipe_problems(cfg.recipe)]
+    if not 0 <= cfg.run.seed < 2 ** 32:
+        problems.append(f"run.seed must be in [0, 2**32 - 1] (what numpy accepts), got {cfg.run.seed}")
+    if problems:
+        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _data_problems(data: DictConfig) -> list[str]:
     problems = []
-    data, trainer, optim, model = cfg.data, cfg.trainer, cfg.optim, cfg.model
     if data.batch_size <= 0:
         problems.append(f"data.batch_size must be positive, got {data.batch_size}")
     if data.eval_batch_size is not None and data.eval_batch_size <= 0:
@@ -398,7 +406,11 @@ def validate(cfg: DictConfig) -> None:
     if data.on_device and data.augment != "none":
         problems.append(f"data.on_device=true holds fixed, un-augmented images on the device, but data.augment="
                         f"{data.augment}: set data.augment=none or data.on_device=false")
+    return problems
 
+
+def _model_problems(model: DictConfig) -> list[str]:
+    problems = []
     for key in ("depth", "embed_dim", "num_heads", "patch_size"):
         if model[key] is not None and model[key] <= 0:
             problems.append(f"model.{key} must be positive (or null for the model's default), got {model[key]}")
@@ -407,7 +419,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         if model[key] is not None and not _in_range(model[key], 0, 1):
             problems.append(f"model.{key} must be in [0, 1) (a probability; 0 turns it off), got {model[key]}")
+    return problems
 
+
+def _trainer_problems(trainer: DictConfig) -> list[str]:
+    problems = []
     if trainer.max_steps is None and trainer.max_epochs is None:
         problems.append("set trainer.max_epochs or trainer.max_steps")
     for key in ("max_steps", "max_epochs", "eval_every_epochs", "eval_every_steps", "ckpt_every_steps"):
@@ -429,7 +445,11 @@ def validate(cfg: DictConfig) -> None:
     if trainer.grad_clip is not None and not (trainer.grad_clip > 0 and math.isfinite(trainer.grad_clip)):
         problems.append(f"trainer.grad_clip must be a positive max gradient norm (null turns clipping off), got "
                         f"{trainer.grad_clip}")
+    return problems
 
+
+def _optim_problems(optim: DictConfig) -> list[str]:
+    problems = []
     lr_ok = optim.lr > 0 and math.isfinite(optim.lr)
     if not lr_ok:
         problems.append(f"optim.lr must be a positive, finite number, got {optim.lr}")
@@ -452,12 +472,7 @@ def validate(cfg: DictConfig) -> None:
                         f"{list(optim.betas)}")
     if not _in_range(optim.momentum, 0, 1):
         problems.append(f"optim.momentum must be in [0, 1) (e.g. 0.9), got {optim.momentum}")
-
-    problems += recipe_problems(cfg.recipe)
-    if not 0 <= cfg.run.seed < 2 ** 32:
-        problems.append(f"run.seed must be in [0, 2**32 - 1] (what numpy accepts), got {cfg.run.seed}")
-    if problems:
-        raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def recipe_problems(recipe: DictConfig) -> list[str]:

@@ -41,6 +41,7 @@ from torchvision.datasets.folder import has_file_allowed_extension
 from torchvision.transforms import v2
 
 from .errors import UserError, did_you_mean
+from .memory import available_memory, format_bytes
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -711,14 +712,12 @@ def _check_resize_fits(cfg: DictConfig, size: int, count: int, channels: int, na
     Counts 5 bytes per pixel: the uint8 images and their float32 normalised copy, which is also less than the
     float32 temporaries of resizing the training split (most of the images) take at once.
     """
-    from . import runtime
-
     needed = count * channels * size ** 2 * 5
-    available = runtime.available_memory(torch.device("cpu"))
+    available = available_memory(torch.device("cpu"))
     if available is not None and needed > available:
         raise UserError(f"data.img_size={size} resizes the {count:,} {cfg.name} images ({native}x{native} "
-                        f"native) to {size}x{size}, about {runtime.format_bytes(needed)} in memory, "
-                        f"but {runtime.format_bytes(available)} is available: choose a smaller data.img_size")
+                        f"native) to {size}x{size}, about {format_bytes(needed)} in memory, "
+                        f"but {format_bytes(available)} is available: choose a smaller data.img_size")
 
 
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:

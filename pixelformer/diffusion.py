@@ -154,7 +154,7 @@ def _vae_of_run(name: str):
     from diffusers import AutoencoderKL
 
     from .errors import UserError
-    from .runs import load_run
+    from .saved import load_run
 
     module = load_run(name).module
     vae = getattr(module, "vae", None)

@@ -3,7 +3,7 @@
 
 Losing nothing: checkpoints are atomic and hold everything a resumed run needs to continue exactly; SIGTERM and
 SIGINT stop the run after the current step with a checkpoint; a run directory has one writer at a time
-(``pixelformer.rundir``).
+(``pixelformer.run``).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from omegaconf import DictConfig
 from .config import to_plain
 from .distributed import fsdp_strategy
 from .errors import UserError
-from .loggers import build_loggers
-from .rundir import CHECKPOINT_FORMAT, RunDirLock, check_resumable, peek_checkpoint, resolve_resume
+from .tracking import build_loggers
+from .run import CHECKPOINT_FORMAT, RunDirLock, check_resumable, peek_checkpoint, resolve_resume
 from .runtime import auto_precision, tune_cpu_allocator
 from .task import get_task
 from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted, run_evaluation
@@ -259,7 +259,7 @@ def check_same_config(fabric: Fabric, cfg: DictConfig) -> None:
     if fabric.world_size == 1:
         return
     from .distributed import every_rank
-    from .rundir import flatten
+    from .run import flatten
 
     mine = flatten(to_plain(cfg))
     configs = every_rank(fabric, mine)
@@ -276,7 +276,7 @@ def fit(cfg: DictConfig, show_config: bool = False) -> dict[str, float]:
     """Train ``cfg.task`` as configured; returns the final test metrics (also written to ``eval.json``).
 
     ``resume=auto`` continues ``run.dir`` from ``last.ckpt`` (a finished run returns its recorded metrics); the
-    config may differ from the checkpoint's only in ``pixelformer.rundir.RESUMABLE_KEYS``. ``show_config`` prints
+    config may differ from the checkpoint's only in ``pixelformer.run.RESUMABLE_KEYS``. ``show_config`` prints
     the resolved config once the run is set up. SIGTERM or SIGINT stops the run after the current step with a
     checkpoint and raises :class:`TrainingInterrupted`.
     """
@@ -331,7 +331,7 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str],
 
     from .checkpoint import read_checkpoint
     from .data import build_datasets
-    from .runs import checkpoint_of, load_run
+    from .saved import checkpoint_of, load_run
     from .task import EvalContext
     from .trainer import eval_loaders
 

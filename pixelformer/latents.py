@@ -53,7 +53,7 @@ def cache_file(cfg: DictConfig, img_size: int) -> Path:
 
 
 @torch.no_grad()
-def encode_posteriors(vae: Any, dataset: ImageTensorDataset, to_unit_range: Callable[[torch.Tensor], torch.Tensor],
+def encode_posteriors(vae: Any, dataset: ImageTensorDataset, to_signed_unit_interval: Callable[[torch.Tensor], torch.Tensor],
                       device: torch.device, batch_size: int = 64, flips: bool = False) -> torch.Tensor:
     """(N, 2 x latent channels, h, w) float32: the posterior mean and standard deviation of every image; with
     ``flips``, (N, 2, 2 x latent channels, h, w): the image's and its horizontal mirror's."""
@@ -64,7 +64,7 @@ def encode_posteriors(vae: Any, dataset: ImageTensorDataset, to_unit_range: Call
         views = [images, images.flip(-1)] if flips else [images]
         encoded = []
         for view in views:
-            posterior = vae.encode(to_unit_range(view.to(device)).to(vae.dtype)).latent_dist
+            posterior = vae.encode(to_signed_unit_interval(view.to(device)).to(vae.dtype)).latent_dist
             encoded.append(torch.cat([posterior.mean, posterior.std], dim=1).float().cpu())
         params.append(torch.stack(encoded, dim=1) if flips else encoded[0])
     return torch.cat(params)
@@ -100,7 +100,7 @@ def read_cache(path: Path, expected: dict[str, Any]) -> tuple[torch.Tensor, torc
 
 
 def latent_training_set(cfg: DictConfig, vae: Any, train_set: ImageTensorDataset,
-                        to_unit_range: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                        to_signed_unit_interval: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                         write: bool = True, wait: Callable[[], None] = lambda: None) -> ImageTensorDataset:
     """The training split as cached posteriors, written first when missing (by the process with ``write``; the
     others ``wait`` for it)."""
@@ -114,7 +114,7 @@ def latent_training_set(cfg: DictConfig, vae: Any, train_set: ImageTensorDataset
     path = cache_file(cfg, img_size)
     expected = cache_manifest(cfg, img_size, vae, len(train_set))
     if write and not path.exists():
-        params = encode_posteriors(vae, train_set, to_unit_range, device, flips=flips)
+        params = encode_posteriors(vae, train_set, to_signed_unit_interval, device, flips=flips)
         write_cache(path, params, train_set.labels.clone(), expected)
     wait()
     params, labels = read_cache(path, expected)

@@ -46,7 +46,7 @@ class ClassifierFeatures(nn.Module):
 def load_classifier(path: str | Path) -> ClassifierFeatures:
     """Load a ``cls`` checkpoint of this project as a :class:`ClassifierFeatures`."""
     from .checkpoint import read_checkpoint
-    from .runs import load_run
+    from .saved import load_run
 
     path = Path(path).expanduser()
     if not path.is_file():

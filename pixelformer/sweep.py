@@ -227,7 +227,7 @@ def run_point(point: Point, threads: Optional[int] = None) -> dict[str, Any]:
     import torch
 
     from .engine import TrainingInterrupted, fit
-    from .rundir import compose_for_resume
+    from .run import compose_for_resume
 
     if threads:
         torch.set_num_threads(threads)
@@ -341,7 +341,7 @@ def summarise_run(run_dir: Path, args: list[str]) -> dict[str, Any]:
             cfg = OmegaConf.load(config_file)
         else:  # deleted (see below): the config the run saved in its checkpoint, taken literally
             from .config import compose_saved
-            from .rundir import peek_checkpoint
+            from .run import peek_checkpoint
             cfg = compose_saved(peek_checkpoint(run_dir / "checkpoints" / "last.ckpt").get("config"), [])
     except UserError:
         raise
@@ -397,7 +397,7 @@ def training_cost(run_dir: Path) -> tuple[float, int, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .runs import load_run
+    from .saved import load_run
     from .trainer import describe_module
 
     _, info, _, module = load_run(run_dir)

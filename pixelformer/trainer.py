@@ -4,7 +4,7 @@
 
 * :class:`Progress`: the counters that must survive (step, epoch, position in the epoch, best metric), a plain
   container with ``state_dict()``, saved in every checkpoint;
-* :class:`pixelformer.rundir.Checkpointer`: atomic ``last.ckpt``, the ``best.ckpt`` copy, resume, the format tag;
+* :class:`pixelformer.run.Checkpointer`: atomic ``last.ckpt``, the ``best.ckpt`` copy, resume, the format tag;
 * :meth:`Trainer.micro_step` / :meth:`Trainer.optimizer_step`: forward/backward, clipping, the non-finite check;
 * :class:`MetricsWindow`: the training values averaged between two log lines (checkpointed too);
 * :meth:`Trainer.evaluate`: the task's metrics, the best copy, pictures; :meth:`Trainer.finish`: ``eval.json``.
@@ -38,11 +38,11 @@ from .config import check_accumulation, eval_batch_size, to_plain
 from .data import build_datasets, build_loader
 from .distributed import EqualBatches, full_parameters, is_sharded
 from .errors import UserError
-from .logs import ProgressLog
+from .console import ProgressLog
 from .optim import build_optimizer, build_scheduler
 from .recipe import TokenBudget, check_recipe, levers_in_use
 from .rng import seed_process_streams
-from .rundir import Checkpointer, prepare_run_files
+from .run import Checkpointer, prepare_run_files
 from .runtime import check_fits_memory, leave_signals_to_main
 from .task import EvalContext, Task, check_backbone_parts, eval_mode
 
@@ -223,46 +223,14 @@ class Trainer:
         check_fits_memory(cfg, self.data, fabric.device)
         check_backbone_parts(cfg, self.data, task.backbone_parts, task.name)
         task.check(cfg, self.data)
-        with fabric.init_module():
-            module = task.build_module(cfg, self.data)
-        if levers_in_use(cfg.recipe):
-            check_recipe(cfg.recipe, task.name, task.recipe_levers, module.backbone, cfg.model.name,
-                         self.data.img_size)
-        if cfg.init_from and resume_path is None:
-            fabric.print(init_report(cfg.init_from, task.init_from(module, cfg.init_from)))
-        # Initialisation above drew from run.seed on every rank alike; from here each process draws its own masks,
-        # noise, timesteps and dropout (rank 0 keeps the one-process stream: pixelformer/rng.py).
-        seed_process_streams(cfg.run.seed, fabric.global_rank)
-        if cfg.trainer.grad_checkpointing:
-            for sub in module.modules():
-                if hasattr(sub, "set_grad_checkpointing"):
-                    sub.set_grad_checkpointing(True)
-        self.architecture = describe_module(module)
+        module = self.build_module(initialise=resume_path is None)
         sharded_scaler = cfg.trainer.strategy == "fsdp" and cfg.trainer.precision == "16-mixed"
         optimizer = build_optimizer(module, cfg.optim, fabric.device, fused_allowed=not sharded_scaler)
 
-        batch_size, train_data = cfg.data.batch_size, task.training_set(fabric, cfg, module, train_set)
-        self.train_loader = leave_signals_to_main(build_loader(
-            train_data, batch_size, True, cfg.run.seed, fabric.global_rank, fabric.world_size, cfg.data.num_workers,
-            fabric.device if cfg.data.on_device else None))
-        if len(self.train_loader) == 0:
-            raise UserError(f"the training split has {len(train_set)} images, fewer than one batch per process")
-        self.sampler, self.batches_per_epoch = self.train_loader.sampler, len(self.train_loader)
-        check_accumulation(cfg, self.batches_per_epoch, len(train_set))
-        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.trainer.accumulate_grad_batches)
-        self.total_steps = planned_steps(cfg.trainer, steps_per_epoch)
+        steps_per_epoch = self.plan_steps(module, train_set)
         if saved is not None:
-            planned = planned_steps(saved["config"]["trainer"], steps_per_epoch)
-            if self.total_steps < planned:
-                raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} max_epochs={cfg.trainer.max_epochs} give "
-                                f"{self.total_steps} steps, fewer than the {planned} that {resume_path} was training "
-                                f"for: a resumed run may be made longer, not shorter; revert them, or start a new "
-                                f"run.dir")
-            finished = finished_run(self.run_dir, resume_path, saved["progress"]["step"], self.total_steps)
+            finished = self.check_resumed_length(saved, resume_path, steps_per_epoch)
             if finished is not None:
-                fabric.print(f"run {self.run_dir} has finished (step {saved['progress']['step']}, eval.json): its "
-                             f"recorded metrics are returned; raise trainer.max_steps or trainer.max_epochs to train "
-                             f"it further")
                 return finished
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, steps_per_epoch)
         self.budget = TokenBudget(cfg.recipe, self.total_steps, self.data.img_size,
@@ -302,18 +270,76 @@ class Trainer:
             for logger in fabric.loggers:
                 logger.log_hyperparams({**state["config"], "architecture": self.architecture})
         fabric.barrier()
+        self.announce(show_config, len(train_set), len(test_set))
+        return None
+
+    def build_module(self, initialise: bool) -> nn.Module:
+        """The task's module, checked against the recipe, started from ``init_from`` (unless resuming), with
+        gradient checkpointing as configured; each process's random streams are split from here on."""
+        fabric, cfg, task = self.fabric, self.cfg, self.task
+        with fabric.init_module():
+            module = task.build_module(cfg, self.data)
+        if levers_in_use(cfg.recipe):
+            check_recipe(cfg.recipe, task.name, task.recipe_levers, module.backbone, cfg.model.name,
+                         self.data.img_size)
+        if cfg.init_from and initialise:
+            fabric.print(init_report(cfg.init_from, task.init_from(module, cfg.init_from)))
+        # Initialisation above drew from run.seed on every rank alike; from here each process draws its own masks,
+        # noise, timesteps and dropout (rank 0 keeps the one-process stream: pixelformer/rng.py).
+        seed_process_streams(cfg.run.seed, fabric.global_rank)
+        if cfg.trainer.grad_checkpointing:
+            for sub in module.modules():
+                if hasattr(sub, "set_grad_checkpointing"):
+                    sub.set_grad_checkpointing(True)
+        self.architecture = describe_module(module)
+        return module
+
+    def plan_steps(self, module: nn.Module, train_set: Any) -> int:
+        """The training loader, its sampler and the run's length (``total_steps``); returns the steps per epoch."""
+        fabric, cfg = self.fabric, self.cfg
+        train_data = self.task.training_set(fabric, cfg, module, train_set)
+        self.train_loader = leave_signals_to_main(build_loader(
+            train_data, cfg.data.batch_size, True, cfg.run.seed, fabric.global_rank, fabric.world_size,
+            cfg.data.num_workers, fabric.device if cfg.data.on_device else None))
+        if len(self.train_loader) == 0:
+            raise UserError(f"the training split has {len(train_set)} images, fewer than one batch per process")
+        self.sampler, self.batches_per_epoch = self.train_loader.sampler, len(self.train_loader)
+        check_accumulation(cfg, self.batches_per_epoch, len(train_set))
+        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.trainer.accumulate_grad_batches)
+        self.total_steps = planned_steps(cfg.trainer, steps_per_epoch)
+        return steps_per_epoch
+
+    def check_resumed_length(self, saved: Mapping[str, Any], resume_path: Optional[Path],
+                             steps_per_epoch: int) -> Optional[dict[str, float]]:
+        """Refuse a resume that would shorten the run; the recorded metrics when the run has already finished."""
+        cfg = self.cfg
+        planned = planned_steps(saved["config"]["trainer"], steps_per_epoch)
+        if self.total_steps < planned:
+            raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} max_epochs={cfg.trainer.max_epochs} give "
+                            f"{self.total_steps} steps, fewer than the {planned} that {resume_path} was training "
+                            f"for: a resumed run may be made longer, not shorter; revert them, or start a new "
+                            f"run.dir")
+        finished = finished_run(self.run_dir, resume_path, saved["progress"]["step"], self.total_steps)
+        if finished is not None:
+            self.fabric.print(f"run {self.run_dir} has finished (step {saved['progress']['step']}, eval.json): its "
+                              f"recorded metrics are returned; raise trainer.max_steps or trainer.max_epochs to "
+                              f"train it further")
+        return finished
+
+    def announce(self, show_config: bool, train_images: int, test_images: int) -> None:
+        """The config (when asked) and one line on what trains, on what, for how long, and where."""
+        fabric, cfg = self.fabric, self.cfg
         if show_config and fabric.is_global_zero:
             print(OmegaConf.to_yaml(cfg), end="---\n")
         a, d = self.architecture, self.data
         arch = (f"model={cfg.model.name}: {a['depth']} blocks x {a['width']} wide x {a['heads']} heads, "
                 f"{a['tokens']} tokens/image, " if "depth" in a else "(no transformer): ")
         fabric.print(f"task={cfg.task.name} {arch}{a['params'] / 1e6:.2f} M params | "
-                     f"data={cfg.data.name} ({len(train_set)} train / {len(test_set)} test, "
+                     f"data={cfg.data.name} ({train_images} train / {test_images} test, "
                      f"{d.img_size}x{d.img_size}x{d.in_chans}) | steps={self.total_steps} "
                      f"precision={cfg.trainer.precision} devices={fabric.world_size}\nrun dir: {self.run_dir}")
         if self.budget is not None:
             fabric.print(self.budget.describe())
-        return None
 
     # ----------------------------------------------------------------------------------------------- steps
     def epoch_batches(self) -> Iterator[tuple[int, Any]]:

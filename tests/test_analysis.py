@@ -14,7 +14,7 @@ from pixelformer.data import build_datasets, permute_pixels, pixel_permutation
 from pixelformer.engine import fit
 from pixelformer.errors import UserError
 from pixelformer.models import create_backbone, create_dit
-from pixelformer.runs import load_run
+from pixelformer.saved import load_run
 
 
 def _sharpen(model, factor=8.0):

@@ -25,3 +25,16 @@ def test_every_library_module_is_under_the_library_contract():
     listed = set(contracts["importlinter:contract:library"]["source_modules"].split())
     modules = {f"pixelformer.{m.name}" for m in pkgutil.iter_modules(pixelformer.__path__)}
     assert modules - {"pixelformer.tasks", "pixelformer.cli"} == listed
+
+
+def test_no_library_function_is_longer_than_80_lines():
+    # a function that does not fit a screen does more than one thing: split it (entry points under cli/ included)
+    import ast
+
+    long = []
+    for path in sorted((REPO / "pixelformer").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

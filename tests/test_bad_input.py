@@ -279,7 +279,7 @@ def test_the_default_run_passes_the_memory_check(tmp_path):
 
 
 def test_activation_estimate_matches_the_measured_pit_tiny_figure():
-    # README "Memory and tokens": a PiT-Tiny training step measured 149 KB of activations per token in fp32, ~86 KB
+    # docs/performance.md "Memory and tokens": a PiT-Tiny training step measured 149 KB of activations per token in fp32, ~86 KB
     # in bf16-mixed (the estimate takes 2 bytes, a lower bound); checkpointing measured 2.7-3.2x less.
     from pixelformer.data import DataInfo
     from pixelformer.runtime import estimate_training_memory
@@ -547,7 +547,7 @@ def test_an_eval_json_folder_is_refused_on_resume(finished_run, tmp_path):
 
 
 def test_a_hand_edited_config_yaml_is_not_ignored_silently(finished_run, tmp_path, capsys):
-    from pixelformer.rundir import compose_for_resume
+    from pixelformer.run import compose_for_resume
 
     run_dir = _copy_run(finished_run, tmp_path)
     config = run_dir / "config.yaml"

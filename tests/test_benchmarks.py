@@ -135,7 +135,7 @@ def test_time_to_accuracy_clocks_each_phase_at_its_own_step_time():
     phases = tta.phases("budget", steps)  # recipe=budget: 14x14 with half the tokens, 28x28 with half, then all
     assert phases == [(40, 14, 0.5), (50, 28, 0.5), (10, 28, 0.0)]
     assert tta.phases("plain", steps) == [(100, 28, 0.0)]
-    table = {f"{tta.MODEL}/batch{tta.BATCH}/side{side}/drop{drop:g}": dict(step_s=s, train_flops_per_image=f)
+    table = {f"cpu/{tta.MODEL}/batch{tta.BATCH}/side{side}/drop{drop:g}": dict(step_s=s, train_flops_per_image=f)
              for side, drop, s, f in ((14, 0.5, 1.0, 10), (28, 0.5, 4.0, 30), (28, 0.0, 10.0, 100))}
     seconds, flops = tta.clock("budget", steps, table)
     assert len(seconds) == steps + 1 and seconds[40] == 40 and seconds[90] == 40 + 200 and seconds[-1] == 340

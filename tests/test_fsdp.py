@@ -18,7 +18,7 @@ from pixelformer.config import compose
 from pixelformer.data import build_datasets, build_loader
 from pixelformer.distributed import EqualBatches, block_types
 from pixelformer.engine import build_fabric, evaluate_checkpoint, resolve_precision
-from pixelformer.runs import load_run
+from pixelformer.saved import load_run
 from pixelformer.task import get_task
 from conftest import QUIET, TINY_MODEL, run_tool
 

@@ -158,7 +158,7 @@ def test_a_cached_posterior_trains_like_encoding_at_every_step(tiny_vae):
     cfg = compose([*QUIET, *TINY_MODEL, "task=dit", f"task.latent.vae={tiny_vae}"])
     module = get_task("dit").build_module(cfg, DataInfo("digits", 10, 1, 8, (0.5,), (0.25,)))
     images = torch.randn(4, 1, 8, 8)
-    params = encode_posteriors(module.vae, [(x, 0) for x in images], module.to_unit_range, torch.device("cpu"))
+    params = encode_posteriors(module.vae, [(x, 0) for x in images], module.to_signed_unit_interval, torch.device("cpu"))
     torch.manual_seed(3)
     cached = module((params, torch.arange(4)))["loss"]
     torch.manual_seed(3)
@@ -178,13 +178,13 @@ def test_with_flips_the_cache_holds_each_image_and_its_mirror_and_training_draws
     cfg = compose(overrides)
     train_set, _, info = build_datasets(cfg.data)
     module = get_task("dit").build_module(cfg, info)
-    cached = latent_training_set(cfg, module.vae, train_set, module.to_unit_range, torch.device("cpu"))
+    cached = latent_training_set(cfg, module.vae, train_set, module.to_signed_unit_interval, torch.device("cpu"))
     saved = torch.load(cache_dir / "digits-8px.pt", weights_only=True)
     assert saved["params"].shape == (16, 2, 8, 4, 4) and saved["manifest"]["flips"] is True
     plain = train_set.without_augmentation()
     images = torch.stack([plain[i][0] for i in range(16)])
     for view, batch in enumerate((images, images.flip(-1))):
-        expected = encode_posteriors(module.vae, [(x, 0) for x in batch], module.to_unit_range, torch.device("cpu"))
+        expected = encode_posteriors(module.vae, [(x, 0) for x in batch], module.to_signed_unit_interval, torch.device("cpu"))
         assert torch.allclose(saved["params"][:, view], expected, atol=1e-6)
     draws = [cached[(seed, 3)][0] for seed in range(20)]
     assert all(any(torch.equal(d, saved["params"][3, v]) for v in (0, 1)) for d in draws)
@@ -192,7 +192,7 @@ def test_with_flips_the_cache_holds_each_image_and_its_mirror_and_training_draws
     assert torch.equal(cached[(5, 3)][0], cached[(5, 3)][0])  # seeded: the same key draws the same view
     # a cache without mirror images is not taken for one with them
     with pytest.raises(UserError, match="was made with flips=True, this run has False"):
-        latent_training_set(compose(overrides[:-1]), module.vae, train_set, module.to_unit_range, torch.device("cpu"))
+        latent_training_set(compose(overrides[:-1]), module.vae, train_set, module.to_signed_unit_interval, torch.device("cpu"))
     fit(tiny_cfg(tmp_path / "run", "task=dit", f"task.latent.vae={tiny_vae}", "task.latent.cache=true",
                  f"task.latent.cache_dir={cache_dir}", "data.limit_train=16", "data.augment=flip",
                  "data.batch_size=8", "trainer.max_steps=3", "task.sample_steps=2", "task.samples_per_class=1"))

@@ -12,7 +12,7 @@ from pixelformer.data import build_datasets
 from pixelformer.engine import fit
 from pixelformer.errors import UserError
 from pixelformer.optim import build_optimizer
-from pixelformer.runs import load_run
+from pixelformer.saved import load_run
 from pixelformer.task import get_task
 from conftest import QUIET, TINY_MODEL, run_tool, tiny_cfg
 

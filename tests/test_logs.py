@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pixelformer.logs import ProgressLog
+from pixelformer.console import ProgressLog
 from conftest import REPO, TINY_MODEL
 
 ARGS = [*TINY_MODEL, "trainer.max_steps=10", "trainer.eval_every_steps=5", "trainer.log_every_steps=5",

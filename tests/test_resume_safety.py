@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import pixelformer.tasks.cls
-from pixelformer import UserError, engine, rundir, trainer
+from pixelformer import UserError, engine, trainer
+from pixelformer import run as rundir
 from pixelformer.config import to_plain
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import TrainingInterrupted, fit, resolve_run_dir
-from pixelformer.loggers import JSONLLogger
-from pixelformer.rundir import RunDirLock, compose_for_resume
+from pixelformer.tracking import JSONLLogger
+from pixelformer.run import RunDirLock, compose_for_resume
 from conftest import QUIET, REPO, TINY_MODEL, on_step, run_tool, tiny_cfg
 
 FAST = ("data.limit_train=128", "data.limit_test=32", "data.batch_size=16")
@@ -156,7 +157,7 @@ def test_the_suggested_fix_continues_from_best(run_dir):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from pixelformer.rundir import RunDirLock
+from pixelformer.run import RunDirLock
 assert RunDirLock(Path(sys.argv[1])).acquire() is None
 print("locked", flush=True)
 time.sleep(120)
@@ -345,7 +346,7 @@ def test_an_unwritable_metrics_file_warns_once_and_training_goes_on(run_dir, mon
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("pixelformer.loggers.open", full_disk, raising=False)
+    monkeypatch.setattr("pixelformer.tracking.open", full_disk, raising=False)
     with pytest.warns(UserWarning, match="No space left on device.*training continues") as caught:
         fit(tiny_cfg(run_dir / "run", *FAST, "trainer.max_steps=4", "trainer.log_every_steps=1"))
     assert sum("metrics.jsonl" in str(w.message) for w in caught) == 1

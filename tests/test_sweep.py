@@ -276,3 +276,16 @@ def test_summary_strings_are_escaped_in_the_report(tmp_path):
     (tmp_path / "bench" / "section.md").write_text("no heading")
     with pytest.raises(UserError, match="must start with a '## ' heading"):
         build(tmp_path, ["grid"], ["small"], replot=set())
+
+
+def test_each_scale_of_the_report_names_its_data_size_tokens_and_epochs():
+    from pixelformer.cli.report import scale_setting
+
+    def point(side, tokens, *extra):
+        args = ["task=cls", "data=fashion_mnist", f"data.img_size={side}", "data.train_subset=2000", *extra]
+        return {"tokens": tokens, "stages": {"train": {"args": args, "epochs": 10}}}
+    text = scale_setting([point(14, 196), point(7, 49, "data.limit_test=500")])
+    assert text == ("Fashion-MNIST at 7x7/14x14 (49, 196 tokens), 2,000 training images (a stratified subset), "
+                    "train 10 epoch(s); evaluated on the full test split (10,000 images)")
+    text = scale_setting([{"tokens": 64, "stages": {"train": {"args": ["data=digits"], "epochs": 25}}}])
+    assert text.startswith("scikit-learn digits at 8x8 (64 tokens), all 1,437 training images, train 25 epoch(s)")

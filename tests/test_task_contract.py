@@ -11,7 +11,7 @@ from lightning.fabric import Fabric
 
 from pixelformer.data import build_datasets
 from pixelformer.engine import evaluate_checkpoint, fit
-from pixelformer.runs import load_run
+from pixelformer.saved import load_run
 from pixelformer.task import EvalContext, get_task, list_tasks
 from pixelformer.trainer import EMA, eval_loaders, run_evaluation
 from conftest import QUIET, TINY_MODEL, tiny_cfg

@@ -4,7 +4,7 @@ import warnings
 import pytest
 
 from pixelformer.engine import fit
-from pixelformer.loggers import SafeLogger
+from pixelformer.tracking import SafeLogger
 from conftest import tiny_cfg
 
 

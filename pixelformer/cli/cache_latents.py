@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     path = cache_file(cfg, info.img_size)
     existed, start = path.exists(), time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cached = latent_training_set(cfg, module.vae, train_set, module.to_unit_range, device)
+    cached = latent_training_set(cfg, module.vae, train_set, module.to_signed_unit_interval, device)
     what = "checked" if existed else f"wrote ({time.perf_counter() - start:.1f} s)"
     print(f"{what} {path}: {len(cached)} images of {cfg.data.name} {info.img_size}x{info.img_size} -> latents "
           f"{tuple(cached[0][0].shape[1:])} x {cached[0][0].shape[0] // 2} channels (mean and std)"

@@ -40,6 +40,47 @@ def setting_of(summary: dict[str, Any]) -> str:
     return summary["point"].rsplit("-s", 1)[0]
 
 
+# name, native side, training and test images of the built-in datasets (what a scale's heading names)
+DATASETS = {"digits": ("scikit-learn digits", 8, 1437, 360), "fashion_mnist": ("Fashion-MNIST", 28, 60000, 10000),
+            "mnist": ("MNIST", 28, 60000, 10000), "cifar10": ("CIFAR-10", 32, 50000, 10000),
+            "cifar100": ("CIFAR-100", 32, 50000, 10000)}
+
+
+def scale_setting(points: list[dict[str, Any]]) -> str:
+    """What a scale trains on, read off its points' arguments: dataset, image size, tokens, training images, epochs
+    per stage and the test images."""
+    def arg(args: list[str], key: str, default: Any = None) -> Any:
+        values = [a.split("=", 1)[1] for a in args if a.startswith(key + "=")]
+        return values[-1] if values and values[-1] != "null" else default
+
+    def args_of(point: dict[str, Any]) -> list[str]:
+        return next(iter(point.get("stages", {}).values()), {}).get("args", [])
+
+    first = args_of(points[0])
+    data = arg(first, "data", "digits")
+    name, native, train, test = DATASETS.get(data, (data, None, None, None))
+    sides = sorted({int(arg(args_of(p), "data.img_size", native or 0)) for p in points} - {0})
+    side = "/".join(f"{x}x{x}" for x in sides)
+    subset, limit = arg(first, "data.train_subset"), arg(first, "data.limit_train")
+    images = (f"{int(subset):,} training images (a stratified subset)" if subset else
+              f"the first {int(limit):,} training images" if limit else
+              f"all {train:,} training images" if train else "its training split")
+    limit_test = arg(first, "data.limit_test")
+    tests = f"the first {int(limit_test):,} test images" if limit_test else \
+        f"the full test split ({test:,} images)" if test else "its test split"
+    tokens = sorted({p["tokens"] for p in points if p.get("tokens")})
+    token_text = (f"{tokens[0]:,} tokens" if len(tokens) == 1 else
+                  f"{', '.join(f'{t:,}' for t in tokens)} tokens") if tokens else "tokens as configured"
+    epochs = {}
+    for p in points:
+        for stage, info in p.get("stages", {}).items():
+            epochs.setdefault(stage, set()).add(info.get("epochs"))
+    epoch_text = ", ".join(f"{stage} {'/'.join(str(e) for e in sorted(v, key=str))} epoch(s)"
+                           for stage, v in epochs.items())
+    return (f"{name} at {side} ({token_text}), {images}, {epoch_text}; evaluated on {tests}"
+            if side else f"{name} ({token_text}), {images}, {epoch_text}; evaluated on {tests}")
+
+
 def _stats(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
@@ -88,10 +129,19 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, x, title = exp["metric"], exp["x"], exp["title"]
     written = []
+    for name, draw in (("metric.png", _plot_metric), ("cost.png", _plot_cost), ("curves.png", _plot_curves)):
+        fig = draw(plt, rows, exp)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
 
-    # 1. The metric against the experiment's x (tokens: a log axis), mean and standard deviation over seeds.
+
+def _plot_metric(plt: Any, rows: list[dict[str, Any]], exp: dict[str, Any]) -> Any:
+    """The metric against the experiment's x (tokens: a log axis), mean and standard deviation over seeds."""
+    metric, x, title = exp["metric"], exp["x"], exp["title"]
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     numeric = all(isinstance(x_value(r, x), (int, float)) for r in rows)
     arms = sorted({r["arm"] for r in rows if r["arm"] is not None}) or [None]
@@ -122,12 +172,11 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
     if len(arms) > 1 and numeric:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "metric.png", dpi=110)
-    plt.close(fig)
-    written.append("metric.png")
+    return fig
 
-    # 2. The cost side: the metric against training FLOPs and against wall-clock seconds.
+
+def _plot_cost(plt: Any, rows: list[dict[str, Any]], exp: dict[str, Any]) -> Any:
+    """The cost side: the metric against training FLOPs and against wall-clock seconds."""
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
     for ax, key, label in ((axes[0], "train_flops", "training FLOPs (forward + backward, counted)"),
                            (axes[1], "wall_s", "wall-clock seconds per run")):
@@ -135,16 +184,16 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
             ax.errorbar([r[key]], [r["mean"]], yerr=[r["std"]], marker="o", capsize=3, label=_label(r))
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(exp["metric"])
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{title}: cost", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(folder / "cost.png", dpi=110)
-    plt.close(fig)
-    written.append("cost.png")
+    fig.suptitle(f"{exp['title']}: cost", fontsize=9)
+    return fig
 
-    # 3. Training curves: the last stage's training loss (seed 0 of each setting) and the evaluations.
+
+def _plot_curves(plt: Any, rows: list[dict[str, Any]], exp: dict[str, Any]) -> Any:
+    """Training curves: the last stage's training loss (seed 0 of each setting) and the evaluations."""
+    metric = exp["metric"]
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
     for r in rows:
         run = min(r["runs"], key=lambda s: s.get("seed") or 0)
@@ -162,11 +211,7 @@ def plot(rows: list[dict[str, Any]], exp: dict[str, Any], folder: Path) -> list[
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "curves.png", dpi=110)
-    plt.close(fig)
-    written.append("curves.png")
-    return written
+    return fig
 
 
 def _md(value: Any) -> str:
@@ -299,6 +344,7 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
             flops = sum(p["total"]["train_flops"] for p in points + shared)
             headings.append(f"{exp['title']} ({scale})")
             sections += [f"## {_md(exp['title'])} ({scale})", "",
+                         f"*setting*: {_md(scale_setting(points))}", "",
                          f"*paper*: {_md(exp['paper'])}", "",
                          f"Command: {_code(_command(points, name, scale))} then "
                          f"`python tools/report.py experiment={name} scale={scale}`. Cost: {len(points)} points"

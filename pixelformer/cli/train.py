@@ -12,7 +12,7 @@ from . import groups_help, usage
 
 HELP = __doc__ + """
 Top-level keys: run.dir, run.seed, resume (auto | PATH). A resumed run keeps its saved config; key=value
-arguments may change only what pixelformer/rundir.py RESUMABLE_KEYS lists (loggers, evaluation and checkpoint
+arguments may change only what pixelformer/run.py RESUMABLE_KEYS lists (loggers, evaluation and checkpoint
 intervals, a longer run, ...). SIGTERM or Ctrl-C stops after the current step with a checkpoint (exit 143 / 130).
 Sections: task.*, model.*, data.*, optim.*, trainer.*, logger.*; see pixelformer/config.py for every key, or
 --cfg to print the composed config without training.
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from ..engine import fit
-    from ..rundir import compose_for_resume
+    from ..run import compose_for_resume
 
     show_only = "--cfg" in argv
     # Resuming starts from the run's saved config, so `run.dir=X resume=auto` alone continues run X.

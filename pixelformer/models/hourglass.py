@@ -77,6 +77,29 @@ class TokenSplit(nn.Module):
         return skip + self.fac * (up - skip)
 
 
+def _walk(depths: Sequence[int], up_depths: Sequence[int]) -> tuple[list[tuple[str, int, int]], list[int]]:
+    """The hourglass's plan, ``(kind, index, level)`` steps of kind block / merge / split, and each block's level.
+
+    Blocks are numbered in execution order (down levels, the global level, up levels), so that names, layer decay,
+    FSDP and the analysis see one sequence as in a ViT; the plan says where each sits."""
+    plan: list[tuple[str, int, int]] = []
+    levels: list[int] = []
+
+    def add_blocks(level: int, count: int) -> None:
+        for _ in range(count):
+            plan.append(("block", len(levels), level))
+            levels.append(level)
+
+    for level, d in enumerate(depths[:-1]):
+        add_blocks(level, d)
+        plan.append(("merge", level, level))
+    add_blocks(len(depths) - 1, depths[-1])
+    for level in reversed(range(len(depths) - 1)):
+        plan.append(("split", level, level))
+        add_blocks(level, up_depths[level])
+    return plan, levels
+
+
 class HourglassTransformer(nn.Module):
     """Pixel-level local attention, merged-token global attention, and back up (see the module docstring).
 
@@ -149,23 +172,7 @@ class HourglassTransformer(nn.Module):
             self.pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        # Blocks in execution order (down levels, the global level, up levels), so that names, layer decay, FSDP and
-        # the analysis see one sequence as in a ViT; _plan says where each sits.
-        self._plan: list[tuple[str, int, int]] = []  # (kind, index, level): block / merge / split
-        levels: list[int] = []  # level of each block
-
-        def add_blocks(level: int, count: int) -> None:
-            for _ in range(count):
-                self._plan.append(("block", len(levels), level))
-                levels.append(level)
-
-        for level, d in enumerate(depths[:-1]):
-            add_blocks(level, d)
-            self._plan.append(("merge", level, level))
-        add_blocks(len(depths) - 1, depths[-1])
-        for level in reversed(range(len(depths) - 1)):
-            self._plan.append(("split", level, level))
-            add_blocks(level, up_depths[level])
+        self._plan, levels = _walk(depths, up_depths)
         count = len(levels)
         rates = [drop_path_rate * i / max(count - 1, 1) for i in range(count)]  # linear, as timm's
         blocks = []

@@ -384,7 +384,7 @@ class VisionTransformer(TimmVisionTransformer):
                                       error_msgs)
 
 
-# Where a pixelformer task module keeps its backbone: Classifier.backbone (cls), MAEPretrainer.model.encoder (mae).
+# Where a pixelformer task module keeps its backbone: Classifier.backbone (cls), MAEObjective.model.encoder (mae).
 TASK_BACKBONE_PREFIXES = ("backbone.", "model.encoder.")
 
 

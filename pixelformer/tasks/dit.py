@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ class DiTTaskCfg(TaskCfg):
     latent: LatentCfg = field(default_factory=LatentCfg)  # latent diffusion through a VAE (task.latent.vae=...)
 
 
-class DiffusionTrainer(nn.Module):
+class DiffusionObjective(nn.Module):
     """``forward(batch)`` noises the images (or their VAE latents) at random timesteps and returns the
     epsilon-prediction loss (plus the variational bound for a denoiser that learns its variance: DiT's hybrid
     loss); ``decode`` maps what the denoiser generates back to images in [-1, 1]."""
@@ -94,7 +95,7 @@ class DiffusionTrainer(nn.Module):
     def vae(self) -> Any:
         return self._vae[0]
 
-    def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
+    def to_signed_unit_interval(self, images: torch.Tensor) -> torch.Tensor:
         """Dataset-normalised images -> [-1, 1], the range the schedulers' clipping (and a VAE) assume."""
         return to_unit_interval(images, self.mean, self.std) * 2 - 1
 
@@ -126,7 +127,7 @@ class DiffusionTrainer(nn.Module):
             draw = rng.randn(mean.shape, device=mean.device, dtype=mean.dtype)
             x0 = (mean + std * draw) * self.latent_scale
         else:
-            x0 = self.encode(self.to_unit_range(images))
+            x0 = self.encode(self.to_signed_unit_interval(images))
         # per sample inside rng.per_sample_seeds (evaluation), so test losses do not depend on the sharding
         noise = rng.randn_like(x0)
         t = rng.randint(self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
@@ -291,7 +292,7 @@ class DiTTask(Task):
         t = cfg.task
         scheduler = build_train_scheduler(t.num_train_timesteps, t.beta_schedule)
         if t.latent.vae is None:
-            return DiffusionTrainer(build_denoiser(cfg, data), scheduler, data.mean, data.std)
+            return DiffusionObjective(build_denoiser(cfg, data), scheduler, data.mean, data.std)
         vae = load_vae(t.latent.vae)
         try:
             channels, side = latent_geometry(vae, data.img_size)
@@ -303,7 +304,7 @@ class DiTTask(Task):
                             f"{data.in_chans}: use a VAE made for the data's channels")
         scale = t.latent.scaling_factor if t.latent.scaling_factor is not None else vae.config.scaling_factor
         latents = dataclasses.replace(data, in_chans=channels, img_size=side)
-        return DiffusionTrainer(build_denoiser(cfg, latents), scheduler, data.mean, data.std, vae, scale)
+        return DiffusionObjective(build_denoiser(cfg, latents), scheduler, data.mean, data.std, vae, scale)
 
     def training_set(self, fabric: Any, cfg: DictConfig, module: nn.Module, train_set: Any) -> Any:
         """With ``task.latent.cache``: the training split's VAE posteriors, encoded once (``pixelformer.latents``)."""
@@ -317,7 +318,7 @@ class DiTTask(Task):
                             f"image size, so cached latents and images could not be told apart")
         from pixelformer.latents import latent_training_set
 
-        return latent_training_set(cfg, module.vae, train_set, module.to_unit_range, fabric.device,
+        return latent_training_set(cfg, module.vae, train_set, module.to_signed_unit_interval, fabric.device,
                                    write=fabric.is_global_zero, wait=fabric.barrier)
 
     def init_from(self, module: nn.Module, path: str) -> dict[str, list[str]]:
@@ -405,7 +406,7 @@ def real_image_fid(fabric: Any, classifier: ClassifierFeatures, loader: Any, dat
     return fid
 
 
-def generate_chunks(module: DiffusionTrainer, denoiser: nn.Module, labels: torch.Tensor, cfg: DictConfig,
+def generate_chunks(module: DiffusionObjective, denoiser: nn.Module, labels: torch.Tensor, cfg: DictConfig,
                     device: torch.device, rank: int = 0, world_size: int = 1
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(labels, images)`` chunks of at most the eval batch size, images float32 in [-1, 1], (B, C, H, W): this
@@ -437,12 +438,12 @@ def sampling_precision(device: torch.device, precision: str) -> contextlib.Abstr
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tuple[DiffusionTrainer, DataInfo]:
+def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tuple[DiffusionObjective, DataInfo]:
     """A dit run's module with the EMA weights in its denoiser (float32, eval mode; ``module.decode`` turns what the
     denoiser generates into images, through the run's VAE for latent runs), and its data description. With
     ``cfg_scale``, refuses guidance that the checkpoint's training (no label dropout) cannot support."""
     from pixelformer.checkpoint import read_checkpoint
-    from pixelformer.runs import load_run
+    from pixelformer.saved import load_run
 
     # The task is checked first: load_run's "no EMA weights" message suggests weights=model, which sampling has not.
     ckpt = read_checkpoint(path)
@@ -460,3 +461,12 @@ def load_for_sampling(path: str | Path, cfg_scale: Optional[float] = None) -> tu
                         f"cfg_scale={cfg_scale} would guide with it: sample with cfg_scale=1.0, or train with "
                         f"task.label_dropout>0 (DiT uses 0.1)")
     return module, info
+
+
+def __getattr__(name: str) -> Any:
+    """``DiffusionTrainer``, the name before 2026-12 (it was never a trainer): still importable, with a warning."""
+    if name == "DiffusionTrainer":
+        warnings.warn("pixelformer.tasks.dit.DiffusionTrainer is now DiffusionObjective", DeprecationWarning,
+                      stacklevel=2)
+        return DiffusionObjective
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

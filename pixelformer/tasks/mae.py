@@ -8,6 +8,8 @@ is refused for single-value tokens and not advised for pixels; it stays useful f
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-class MAEPretrainer(nn.Module):
+class MAEObjective(nn.Module):
     """``forward(batch)`` masks, encodes, decodes and returns the reconstruction loss on masked tokens."""
 
     def __init__(self, model: MaskedAutoencoder, mask_ratio: float, norm_pix_loss: bool) -> None:
@@ -94,10 +96,10 @@ def encoder_features(fabric: Fabric, encoder: nn.Module, loader: DataLoader) -> 
     """:func:`pooled_features` (N, D) and labels (N,) of a whole (sharded) split, gathered on every process. The
     encoder sees one loader batch at a time; only the (N, D) features are kept.
 
-    ``encoder``: an encoder, or a module with a ``features(images)`` method (:class:`MAEPretrainer` as Fabric set it
+    ``encoder``: an encoder, or a module with a ``features(images)`` method (:class:`MAEObjective` as Fabric set it
     up, whose calls go through its wrapper: FSDP gathers the parameters there)."""
     dtype = next(encoder.parameters()).dtype  # bf16-true converts the weights, not the loader's float32 images
-    features = encoder.features if isinstance(encoder, MAEPretrainer) or "features" in getattr(
+    features = encoder.features if isinstance(encoder, MAEObjective) or "features" in getattr(
         encoder, "_forward_methods", ()) else (lambda images: pooled_features(encoder, images))
     feats, labels = [], []
     for images, y in loader:
@@ -184,7 +186,7 @@ class MAETask(Task):
                             "patch of a 1-channel image holds a single value (the target would be all zeros): keep "
                             "task.norm_pix_loss=false for pixel tokens")
         model = MaskedAutoencoder(encoder, t.decoder_dim, t.decoder_depth, t.decoder_heads)
-        return MAEPretrainer(model, t.mask_ratio, t.norm_pix_loss)
+        return MAEObjective(model, t.mask_ratio, t.norm_pix_loss)
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
         if hasattr(module, "mark_forward_method"):  # set up by Fabric: features() must go through its wrapper
@@ -223,3 +225,11 @@ class MAETask(Task):
         # masked pixels are shown at the dataset mean (0 in normalised units)
         grid = to_unit_interval(torch.cat([images, masked, pasted]), ctx.data.mean, ctx.data.std)
         return [save_image_grid(grid, out_dir / "reconstructions.png", nrow=len(images), min_side=64)]
+
+
+def __getattr__(name: str) -> Any:
+    """``MAEPretrainer``, the name before 2026-12 (a loss module, not a trainer): still importable, with a warning."""
+    if name == "MAEPretrainer":
+        warnings.warn("pixelformer.tasks.mae.MAEPretrainer is now MAEObjective", DeprecationWarning, stacklevel=2)
+        return MAEObjective
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

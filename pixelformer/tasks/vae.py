@@ -51,12 +51,12 @@ class AutoencoderTrainer(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("latent_std", torch.ones(()))  # measured at each evaluation, saved in checkpoints
 
-    def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
+    def to_signed_unit_interval(self, images: torch.Tensor) -> torch.Tensor:
         """Dataset-normalised images -> [-1, 1]."""
         return to_unit_interval(images, self.mean, self.std) * 2 - 1
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = self.to_unit_range(batch[0])
+        x = self.to_signed_unit_interval(batch[0])
         posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
         l1 = (recon.float() - x.float()).abs().mean()
@@ -66,7 +66,7 @@ class AutoencoderTrainer(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Dataset-normalised images -> reconstructions from the posterior mean, in [0, 1]."""
-        x = self.to_unit_range(images)
+        x = self.to_signed_unit_interval(images)
         recon = self.vae.decode(self.vae.encode(x).latent_dist.mean).sample
         return ((recon.float() + 1) / 2).clamp(0, 1)
 
@@ -129,7 +129,7 @@ class VAETask(Task):
         for images, _ in ctx.loaders["train"]:
             if moments[3] * fabric.world_size >= ctx.cfg.task.scale_images:
                 break
-            z = module.vae.encode(module.to_unit_range(images)).latent_dist.sample(generator).double()
+            z = module.vae.encode(module.to_signed_unit_interval(images)).latent_dist.sample(generator).double()
             moments += torch.stack([z.sum(), z.square().sum(), z.new_tensor(z.numel()), z.new_tensor(len(images))])
         total, squares, count, _ = fabric.all_reduce(moments, reduce_op="sum").tolist()
         latent_std = max(squares / count - (total / count) ** 2, 0.0) ** 0.5
@@ -141,7 +141,7 @@ class VAETask(Task):
         """Mean squared error of reconstructions from the posterior mean, images in [0, 1], over every process."""
         totals = torch.zeros(2, device=ctx.fabric.device, dtype=torch.float64)  # squared error, pixels
         for images, _ in ctx.loaders["test"]:
-            target = (module.to_unit_range(images.float()) + 1) / 2
+            target = (module.to_signed_unit_interval(images.float()) + 1) / 2
             totals[0] += (module.reconstruct(images) - target).double().square().sum()
             totals[1] += target.numel()
         totals = ctx.fabric.all_reduce(totals, reduce_op="sum")
@@ -150,7 +150,7 @@ class VAETask(Task):
     def visualize(self, module: nn.Module, ctx: EvalContext, out_dir: Path, step: int) -> list[Path]:
         """``reconstructions.png``: test images (top row) above their reconstructions."""
         images = next(iter(ctx.loaders["test"]))[0][: ctx.cfg.task.num_pictures]
-        originals = (module.to_unit_range(images.float()) + 1) / 2
+        originals = (module.to_signed_unit_interval(images.float()) + 1) / 2
         return [save_image_grid(torch.cat([originals, module.reconstruct(images)]), out_dir / "reconstructions.png",
                                 nrow=len(images))]
 
