@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   create .venv, install the pinned stack, train the default PiT on the embedded digits
-#   make test    create .venv, install the pinned stack, run the test suite
+#   make test    create .venv, install the pinned stack, run the test suite (every test, one worker per core)
+#   make test-fast   the fast tier: every module, no test marked slow (end-to-end, fault, multi-process)
 #   make docs    also install the docs extra, build the documentation site into site/ (strict: warnings fail it)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 ARGS   ?=
 
-.PHONY: install train test docs results-small clean
+.PHONY: install train test test-fast docs results-small clean
 
 install: $(STAMP)
 
@@ -22,8 +23,14 @@ $(STAMP): requirements.txt setup.cfg
 train: $(STAMP)
 	$(BIN)/python tools/train.py $(ARGS)
 
+# pytest-xdist: one worker per core; worksteal hands the long tests' neighbours to an idle worker.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
 
 $(DOCS_STAMP): $(STAMP) setup.cfg
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[docs]'

@@ -11,11 +11,15 @@ Run from the repository root (``apt-get install dataset-fashion-mnist`` first)::
 
     nohup nice -n 5 python benchmarks/equal_time.py --task cls --seeds 0,1,2 > equal_time_cls.log 2>&1 &   # ~2 h
     python benchmarks/equal_time.py --task dit --seeds 0
+    python benchmarks/equal_time.py --task cls --equal-steps   # the cheap families at the global one's step count
     python benchmarks/equal_time.py --report            # table and plot from the committed points
 
 Each finished point writes ``docs/results/equal_time/<task>/<model>-s<seed>.json`` at once, and a point whose file
 exists is skipped, so a stopped sweep continues where it stopped (commit the files as they appear). ``--report``
 writes ``summary.json`` and ``equal_time.png`` there from whatever points exist.
+
+``--equal-steps`` is the control that says what the cheap families give up: each trains for the global pit_mini's
+step count (same images, same schedule length) instead of the same time, into ``<task>/equal_steps/``.
 """
 from __future__ import annotations
 
@@ -88,10 +92,15 @@ def calibrated_steps(task: str, model: str, batch: int, budget_s: float) -> tupl
     return entry["step_s"], entry["steps"], entry["machine"]
 
 
-def run_point(task: str, model: str, seed: int, budget_s: float, limit_test: int, classifier: Path | None) -> dict:
+def run_point(task: str, model: str, seed: int, budget_s: float, limit_test: int, classifier: Path | None,
+              steps_of: str | None = None) -> dict:
+    """One run; ``steps_of`` names another family whose calibrated step count it trains for (the equal-steps
+    control) instead of its own."""
     batch = 32
     per_step, steps, calibrated_on = calibrated_steps(task, model, batch, budget_s)
-    run_dir = ROOT / "runs" / "equal_time" / task / f"{model}-s{seed}"
+    if steps_of:
+        steps = calibrated_steps(task, steps_of, batch, budget_s)[1]
+    run_dir = ROOT / "runs" / "equal_time" / (f"{task}-equal_steps" if steps_of else task) / f"{model}-s{seed}"
     args = [*COMMON, *TASK_ARGS[task], f"model={model}", f"run.seed={seed}", f"run.dir={run_dir}",
             f"trainer.max_steps={steps}", f"data.limit_test={limit_test}", "resume=auto"]
     if task == "dit":
@@ -109,13 +118,30 @@ def run_point(task: str, model: str, seed: int, budget_s: float, limit_test: int
     return dict(task=task, model=model, seed=seed, budget_s=budget_s, step_s_calibrated=per_step, steps=steps,
                 batch=batch, images_seen=steps * batch, train_s=trained[-1]["time"] - started if trained else None,
                 total_s=total, metrics=report["metrics"], params=report.get("architecture", {}).get("params"),
-                limit_test=limit_test, args=args, machine=machine(), calibrated_on=calibrated_on)
+                limit_test=limit_test, args=args, machine=machine(), calibrated_on=calibrated_on, steps_of=steps_of)
 
 
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine())
     return dict(cpu=cpu, threads=1, cores=os.cpu_count())
+
+
+def _rows(points: list[dict], metric: str) -> dict:
+    rows = {}
+    for model in FAMILIES:
+        mine = [p for p in points if p["model"] == model and metric in p["metrics"]]
+        if not mine:
+            continue
+        values = [p["metrics"][metric] for p in mine]
+        rows[model] = dict(seeds=[p["seed"] for p in mine], values=values, mean=statistics.mean(values),
+                           std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                           steps=[p["steps"] for p in mine], train_s=[p["train_s"] for p in mine],
+                           images_seen=[p["images_seen"] for p in mine],
+                           step_s=[p["step_s_calibrated"] for p in mine])
+        if metric == "test/fid":
+            rows[model]["sample_acc"] = [p["metrics"].get("test/sample_acc") for p in mine]
+    return rows
 
 
 def report() -> None:
@@ -128,21 +154,21 @@ def report() -> None:
     for ax, (task, metric, label) in zip(axes, (("cls", "test/acc1", "test top-1 (%)"),
                                                 ("dit", "test/fid", "FID (classifier features, lower is better)"))):
         points = [json.loads(p.read_text()) for p in sorted((OUT / task).glob("*.json"))]
-        rows = {}
+        rows = _rows(points, metric)
         for i, model in enumerate(FAMILIES):
-            mine = [p for p in points if p["model"] == model and metric in p["metrics"]]
-            if not mine:
+            if model not in rows:
                 continue
-            values = [p["metrics"][metric] for p in mine]
-            rows[model] = dict(seeds=[p["seed"] for p in mine], values=values, mean=statistics.mean(values),
-                               std=statistics.stdev(values) if len(values) > 1 else 0.0,
-                               steps=[p["steps"] for p in mine], train_s=[p["train_s"] for p in mine],
-                               images_seen=[p["images_seen"] for p in mine],
-                               step_s=[p["step_s_calibrated"] for p in mine])
-            if task == "dit":
-                rows[model]["sample_acc"] = [p["metrics"].get("test/sample_acc") for p in mine]
-            ax.scatter([i] * len(values), values, s=18)
+            ax.scatter([i] * len(rows[model]["values"]), rows[model]["values"], s=18,
+                       label="equal time" if i == 0 else None, color="C0")
             ax.errorbar([i], [rows[model]["mean"]], yerr=[rows[model]["std"]], fmt="_", color="black", ms=14)
+        control = _rows([json.loads(p.read_text()) for p in sorted((OUT / task / "equal_steps").glob("*.json"))],
+                        metric)
+        for i, model in enumerate(m for m in FAMILIES if m in control):
+            ax.scatter([FAMILIES.index(model) + 0.15] * len(control[model]["values"]), control[model]["values"], s=18,
+                       marker="x", color="C3", label="equal steps (the global one's)" if i == 0 else None)
+        if control:
+            ax.legend(fontsize=7)
+            summary.setdefault("equal_steps", {})[task] = control
         if rows:
             budget = points[0]["budget_s"]
             ax.set(xticks=range(len(FAMILIES)), xticklabels=[f.replace("pit_", "") for f in FAMILIES], ylabel=label,
@@ -152,10 +178,15 @@ def report() -> None:
     fig.savefig(OUT / "equal_time.png", dpi=110)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (OUT / "section.md").write_text(section(summary))
-    for task, rows in summary.items():
+    controls = [(f"{task}, equal steps", rows) for task, rows in summary.get("equal_steps", {}).items()]
+    for task, rows in [*_tasks(summary), *controls]:
         for model, row in rows.items():
             print(f"{task:4} {model:20} mean {row['mean']:7.2f} +- {row['std']:5.2f}  seeds {row['seeds']}  "
                   f"steps {row['steps']}  train_s {[round(s) for s in row['train_s'] if s]}")
+
+
+def _tasks(summary: dict) -> list[tuple[str, dict]]:
+    return [(task, rows) for task, rows in summary.items() if task != "equal_steps"]
 
 
 def section(summary: dict) -> str:
@@ -173,16 +204,22 @@ def section(summary: dict) -> str:
              "images; `dit`: FID on the features of the "
              "`pit_mini` seed-0 classifier of this experiment, on 100 samples (DPM-Solver++, 20 steps), so compare "
              "FIDs only with each other.", "",
-             "Command: `python benchmarks/equal_time.py --task cls --seeds 0,1,2`, `--task dit --seeds 0`, then "
+             "Command: `python benchmarks/equal_time.py --task cls --seeds 0,1,2`, `--task dit --seeds 0,1,2`, "
+             "`--task cls --equal-steps`, then "
              "`--report`. Cost: one budget per point plus evaluation.", "",
              "| task | model | metric mean ± sd | per seed | steps (images seen) | s per step |",
              "| --- | --- | ---: | --- | --- | ---: |"]
-    for task, rows in summary.items():
+    controls = [(f"{task}, equal steps", rows) for task, rows in summary.get("equal_steps", {}).items()]
+    for task, rows in [*_tasks(summary), *controls]:
         for model, row in rows.items():
             lines.append(f"| {task} | {model} | {row['mean']:.2f} ± {row['std']:.2f} | "
                          f"{', '.join(f'{v:.2f}' for v in row['values'])} | "
                          f"{', '.join(f'{s} ({i:,})' for s, i in zip(row['steps'], row['images_seen']))} | "
                          f"{statistics.mean(row['step_s']):.2f} |")
+    if controls:
+        lines += ["", "The *equal steps* rows are the control (`--equal-steps`): the cheap families trained for the "
+                  "global `pit_mini`'s step count, the same images and schedule length, in less time. They say what "
+                  "local attention and token merging cost per step, apart from the extra steps they buy."]
     lines += ["", *verdicts(summary), "", "![equal_time.png](equal_time/equal_time.png)", ""]
     return "\n".join(lines)
 
@@ -191,7 +228,7 @@ def verdicts(summary: dict) -> list[str]:
     """One sentence per task, read off the table: which family leads, by how much, and with how many more steps;
     where a cheaper family does worse than the global one, it says so."""
     out = []
-    for task, rows in summary.items():
+    for task, rows in _tasks(summary):
         if "pit_mini" not in rows or len(rows) < 2:
             continue
         higher = task == "cls"  # top-1: higher is better; FID: lower
@@ -206,6 +243,14 @@ def verdicts(summary: dict) -> list[str]:
                          f"({row['mean']:.2f} vs {base['mean']:.2f}) with {steps:.1f}x its steps")
         metric = "top-1" if higher else "FID"
         out.append(f"- `{task}` ({metric}, {len(base['seeds'])} seed(s)): " + "; ".join(parts) + ".")
+        control = summary.get("equal_steps", {}).get(task, {})
+        parts = []
+        for model, row in control.items():
+            better = row["mean"] > base["mean"] if higher else row["mean"] < base["mean"]
+            parts.append(f"`{model}` {'still beats' if better else 'loses to'} it ({row['mean']:.2f} vs "
+                         f"{base['mean']:.2f}, {len(row['seeds'])} seed(s))")
+        if parts:
+            out.append(f"- `{task}` at the global one's step count: " + "; ".join(parts) + ".")
     return out
 
 
@@ -217,6 +262,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=720.0, help="training seconds per run")
     parser.add_argument("--limit-test", type=int, default=2000, help="test images of the final evaluation")
     parser.add_argument("--only", default=None, help="run only this model (the --models are still calibrated)")
+    parser.add_argument("--equal-steps", action="store_true",
+                        help="the control: the cheap families trained for pit_mini's calibrated step count")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
@@ -225,19 +272,24 @@ def main() -> None:
     classifier = ROOT / "runs" / "equal_time" / "cls" / "pit_mini-s0" / "checkpoints" / "best.ckpt"
     if args.task == "dit" and not classifier.is_file():
         raise SystemExit(f"{classifier} is missing: run --task cls --seeds 0 --models pit_mini first (FID features)")
-    (OUT / args.task).mkdir(parents=True, exist_ok=True)
+    folder = OUT / args.task / "equal_steps" if args.equal_steps else OUT / args.task
+    folder.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):  # every family timed back to back, under the same conditions
         calibrated_steps(args.task, model, 32, args.budget_s)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for model in [args.only] if args.only else args.models.split(","):
-            path = OUT / args.task / f"{model}-s{seed}.json"
+            if args.equal_steps and model == "pit_mini":
+                continue
+            path = folder / f"{model}-s{seed}.json"
             if path.exists() and json.loads(path.read_text())["budget_s"] == args.budget_s:
                 print(f"skip {path.relative_to(ROOT)} (done)", flush=True)
                 continue
             if path.exists():  # a point of another budget: its run directory would resume to the wrong length
                 print(f"redo {path.relative_to(ROOT)} (budget was not {args.budget_s:g} s)", flush=True)
-                shutil.rmtree(ROOT / "runs" / "equal_time" / args.task / f"{model}-s{seed}", ignore_errors=True)
-            point = run_point(args.task, model, seed, args.budget_s, args.limit_test, classifier)
+                shutil.rmtree(ROOT / "runs" / "equal_time" / (f"{args.task}-equal_steps" if args.equal_steps else
+                                                               args.task) / f"{model}-s{seed}", ignore_errors=True)
+            point = run_point(args.task, model, seed, args.budget_s, args.limit_test, classifier,
+                              steps_of="pit_mini" if args.equal_steps else None)
             path.write_text(json.dumps(point, indent=1) + "\n")
             shown = {k: round(v, 3) for k, v in point["metrics"].items() if isinstance(v, float)}
             print(f"{args.task} {model} seed {seed}: {point['steps']} steps in {point['train_s']:.0f} s -> {shown}",

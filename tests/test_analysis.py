@@ -180,6 +180,7 @@ def cls_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_identity_permutation_gives_the_plain_accuracy(cls_run):
     cfg, info, _, module = load_run(cls_run / "checkpoints" / "best.ckpt")
     _, test_set, _ = build_datasets(cfg.data)
@@ -196,6 +197,7 @@ def test_identity_permutation_gives_the_plain_accuracy(cls_run):
     assert accuracy(module, loader, info.num_classes, pixel_permutation(8, 2)) == shuffled
 
 
+@pytest.mark.slow
 def test_analyze_a_cls_checkpoint(cls_run):
     from pixelformer.cli.analyze import main  # the program of tools/analyze.py and pixelformer-analyze
 
@@ -225,6 +227,7 @@ def test_analyze_a_cls_checkpoint(cls_run):
         main([f"compare={cls_run / 'checkpoints'}", f"out={figure}"])
 
 
+@pytest.mark.slow
 def test_analysis_goes_to_wandb_when_the_run_logs_there(cls_run, tmp_path, monkeypatch):
     from pixelformer.cli.analyze import main
 
@@ -251,6 +254,7 @@ def test_analyze_mae_runs_on_the_encoder_and_says_there_is_no_accuracy(tmp_path)
     assert np.array(report["attention_distance"]["per_layer_head"]).shape == (1, 2)
 
 
+@pytest.mark.slow
 def test_analyze_dit_runs_on_the_denoiser_with_its_ema(tmp_path, capsys):
     from pixelformer.cli.analyze import main
 
@@ -267,6 +271,7 @@ def test_analyze_dit_runs_on_the_denoiser_with_its_ema(tmp_path, capsys):
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.slow
 def test_bad_analysis_input_is_one_line(cls_run, tmp_path):
     out = run_tool("analyze", f"ckpt={tmp_path / 'nope.ckpt'}")
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -2,17 +2,16 @@
 models hold no training logic, no import cycles. The contracts live in .importlinter; this runs them."""
 import configparser
 import pkgutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pixelformer
-from conftest import REPO
+from conftest import REPO, run_process
 
 
 def test_import_contracts_hold():
     lint = Path(sys.executable).with_name("lint-imports")
-    out = subprocess.run([str(lint), "--config", str(REPO / ".importlinter")], cwd=REPO, capture_output=True,
+    out = run_process([str(lint), "--config", str(REPO / ".importlinter")], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "4 kept, 0 broken" in out.stdout

@@ -44,6 +44,7 @@ def outputs(task: str, module: nn.Module, images: torch.Tensor, labels: torch.Te
         return module((images, labels))["logits"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("name", list_backbones())
 def test_every_backbone_serves_every_task_or_is_refused_in_one_line(tmp_path, name, task):
@@ -82,6 +83,7 @@ def test_every_backbone_serves_every_task_or_is_refused_in_one_line(tmp_path, na
     torch.testing.assert_close(outputs(task, fresh, images, labels, [0, 1, 2]), together, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_backbones())
 def test_every_backbone_keeps_the_contract(name):
     torch.manual_seed(0)

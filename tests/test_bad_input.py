@@ -192,6 +192,7 @@ CATALOGUE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake,args,needle", CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_catalogue(mistake, args, needle, tmp_path):
     (tmp_path / "file").write_text("a file, not a directory")
@@ -227,6 +228,7 @@ def test_external_launcher_needs_a_shared_run_dir(tmp_path, monkeypatch):
         fit(cfg)
 
 
+@pytest.mark.slow
 def test_tools_print_the_message_without_a_traceback(tmp_path):
     train = ["data=cifar100", "data.root=/nonexistent", f"run.dir={tmp_path / 'run'}"]  # never a runs/ in the checkout
     for tool, args in (("train", train), ("eval", ["ckpt=/nonexistent.ckpt"]),
@@ -238,6 +240,7 @@ def test_tools_print_the_message_without_a_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ memory check
+@pytest.mark.slow
 def test_too_big_a_model_is_refused_quickly_with_the_estimate(tmp_path, monkeypatch):
     from pixelformer import runtime
     from pixelformer.data import DataInfo
@@ -302,6 +305,7 @@ def test_activation_estimate_matches_the_measured_pit_tiny_figure():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.slow
 def test_memory_estimate_is_a_lower_bound_of_a_measured_step(device, monkeypatch):
     # One training step of PiT-Tiny (257 tokens, batch 4), measured like benchmarks/throughput.py does: the state
     # that lives across steps plus the step's peak of live tensor bytes. The estimate must stay close to it and not
@@ -375,6 +379,7 @@ def test_eval_out_into_a_missing_folder_is_created(tmp_path):
         tool.main([f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'file' / 'eval.json'}"])
 
 
+@pytest.mark.slow
 def test_a_bad_image_in_a_loader_worker_ends_the_run_without_hanging(tmp_path):
     # Loader workers ignore SIGTERM (the trainer stops them once it has saved); at interpreter exit multiprocessing
     # terminates daemonic workers with SIGTERM and then waits for them, which hung for ever after a worker's error.
@@ -395,6 +400,7 @@ def test_a_bad_image_in_a_loader_worker_ends_the_run_without_hanging(tmp_path):
 
 
 # ------------------------------------------------------------------------------- hostile inputs (docs/bad-input.md)
+@pytest.mark.slow
 def test_broken_interpolation_with_cfg_is_one_line():
     out = run_tool("train", "optim.lr=${optim.lr}", "--cfg")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -519,6 +525,7 @@ def _copy_run(finished_run, tmp_path):
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_non_utf8_byte_in_metrics_does_not_block_resume(finished_run, tmp_path):
     run_dir = _copy_run(finished_run, tmp_path)
     metrics = run_dir / "metrics.jsonl"
@@ -527,6 +534,7 @@ def test_a_non_utf8_byte_in_metrics_does_not_block_resume(finished_run, tmp_path
     assert b'"note\xff"' in metrics.read_bytes()  # kept as it was: it precedes the checkpoint's step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["[1, 2]", '"finished"'], ids=["list", "string"])
 def test_an_eval_json_that_is_not_a_report_is_evaluated_again(finished_run, tmp_path, content, capsys):
     run_dir = _copy_run(finished_run, tmp_path)
@@ -546,6 +554,7 @@ def test_an_eval_json_folder_is_refused_on_resume(finished_run, tmp_path):
         fit(tiny_cfg(run_dir, "trainer.max_steps=3", "resume=auto"))
 
 
+@pytest.mark.slow
 def test_a_hand_edited_config_yaml_is_not_ignored_silently(finished_run, tmp_path, capsys):
     from pixelformer.run import compose_for_resume
 

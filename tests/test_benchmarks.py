@@ -5,7 +5,10 @@ from dataclasses import asdict
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from conftest import run_process
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
 
@@ -64,6 +67,7 @@ def _load_switches():
     return module
 
 
+@pytest.mark.slow
 def test_switches_worker_applies_each_switch():
     sw = _load_switches()
     shape = sw.Shape("pit_mini", img=8, batch=4, in_chans=1, num_classes=10)
@@ -79,6 +83,7 @@ def test_switches_worker_applies_each_switch():
     assert results["bf16"]["peak_bytes"] < results["baseline"]["peak_bytes"]
 
 
+@pytest.mark.slow
 def test_switches_subprocess_reports_errors_and_rows():
     sw = _load_switches()
     shape = sw.Shape("pit_mini", img=8, batch=2, in_chans=1, num_classes=10)
@@ -90,16 +95,16 @@ def test_switches_subprocess_reports_errors_and_rows():
     assert math.isclose(row["img_s"], 2 / ok["step_times"][0]) and row["error"] == ""
 
 
+@pytest.mark.slow
 def test_gpu_mfu_helper_on_cpu(tmp_path):
     """benchmarks/gpu_mfu.py (gpu_check.sh's MFU part) runs on CPU at a tiny size and writes the documented rows."""
     import json
-    import subprocess
-
+    
     out = tmp_path / "mfu.json"
     cmd = [sys.executable, str(SCRIPT.parent / "gpu_mfu.py"), "--device", "cpu", "--models", "pit_tiny",
            "--tokens", "16", "--steps", "1", "--warmup", "1", "--batch", "2", "--depth", "1", "--embed-dim", "32",
            "--heads", "2", "--matmul-size", "64", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_process(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -120,10 +125,9 @@ def test_gpu_mfu_helper_on_cpu(tmp_path):
 
 
 def test_gpu_check_script_parses():
-    import subprocess
-
+    
     script = SCRIPT.parent / "gpu_check.sh"
-    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+    proc = run_process(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 

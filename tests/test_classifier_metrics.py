@@ -56,6 +56,7 @@ def test_confusion_matrix_picture(tmp_path):
     assert save_confusion_matrix({}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow
 def test_a_classifier_run_records_its_confusion_matrix_and_eval_prints_per_class_accuracy(run_dir, capsys):
     metrics = fit(tiny_cfg(run_dir, "trainer.max_steps=3", "data.limit_train=64", "data.limit_test=40"))
     report = json.loads((run_dir / "eval.json").read_text())

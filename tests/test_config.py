@@ -50,6 +50,7 @@ def test_saved_config_round_trip_and_overrides():
         compose_saved(to_plain(cfg), ["data=cifar10"])
 
 
+@pytest.mark.slow
 def test_cli_help_lists_groups_and_errors_have_no_traceback():
     out = run_tool("train", "--help")
     assert out.returncode == 0

@@ -160,6 +160,7 @@ def classifier_ckpt(tmp_path_factory):
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_tiny_dit_run_lowers_the_loss_and_keeps_ema(run_dir, classifier_ckpt):
     metrics = fit(tiny_cfg(run_dir, *DIT_ARGS, f"task.classifier_ckpt={classifier_ckpt}",
                            "task.num_eval_samples=40"))
@@ -183,6 +184,7 @@ def test_tiny_dit_run_lowers_the_loss_and_keeps_ema(run_dir, classifier_ckpt):
         "run" in bad.stderr and "weights=" not in bad.stderr, bad.stderr  # sample.py has no weights= option
 
 
+@pytest.mark.slow
 def test_dit_resume_restores_weights_and_ema_exactly(tmp_path, monkeypatch):
     args = (*DIT_ARGS, "trainer.max_steps=16", "trainer.ckpt_every_steps=5", "data.limit_train=256")
     fit(tiny_cfg(tmp_path / "straight", *args))
@@ -202,6 +204,7 @@ def test_dit_resume_restores_weights_and_ema_exactly(tmp_path, monkeypatch):
             assert torch.equal(a[part][key], b[part][key]), (part, key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,learn_sigma", [("ddim", False), ("dpm", False), ("ddpm", False), ("ddpm", True)])
 def test_sharded_sampling_gives_the_same_samples_whatever_the_number_of_processes(sampler, learn_sigma):
     model = perturbed(create_dit("pit_mini", **TINY, learn_sigma=learn_sigma)).eval()
@@ -310,6 +313,7 @@ def test_decoder_likelihood_at_step_zero_is_a_distribution_over_the_256_pixel_va
     assert torch.allclose(got.double(), torch.full((2,), expected, dtype=torch.float64), rtol=1e-4), (got, expected)
 
 
+@pytest.mark.slow
 def test_learned_sigma_trains_with_the_hybrid_loss_and_samples_with_its_variance(run_dir):
     metrics = fit(tiny_cfg(run_dir, *DIT_ARGS, "task.learn_sigma=true", "task.sampler=ddpm"))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

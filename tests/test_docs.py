@@ -6,14 +6,13 @@ import dataclasses
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 import typing
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_process
 
 DOCS = REPO / "docs"
 GENERATED_REPORT = DOCS / "results"  # written by tools/report.py; its links are checked by the strict build
@@ -70,6 +69,7 @@ def test_readme_is_short():
                                        f"to a page under docs/ and link it")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", pages(), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_relative_links_resolve(page: Path):
     """Every relative link points at a file of the checkout, and every #anchor at a heading of its page."""
@@ -133,6 +133,7 @@ def test_config_reference_reads_field_comments():
     assert generator.field_comments(TrainerCfg)["devices"] == ""
 
 
+@pytest.mark.slow
 def test_site_builds_in_strict_mode(tmp_path):
     """mkdocs build --strict: a broken link or anchor, a page missing from the nav or an API reference to a name
     that no longer exists fails the build."""
@@ -143,7 +144,7 @@ def test_site_builds_in_strict_mode(tmp_path):
     pytest.importorskip("mkdocstrings_handlers.python", reason=reason)
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+    result = run_process([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr[-4000:]}"
     assert (tmp_path / "site" / "config" / "index.html").is_file()

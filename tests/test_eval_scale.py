@@ -4,7 +4,6 @@ import copy
 import importlib.util
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -24,7 +23,7 @@ from pixelformer.task import EvalContext, get_task
 from pixelformer.trainer import EMA
 from pixelformer.tasks.dit import generate_chunks
 from pixelformer.tasks.mae import knn_accuracy
-from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg
+from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg, run_process
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
@@ -127,7 +126,7 @@ def test_dit_eval_peak_memory_does_not_grow_with_the_test_split():
     # the peak resident memory only if evaluation holds more than a batch at once (one classifier pass over all
     # 1,000 images held about 300 MiB more).
     script = RSS_PROBE.format(tests=str(REPO / "tests"), repo=str(REPO), sizes=(100, 1000))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+    out = run_process([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     small, large = (int(line) for line in out.stdout.split())
@@ -215,6 +214,7 @@ def bf16_dit(tmp_path_factory):
     return run_dir / "checkpoints" / "last.ckpt", metrics
 
 
+@pytest.mark.slow
 def test_bf16_true_dit_run_keeps_and_saves_a_float32_ema(bf16_dit):
     path, metrics = bf16_dit
     assert {"test/fid", "test/sample_acc", "test/fid_untrained"} <= set(metrics)
@@ -331,6 +331,7 @@ TASK_MISTAKES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task_name,args,needle", TASK_MISTAKES, ids=[" ".join(m[1]) for m in TASK_MISTAKES])
 def test_task_mistakes_are_refused_by_the_tasks_check(task_name, args, needle):
     with pytest.raises(UserError) as e:
@@ -374,6 +375,7 @@ def test_sampling_tool_mistakes(args, needle, bf16_dit, tmp_path):
     assert not (tmp_path / "samples.npz").exists()
 
 
+@pytest.mark.slow
 def test_sampling_tool_prints_mistakes_without_a_traceback(no_dropout_ckpt, tmp_path):
     out = run_tool("sample", f"ckpt={no_dropout_ckpt}", "cfg_scale=4", "device=cpu", f"out={tmp_path}")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]

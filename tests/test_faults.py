@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pixelformer.checkpoint import read_checkpoint
-from conftest import QUIET, REPO, TINY_MODEL
+from conftest import QUIET, REPO, TINY_MODEL, spawn
 
 ARGS = [*QUIET, *TINY_MODEL, "trainer.precision=32-true", "trainer.eval_every_steps=50", "trainer.max_steps=150",
         "trainer.ckpt_every_steps=3", "trainer.log_every_steps=5", "data.batch_size=32", "data.augment=crop_flip",
@@ -21,7 +21,7 @@ ARGS = [*QUIET, *TINY_MODEL, "trainer.precision=32-true", "trainer.eval_every_st
 
 def start(run_dir, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), *ARGS, f"run.dir={run_dir}", *extra],
+    return spawn([sys.executable, str(REPO / "tools" / "train.py"), *ARGS, f"run.dir={run_dir}", *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUIET, REPO, TINY_MODEL
+from conftest import QUIET, REPO, TINY_MODEL, run_process
 
 TINY_RUN = [*QUIET, *TINY_MODEL, "trainer.max_steps=1", "trainer.precision=32-true", "trainer.eval_every_epochs=null"]
 
@@ -22,7 +22,7 @@ def _source_copy(dest: Path) -> Path:
     """The checkout's files (tracked, and untracked but not ignored) copied to ``dest``: the wheel is built there, so
     the build leaves no ``build/`` or ``*.egg-info`` in the checkout that others are working in."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+        listed = run_process(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                                 capture_output=True, check=True).stdout.decode().split("\0")
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: all but what .gitignore names
         skip = {".git", ".venv", "runs", "data", "build", "dist", "wandb", ".pytest_cache", "__pycache__"}
@@ -50,12 +50,13 @@ def _source_copy(dest: Path) -> Path:
 def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     source = _source_copy(tmp / "src")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+    run_process([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                     "--no-index", "-q", "-w", str(tmp / "dist")], check=True, capture_output=True, timeout=300)
     (built,) = (tmp / "dist").glob("pixelformer-*.whl")
     return built
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_every_config_and_only_the_package(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "pixelformer/configs/defaults.yaml" in names
@@ -88,12 +89,12 @@ def test_an_installed_wheel_trains_outside_the_checkout(wheel, tmp_path):
     the wheel installed: the console command and the Python API train from a folder outside the checkout."""
     base = getattr(sys, "_base_executable", None) or sys.executable
     venv = tmp_path / "venv"
-    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    run_process([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     # pip from this environment installs into the fresh one (before the .pth exists: it sees no other pixelformer)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+    run_process([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
                     str(wheel)], check=True, capture_output=True, timeout=300)
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = Path(run_process([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     # Plain path lines: the checkout's editable-install finder (an __editable__*.pth there) is not activated.
     ours = dict.fromkeys(p for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]) if p)
@@ -106,7 +107,7 @@ def test_an_installed_wheel_trains_outside_the_checkout(wheel, tmp_path):
                PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
-        out = subprocess.run(list(cmd), cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        out = run_process(list(cmd), cwd=work, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return out
 

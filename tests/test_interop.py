@@ -241,6 +241,7 @@ def test_dit_init_from_a_dit_checkpoint_starts_from_its_ema(dit_ckpt, tmp_path, 
     assert "from the EMA weights" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_dit_init_from_an_encoder_checkpoint_is_refused_in_one_line(tmp_path):
     backbone = create_backbone("pit_mini", **SMALL, num_classes=10)
     torch.save({"model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
@@ -263,6 +264,7 @@ def test_init_from_into_a_task_module_without_an_encoder_is_refused():
         get_task("cls").init_from(nn.Linear(2, 2), "any.ckpt")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_layout_fix_warns_and_still_resumes(tmp_path):
     # Format 1 checkpoints were written with the transposed sin-cos table, which is never saved: only the format can
     # tell them apart, so reading one says so instead of silently running with other positions.

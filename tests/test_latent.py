@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -18,7 +17,7 @@ from pixelformer.data import DataInfo
 from pixelformer.diffusion import latent_geometry, load_vae
 from pixelformer.engine import fit
 from pixelformer.task import get_task
-from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg
+from conftest import QUIET, REPO, TINY_MODEL, run_tool, tiny_cfg, run_process
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +59,7 @@ def test_the_denoiser_works_on_latents_and_decodes_to_images(tiny_vae):
     assert get_task("dit").build_module(scaled, DataInfo("digits", 10, 1, 8, (0.5,), (0.25,))).latent_scale == 0.18215
 
 
+@pytest.mark.slow
 def test_latent_training_lowers_the_loss_then_samples_images(tiny_vae, tmp_path):
     run_dir = tmp_path / "latent"
     clf = tmp_path / "clf"
@@ -80,7 +80,7 @@ def test_latent_training_lowers_the_loss_then_samples_images(tiny_vae, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert np.load(tmp_path / "sampled" / "samples.npz")["arr_0"].shape == (6, 8, 8, 1)
     # the sampling benchmark times a latent run with its decoding
-    bench = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampling.py"), "--ckpt",
+    bench = run_process([sys.executable, str(REPO / "benchmarks" / "sampling.py"), "--ckpt",
                             str(run_dir / "checkpoints" / "last.ckpt"), "--batch", "4", "--repeats", "1"],
                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bench.returncode == 0, bench.stderr[-2000:]
@@ -123,6 +123,7 @@ def test_inception_fid_needs_no_classifier_and_reports_no_sample_accuracy(tmp_pa
     assert calls and all(c[0] == "inception" and c[1] is None and c[2] == "inception.pth" for c in calls)
 
 
+@pytest.mark.slow
 def test_cached_latents_are_written_once_checked_and_trained_on(tiny_vae, tmp_path):
     cache_dir = tmp_path / "cache"
     args = ("task=dit", f"task.latent.vae={tiny_vae}", "task.latent.cache=true", f"task.latent.cache_dir={cache_dir}",
@@ -202,6 +203,7 @@ VAE_RUN = ("task=vae", "task.block_out_channels=[8,16]", "task.norm_num_groups=8
            "data.batch_size=32", "optim.lr=3e-3", "optim.warmup_epochs=0", "trainer.log_every_steps=5")
 
 
+@pytest.mark.slow
 def test_a_vae_trained_here_reconstructs_and_a_latent_dit_trains_on_it(tmp_path):
     # task=vae trains an AutoencoderKL on the run's data; its checkpoint is what task.latent.vae points at, with
     # the scaling factor the run measured (unit-variance latents, as SD's 0.18215 gives for its VAE).
@@ -239,6 +241,7 @@ def test_a_vae_trained_here_reconstructs_and_a_latent_dit_trains_on_it(tmp_path)
         fit(tiny_cfg(tmp_path / "bad", "task=vae", "task.block_out_channels=[8,8,8,8,8]", "task.norm_num_groups=8"))
 
 
+@pytest.mark.slow
 def test_latent_and_vae_mistakes_are_refused_before_training(tiny_vae, tmp_path, monkeypatch):
     # The "Latent diffusion and VAE" rows of docs/bad-input.md, each refused with its key, value and fix.
     from diffusers import AutoencoderKL

@@ -139,6 +139,7 @@ def test_set_grid_size_rebuilds_the_mask():
     torch.testing.assert_close(m(x), reference_attention(m, x, m.dense_mask(x.device)), atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile", [None, (2, 4), "auto"])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_path_equals_masked_attention(tile):
@@ -150,6 +151,7 @@ def test_flex_path_equals_masked_attention(tile):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_flex_equals_masked_attention_and_tiles_equal_raster():
     raster = make("flex", grid=(12, 12), kernel=5, tile=None)
     tiled = make("flex", grid=(12, 12), kernel=5, tile=(4, 8))

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import select
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -12,14 +11,15 @@ from types import SimpleNamespace
 import pytest
 
 from pixelformer.console import ProgressLog
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, run_process, spawn
 
 ARGS = [*TINY_MODEL, "trainer.max_steps=10", "trainer.eval_every_steps=5", "trainer.log_every_steps=5",
         "trainer.eval_every_epochs=null", "logger=disabled", "trainer.accelerator=cpu"]
 
 
+@pytest.mark.slow
 def test_without_a_terminal_progress_is_plain_lines(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), *ARGS, f"run.dir={tmp_path}"],
+    out = run_process([sys.executable, str(REPO / "tools" / "train.py"), *ARGS, f"run.dir={tmp_path}"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "\r" not in out.stdout + out.stderr  # no carriage-return bar in a log file
@@ -37,6 +37,7 @@ def test_without_a_terminal_progress_is_plain_lines(tmp_path):
         {"depth": 1, "width": 32, "heads": 2, "tokens": 65}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal (pty) with a window size")
 def test_in_a_terminal_evaluation_lines_clear_the_bar_first(tmp_path):
     import fcntl
@@ -46,7 +47,7 @@ def test_in_a_terminal_evaluation_lines_clear_the_bar_first(tmp_path):
 
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws nothing at 0 columns
-    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), *ARGS, f"run.dir={tmp_path}"],
+    proc = spawn([sys.executable, str(REPO / "tools" / "train.py"), *ARGS, f"run.dir={tmp_path}"],
                             stdin=follower, stdout=follower, stderr=follower,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     os.close(follower)

@@ -86,6 +86,7 @@ def mae_run(tmp_path_factory):
     return run_dir, metrics
 
 
+@pytest.mark.slow
 def test_tiny_mae_run_lowers_its_reconstruction_loss(mae_run):
     run_dir, metrics = mae_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -103,6 +103,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_a_run_resumed_in_the_middle_of_a_phase_ends_on_the_same_weights(tmp_path, monkeypatch):
     # 30 steps: 4x4 images until step 15, half the tokens dropped (linearly fewer) until step 24, then all of them
     straight = fit(tiny_cfg(tmp_path / "straight", *ARGS))
@@ -130,6 +131,7 @@ def test_a_run_resumed_in_the_middle_of_a_phase_ends_on_the_same_weights(tmp_pat
 
 
 
+@pytest.mark.slow
 def test_mae_pretrains_at_a_lower_resolution_first(tmp_path):
     run = tmp_path / "mae"
     metrics = fit(tiny_cfg(run, "task=mae", "data.limit_train=128", "data.batch_size=32", "trainer.max_steps=6",

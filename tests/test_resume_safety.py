@@ -20,7 +20,7 @@ from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import TrainingInterrupted, fit, resolve_run_dir
 from pixelformer.tracking import JSONLLogger
 from pixelformer.run import RunDirLock, compose_for_resume
-from conftest import QUIET, REPO, TINY_MODEL, on_step, run_tool, tiny_cfg
+from conftest import QUIET, REPO, TINY_MODEL, on_step, run_tool, tiny_cfg, spawn
 
 FAST = ("data.limit_train=128", "data.limit_test=32", "data.batch_size=16")
 
@@ -71,6 +71,7 @@ def test_a_kill_between_last_and_best_is_repaired_on_resume(run_dir, monkeypatch
 
 
 # ------------------------------------------------------------------------------------------ 2. exact logs
+@pytest.mark.slow
 def test_a_resumed_run_logs_the_same_training_records(tmp_path, monkeypatch):
     # Logging windows (every 4 steps) straddle the checkpoint (step 6); two micro-batches per step.
     args = (*FAST, "trainer.max_steps=12", "trainer.log_every_steps=4", "trainer.ckpt_every_steps=6",
@@ -87,6 +88,7 @@ def test_a_resumed_run_logs_the_same_training_records(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ 3. finished run
+@pytest.mark.slow
 def test_resuming_a_finished_run_returns_its_metrics_without_evaluating(run_dir, monkeypatch):
     args = (*FAST, "trainer.max_steps=4", "trainer.log_every_steps=2")
     metrics = fit(tiny_cfg(run_dir, *args))
@@ -139,6 +141,7 @@ def test_a_run_without_last_ckpt_is_not_overwritten(tmp_path):
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 1
 
 
+@pytest.mark.slow
 def test_the_suggested_fix_continues_from_best(run_dir):
     args = (*FAST, "trainer.max_steps=4", "trainer.eval_every_steps=2")
     fit(tiny_cfg(run_dir, *args))
@@ -164,9 +167,10 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_a_run_directory_in_use_is_refused_and_a_dead_holder_does_not_block(run_dir):
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
+    holder = spawn([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -233,9 +237,9 @@ SIGNAL_ARGS = [*QUIET, *TINY_MODEL, *FAST, "trainer.precision=32-true", "trainer
 
 def train_process(*args):
     # A session of its own, so that a signal can go to its whole process group, as SLURM and terminals send it.
-    return subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), *args], cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return spawn([sys.executable, str(REPO / "tools" / "train.py"), *args], cwd=REPO,
+                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 text=True)
 
 
 def wait_for_records(proc, run_dir, timeout=120):
@@ -247,6 +251,7 @@ def wait_for_records(proc, run_dir, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     run_dir = tmp_path / "stopped"
     proc = train_process(*SIGNAL_ARGS, "data.num_workers=1", f"run.dir={run_dir}")
@@ -288,6 +293,7 @@ def test_sigterm_to_one_ddp_process_stops_both_at_the_same_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ 7. config changes
+@pytest.mark.slow
 def test_a_resume_keeps_the_recipe_and_names_each_changed_key(run_dir):
     args = (*FAST, "trainer.max_steps=2")
     fit(tiny_cfg(run_dir, *args))
@@ -318,6 +324,7 @@ def test_a_resume_keeps_the_recipe_and_names_each_changed_key(run_dir):
     assert ckpt["progress"]["step"] == 3 and ckpt["config"]["trainer"]["precision"] == "32-true"
 
 
+@pytest.mark.slow
 def test_a_resume_command_needs_only_the_run_dir(run_dir):
     fit(tiny_cfg(run_dir, *FAST, "trainer.max_steps=2", "optim.lr=0.003"))
     saved = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["config"]
@@ -386,12 +393,14 @@ def test_pictures_are_drawn_in_eval_mode_without_gradients(run_dir, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------ 11. tool output
+@pytest.mark.slow
 def test_a_build_error_is_printed_without_the_config(run_dir):
     out = run_tool("train", *QUIET, "model=vit_mini", "model.patch_size=3", f"run.dir={run_dir}")
     assert out.returncode == 2 and "img_size 8 is not divisible by patch_size 3" in out.stderr
     assert "Traceback" not in out.stderr and "task:" not in out.stdout and "---" not in out.stdout
 
 
+@pytest.mark.slow
 def test_an_unwritable_metrics_file_at_start_is_one_clear_line(tmp_path):
     # A directory where metrics.jsonl should be: the run stops before training, naming the file, without a traceback.
     run_dir = tmp_path / "run"

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from conftest import run_process
 
 from pixelformer.runtime import tune_cpu_allocator
 
@@ -27,11 +28,12 @@ print(json.dumps({"tuned": tuned, "reported": cpu_allocator_tuned(), "faults": s
 
 
 def _probe(mode: str, **env: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True,
+    out = run_process([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True,
                          env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_tuned_allocator_stops_page_faults_per_step():
     system, tuned = _probe("system"), _probe("tuned")
@@ -43,6 +45,7 @@ def test_tuned_allocator_stops_page_faults_per_step():
     assert tuned["faults"] < 200, (system, tuned)
 
 
+@pytest.mark.slow
 def test_system_setting_leaves_malloc_alone():
     result = _probe("tuned", PIXELFORMER_CPU_ALLOCATOR="system")
     assert result == {"tuned": False, "reported": False, "faults": result["faults"]}

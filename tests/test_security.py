@@ -111,6 +111,7 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
 # ------------------------------------------------------------------------------------------------ interpolation
 @pytest.mark.parametrize("text", ["${oc.env:HOME}", "${oc.env:HOME}/data", "a\\${x}", "\\\\${oc.env:HOME}", "${",
                                   "$HOME", "x\\y", "${oc.decode:'[1, 2]'}", "${run.dir}"])
+@pytest.mark.slow
 def test_stored_configs_are_read_literally(tmp_path, text):
     saved = to_plain(tiny_cfg(tmp_path / "run"))
     saved["data"]["root"] = text

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ from pixelformer.engine import evaluate_checkpoint, fit
 from pixelformer.saved import load_run
 from pixelformer.task import EvalContext, get_task, list_tasks
 from pixelformer.trainer import EMA, eval_loaders, run_evaluation
-from conftest import QUIET, TINY_MODEL, tiny_cfg
+from conftest import QUIET, TINY_MODEL, tiny_cfg, run_process
 
 # Per task, what makes it tiny and quick (the model itself is tiny_cfg's 1-block, 32-wide PiT).
 QUICK = {
@@ -56,6 +55,7 @@ def test_task_builds_trains_and_evaluates_its_monitored_metric(name, tmp_path):
     assert mode in ("min", "max") and monitor in metrics and math.isfinite(metrics[monitor])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_tasks())
 def test_task_checkpoint_round_trips(name, tmp_path):
     run_dir = tmp_path / "run"
@@ -117,6 +117,7 @@ class ReconTask(Task):
 '''
 
 
+@pytest.mark.slow
 def test_a_fourth_task_plugs_in_through_an_entry_point(tmp_path):
     # A package of the user's own, found through the pixelformer.tasks entry-point group: no pixelformer file changes.
     site = tmp_path / "site"
@@ -131,7 +132,7 @@ def test_a_fourth_task_plugs_in_through_an_entry_point(tmp_path):
               "from pixelformer import compose, fit\nfrom pixelformer.task import list_tasks\n"
               f"assert list_tasks() == {sorted([*list_tasks(), 'recon'])!r}, list_tasks()\n"
               f"print(fit(compose({args!r})))\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    out = run_process([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "'test/loss'" in out.stdout and (tmp_path / "run" / "eval.json").exists()

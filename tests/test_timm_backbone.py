@@ -208,6 +208,7 @@ def test_features_only_through_timm():
     assert len(net.model.blocks) == 4  # pruned after the last index asked for
 
 
+@pytest.mark.slow
 def test_pretrained_cfg_follows_the_model_and_the_data(tmp_path):
     model = timm.create_model("pixelformer_vit_tiny", img_size=16, in_chans=1, num_classes=7)
     data = resolve_data_config({}, model=model)
@@ -251,6 +252,7 @@ def test_timm_create_model_loads_a_pixelformer_checkpoint(tmp_path, task, prefix
 
 
 # ------------------------------------------------------------------------ 5. the registry sizes every task
+@pytest.mark.slow
 def test_describe_backbone_reads_the_built_model():
     for name in list_backbones():
         arch = describe_backbone(name, img_size=16, in_chans=3)

@@ -17,6 +17,7 @@ def test_wandb_offline_writes_a_local_run(run_dir, monkeypatch):
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # 3 train records + final eval
 
 
+@pytest.mark.slow
 def test_checkpoints_are_uploaded_as_wandb_artifacts_when_asked(run_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(run_dir))

@@ -11,6 +11,7 @@ from pixelformer.engine import NonFiniteLossError, fit
 from conftest import on_step, run_tool, tiny_cfg
 
 
+@pytest.mark.slow
 def test_tiny_training_run_beats_chance(run_dir):
     # 1 block, 32 wide, 8 epochs: 57-66 % over seeds 0-2; chance is 10 %.
     metrics = fit(tiny_cfg(run_dir, "trainer.max_epochs=8", "optim.lr=3e-3", "optim.warmup_epochs=1",
@@ -38,6 +39,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = fit(tiny_cfg(tmp_path / "straight", *RESUME_ARGS))
 
@@ -62,6 +64,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypa
     assert steps == sorted(set(steps))
 
 
+@pytest.mark.slow
 def test_on_device_data_gives_the_same_run(tmp_path, monkeypatch):
     # Dropout draws from the global RNG and the run ends mid-epoch: any difference in batches or RNG use would show.
     args = ("data.limit_train=256", "data.batch_size=32", "trainer.accumulate_grad_batches=2", "model.drop_rate=0.1",
@@ -152,6 +155,7 @@ def test_unreadable_checkpoints_are_named(tmp_path):
         read_checkpoint(foreign)
 
 
+@pytest.mark.slow
 def test_eval_tool_rebuilds_the_model_from_the_checkpoint(run_dir):
     metrics = fit(tiny_cfg(run_dir, "trainer.max_epochs=2", "model.pos_embed=learned"))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -188,6 +192,7 @@ def test_a_bounded_number_of_non_finite_steps_can_be_skipped(run_dir, monkeypatc
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path):
     args = ("trainer.max_steps=15", "data.augment=crop_flip", "model.drop_rate=0.1", "run.seed=3")
     assert fit(tiny_cfg(tmp_path / "a", *args)) == fit(tiny_cfg(tmp_path / "b", *args))
@@ -206,6 +211,7 @@ def test_unwritable_run_dir_is_refused(tmp_path):
         fit(tiny_cfg(blocker / "run", "trainer.max_steps=1"))
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_its_checkpoint_resumes_eagerly(tmp_path):
     # trainer.compile wraps the task module in torch.compile; checkpoints must still hold plain parameter names.
     common = ["trainer.max_steps=4", "trainer.eval_every_steps=4", "data.limit_train=128", "data.batch_size=32"]
