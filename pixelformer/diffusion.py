@@ -10,11 +10,13 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Literal, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Literal, Optional
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
+
+if TYPE_CHECKING:  # diffusers is imported where a scheduler is built: a run of another task does not pay its import
+    from diffusers import DDPMScheduler
 
 __all__ = ["SAMPLERS", "build_sampling_scheduler", "build_train_scheduler", "guided_output", "latent_geometry",
            "learned_range_log_variance", "load_vae", "sample", "sample_chunks", "variational_bound"]
@@ -24,6 +26,8 @@ SAMPLERS = ("ddpm", "ddim", "dpm")
 
 def build_train_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear") -> DDPMScheduler:
     """The forward process: DiT's linear beta schedule (1e-4 -> 2e-2) over 1,000 steps by default."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                          prediction_type="epsilon", clip_sample=True)
 
@@ -33,6 +37,8 @@ def build_sampling_scheduler(train_config: dict, sampler: Literal["ddpm", "ddim"
     """A sampler on the training schedule: ``ddpm`` (ancestral), ``ddim`` (eta 0) or ``dpm`` (DPM-Solver++ 2M).
     With ``learned_variance`` DDPM takes each step's variance from the denoiser's second half of channels (DiT's
     learned sigma); DDIM and DPM-Solver++ are deterministic and use the noise half only."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
     if sampler == "ddpm":
         extra = {"variance_type": "learned_range"} if learned_variance else {}
         return DDPMScheduler.from_config(train_config, **extra)
