@@ -24,6 +24,7 @@ step count (same images, same schedule length) instead of the same time, into ``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -118,7 +119,16 @@ def run_point(task: str, model: str, seed: int, budget_s: float, limit_test: int
     return dict(task=task, model=model, seed=seed, budget_s=budget_s, step_s_calibrated=per_step, steps=steps,
                 batch=batch, images_seen=steps * batch, train_s=trained[-1]["time"] - started if trained else None,
                 total_s=total, metrics=report["metrics"], params=report.get("architecture", {}).get("params"),
-                limit_test=limit_test, args=args, machine=machine(), calibrated_on=calibrated_on, steps_of=steps_of)
+                limit_test=limit_test, args=args, machine=machine(), calibrated_on=calibrated_on, steps_of=steps_of,
+                **({"classifier": classifier_identity(classifier)} if task == "dit" else {}))
+
+
+def classifier_identity(path: Path) -> dict:
+    """Which classifier gave a DiT point its FID: the checkpoint's sha256 and its top-1. FIDs compare only on one
+    classifier's features, and a classifier rebuilt on another CPU differs (its float rounding does)."""
+    report = json.loads((path.parent.parent / "eval.json").read_text())
+    return dict(sha256=hashlib.sha256(path.read_bytes()).hexdigest()[:16], acc1=report["metrics"].get("test/acc1"),
+                cpu=machine()["cpu"])
 
 
 def machine() -> dict:
@@ -202,8 +212,8 @@ def section(summary: dict) -> str:
              "run of it gets the steps that fit, so its cosine schedule ends on time and a run on another machine "
              f"trains the same steps (runs made on: {', '.join(machines)}). `cls`: top-1 on the first 2,000 test "
              "images; `dit`: FID on the features of the "
-             "`pit_mini` seed-0 classifier of this experiment, on 100 samples (DPM-Solver++, 20 steps), so compare "
-             "FIDs only with each other.", "",
+             f"`pit_mini` seed-0 classifier of this experiment{_classifier_words(points)}, on 100 samples "
+             "(DPM-Solver++, 20 steps), so compare FIDs only with each other.", "",
              "Command: `python benchmarks/equal_time.py --task cls --seeds 0,1,2`, `--task dit --seeds 0,1,2`, "
              "`--task cls --equal-steps`, then "
              "`--report`. Cost: one budget per point plus evaluation.", "",
@@ -222,6 +232,18 @@ def section(summary: dict) -> str:
                   "local attention and token merging cost per step, apart from the extra steps they buy."]
     lines += ["", *verdicts(summary), "", "![equal_time.png](equal_time/equal_time.png)", ""]
     return "\n".join(lines)
+
+
+def _classifier_words(points: list[dict]) -> str:
+    """Names the FID classifier of the DiT points; says so plainly when they used more than one."""
+    used = {p["classifier"]["sha256"]: p["classifier"] for p in points if p["task"] == "dit" and "classifier" in p}
+    if len(used) == 1:
+        (one,) = used.values()
+        return f" (top-1 {one['acc1']:.2f} %, trained on {one['cpu']}, sha256 {one['sha256']}...)"
+    if len(used) > 1:
+        return (f" — **the DiT points used {len(used)} different classifiers, so their FIDs do not compare**: rerun "
+                "them with one (`--task dit`, after removing their files)")
+    return ""
 
 
 def verdicts(summary: dict) -> list[str]:
