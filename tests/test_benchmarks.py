@@ -1,5 +1,6 @@
 """The throughput benchmark's core runs on a tiny model and counts FLOPs as documented (no timing thresholds)."""
 import importlib.util
+import json
 import math
 from dataclasses import asdict
 import sys
@@ -146,3 +147,44 @@ def test_time_to_accuracy_clocks_each_phase_at_its_own_step_time():
     assert flops == tta.BATCH * (40 * 10 + 50 * 30 + 10 * 100)
     curve = [dict(acc1=a, calibrated_s=t) for a, t in ((50, 1), (84.9, 2), (85.0, 3), (90, 4))]
     assert tta.crossing(curve, 85.0)["calibrated_s"] == 3 and tta.crossing(curve, 95) is None
+
+
+def _equal_time(monkeypatch, out: Path):
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_equal_time", SCRIPT.parent / "equal_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "OUT", out)
+    return module
+
+
+def _point(task, model, seed, value, steps, sha="aaaa"):
+    metric = {"cls": "test/acc1", "dit": "test/fid"}[task]
+    point = dict(task=task, model=model, seed=seed, budget_s=720.0, step_s_calibrated=720.0 / steps, steps=steps,
+                 batch=32, images_seen=steps * 32, train_s=700.0, total_s=800.0, metrics={metric: value},
+                 machine=dict(cpu="Test CPU", threads=1, cores=2), calibrated_on=dict(cpu="Test CPU"), steps_of=None)
+    if task == "dit":
+        point["classifier"] = dict(sha256=sha, acc1=30.45, cpu="Test CPU")
+    return point
+
+
+def test_equal_time_report_reads_the_verdicts_off_the_points_and_names_the_fid_classifier(tmp_path, monkeypatch):
+    bench = _equal_time(monkeypatch, tmp_path)
+    for task in ("cls", "dit"):
+        (tmp_path / task).mkdir()
+    for seed, (glob, local) in enumerate(((25.0, 40.0), (27.0, 42.0))):
+        for model, value, steps in (("pit_mini", glob, 100), ("pit_local_mini", local, 150)):
+            (tmp_path / "cls" / f"{model}-s{seed}.json").write_text(json.dumps(_point("cls", model, seed, value, steps)))
+    for model, fid, steps in (("pit_mini", 20.0, 90), ("pit_hourglass_mini", 25.0, 250)):
+        (tmp_path / "dit" / f"{model}-s0.json").write_text(json.dumps(_point("dit", model, 0, fid, steps)))
+    bench.report()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cls"]["pit_local_mini"]["mean"] == 41.0 and summary["cls"]["pit_mini"]["std"] > 0
+    section = (tmp_path / "section.md").read_text()
+    assert "`pit_local_mini` beats the global `pit_mini` (41.00 vs 26.00) with 1.5x its steps" in section
+    assert "`pit_hourglass_mini` loses to the global `pit_mini` (25.00 vs 20.00)" in section  # FID: lower is better
+    assert "top-1 30.45 %, trained on Test CPU, sha256 aaaa" in section and "do not compare" not in section
+
+    # A DiT point on another classifier: the section says its FIDs do not compare.
+    (tmp_path / "dit" / "pit_mini-s1.json").write_text(json.dumps(_point("dit", "pit_mini", 1, 21.0, 90, sha="bbbb")))
+    bench.report()
+    assert "used 2 different classifiers, so their FIDs do not compare" in (tmp_path / "section.md").read_text()
