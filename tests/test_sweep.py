@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_tool, run_process, spawn
+from pixelformer.cli import report as report_cli
+from pixelformer.cli import sweep as sweep_cli
 from pixelformer.config import compose
 from pixelformer.errors import UserError
 from pixelformer.sweep import SCALES, list_experiments, load_experiment, plan, summary_is_current
@@ -92,12 +94,13 @@ def test_a_wrong_experiment_file_is_named(tmp_path, text, message):
 
 @pytest.mark.slow
 def test_unknown_names_are_refused_in_one_line():
+    # One as a user sees it (exit status 2, no traceback); the others in-process: the same main(), no start-up.
     result = run_tool("sweep", "experiment=patch_sise", "scale=small")
     assert result.returncode == 2 and "Did you mean: patch_size" in result.stderr and "Traceback" not in result.stderr
-    result = run_tool("sweep", "experiment=patch_size", "scale=paper", "launcher=cluster")
-    assert result.returncode == 2 and "launcher=cluster: choose one of local, slurm, debug" in result.stderr
-    result = run_tool("sweep", "experiment=patch_size", "scale=tiny")
-    assert result.returncode == 2 and "scale=tiny" in result.stderr
+    with pytest.raises(UserError, match="^launcher=cluster: choose one of local, slurm, debug$"):
+        sweep_cli.main(["experiment=patch_size", "scale=paper", "launcher=cluster"])
+    with pytest.raises(UserError, match="^scale=tiny: choose one of small, medium, large, paper$"):
+        sweep_cli.main(["experiment=patch_size", "scale=tiny"])
 
 
 def _sweep(exp: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -106,7 +109,7 @@ def _sweep(exp: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tmp_path):
+def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tmp_path, capsys):
     # one seed: the first point finishes, the second is killed mid-run
     exp = write_experiment(tmp_path / "grid.yaml", max_steps=24, seeds="[0]")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -142,13 +145,14 @@ def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tm
     assert summaries["patch_size2-s0"]["stages"]["train"]["flops_per_image"] > \
         summaries["patch_size4-s0"]["stages"]["train"]["flops_per_image"]
 
-    again = run_process(_sweep(exp, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("finished, skipped") == 2 and "started" not in again.stdout
+    # Started again with every point done: nothing runs (in-process: the same main() as the program, no start-up).
+    assert sweep_cli.main(_sweep(exp, tmp_path)[2:]) in (0, None)
+    again = capsys.readouterr().out
+    assert again.count("finished, skipped") == 2 and "started" not in again
 
     # The report needs the summaries only: the run directories can go.
     shutil.rmtree(tmp_path / "runs")
-    report = run_tool("report", f"out={tmp_path / 'out'}")
-    assert report.returncode == 0, report.stderr
+    assert report_cli.main([f"out={tmp_path / 'out'}"]) in (0, None)
     readme = (tmp_path / "out" / "README.md").read_text()
     accuracy = summaries["patch_size2-s0"]["metrics"]["test/acc1"]
     row = next(line for line in readme.splitlines() if line.startswith("| patch_size2 | 16 |"))
