@@ -20,7 +20,11 @@ Run from the repository root (``apt-get install dataset-fashion-mnist`` first)::
     python benchmarks/time_to_accuracy.py --report     # summary.json, time_to_accuracy.png, section.md
 
 A finished point writes ``docs/results/time_to_accuracy/points/<variant>-s<seed>.json`` (``--commit``: and commits
-it) and is skipped when started again with the same arguments; an interrupted run resumes (``resume=auto``).
+it) and is skipped when started again with the same arguments; an interrupted run resumes (``resume=auto``). A plain
+point takes longer than a session: ``--persist-min 20 --commit`` commits its resumable state every 20 minutes under
+``inflight/``, and a start on a new machine continues from there::
+
+    nohup python benchmarks/time_to_accuracy.py --variants plain --seeds 0 --commit --persist-min 20 > tta.log 2>&1 &
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -187,11 +192,15 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
                   f"trainer.eval_every_steps={args.eval_every}", f"data.limit_test={args.eval_images}",
                   "resume=auto"]
     env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if DEVICE == "cpu" else {})}
+    kept = OUT / "inflight" / f"{variant}-s{seed}"
+    if restore(kept, run_dir):
+        print(f"{variant} seed {seed}: continuing from the committed state in {kept}", flush=True)
     started = time.time()
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *train_args], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{variant} seed {seed} failed:\n{done.stderr[-3000:]}")
+    train = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *train_args], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = _wait_persisting(train, run_dir, kept, args.persist_min * 60, args.commit, f"{variant} seed {seed}")
+    if train.returncode != 0:
+        raise SystemExit(f"{variant} seed {seed} failed:\n{stderr[-3000:]}")
     full = run_dir / "full_test.json"
     last = run_dir / "checkpoints" / "last.ckpt"
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), f"ckpt={last}",
@@ -215,6 +224,72 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
                 curve=curve, train_s_calibrated=seconds[-1], train_flops=flops,
                 final_acc1=json.loads(full.read_text())["metrics"]["test/acc1"], total_s=time.time() - started,
                 args=train_args, machine=machine())
+
+
+# ------------------------------------------------------------------ a run longer than a session, through git
+# A plain-recipe point takes hours on one CPU thread, longer than a session, and only what is committed outlives one:
+# so the run's resumable state (config, metrics, checkpoints, ~5 MB for pit_mini) is copied into OUT/inflight/ and
+# committed every --persist-min minutes, restored into an empty run directory on the next start, and removed in the
+# commit of the finished point.
+RESUMABLE = ("config.yaml", "metrics.jsonl", "checkpoints/last.ckpt", "checkpoints/best.ckpt")
+
+
+def persist(run_dir: Path, kept: Path) -> bool:
+    """Copy ``run_dir``'s resumable files into ``kept`` (each replaced whole); False while there is no checkpoint."""
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return False
+    for name in RESUMABLE:
+        source, target = run_dir / name, kept / name
+        if source.is_file():  # the run replaces its checkpoints by rename: an open file is always a whole one
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target.with_suffix(target.suffix + ".tmp"))
+            os.replace(target.with_suffix(target.suffix + ".tmp"), target)
+    return True
+
+
+def restore(kept: Path, run_dir: Path) -> bool:
+    """Put a committed state back where a run directory was lost (a new machine); never over a live one."""
+    if (run_dir / "checkpoints" / "last.ckpt").exists() or not (kept / "checkpoints" / "last.ckpt").is_file():
+        return False
+    for name in RESUMABLE:
+        if (kept / name).is_file():
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept / name, run_dir / name)
+    return True
+
+
+def git_commit(paths: list[Path], message: str) -> None:
+    """Commit exactly ``paths`` (additions and removals), retrying while another commit holds the index."""
+    for attempt in range(10):
+        add = subprocess.run(["git", "add", "-A", "--", *map(str, paths)], cwd=ROOT, capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "commit", "-q", "-m", message, "--", *map(str, paths)], cwd=ROOT, capture_output=True,
+            text=True).returncode == 0
+        if done:
+            return
+        time.sleep(5 * (attempt + 1))
+    print(f"warning: could not commit {', '.join(map(str, paths))}", file=sys.stderr, flush=True)
+
+
+def _wait_persisting(train: subprocess.Popen, run_dir: Path, kept: Path, every_s: float, commit: bool,
+                     name: str) -> str:
+    """Wait for the training process, keeping its state every ``every_s`` seconds (0: never); its stderr."""
+    import threading
+
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(train.stderr.read()), daemon=True)
+    reader.start()
+    while True:
+        try:
+            train.wait(timeout=every_s if every_s > 0 else None)
+            break
+        except subprocess.TimeoutExpired:
+            if persist(run_dir, kept) and commit:
+                step = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1]).get("step", "?")
+                git_commit([kept], f"results: time to accuracy, {name} in flight (step {step}: its state, to resume "
+                                   "on another machine)")
+    reader.join()
+    return "".join(err)
 
 
 def crossing(curve: list[dict], target: float) -> dict | None:
@@ -306,7 +381,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     parser.add_argument("--eval-images", type=int, default=1000, help="test images of each evaluation")
     parser.add_argument("--epochs", default="", help="override a variant's epochs: plain=2,budget=0.5")
-    parser.add_argument("--commit", action="store_true", help="git-commit each finished point")
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished point (and the state of a "
+                        "running one, with --persist-min)")
+    parser.add_argument("--persist-min", type=float, default=0, help="keep a running point's resumable state in "
+                        "OUT/inflight/ every this many minutes (0: never), so a later session continues it")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT, help="where points, calibration and summary go")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run directories go")
@@ -348,11 +426,13 @@ def main() -> None:
             reached = "not reached" if hit is None else f"{hit['calibrated_s'] / 60:.1f} min"
             print(f"{variant} seed {seed}: final {point['final_acc1']:.2f} %, {reached} to {args.target:g} %",
                   flush=True)
+            kept = OUT / "inflight" / f"{variant}-s{seed}"
+            had_state = kept.exists() and subprocess.run(["git", "ls-files", "--error-unmatch", str(kept)], cwd=ROOT,
+                                                          capture_output=True).returncode == 0
+            shutil.rmtree(kept, ignore_errors=True)  # the point holds what matters now
             if args.commit:
-                subprocess.run(["git", "add", str(path), str(OUT / "calibration.json")], cwd=ROOT, check=True)
-                subprocess.run(["git", "commit", "-q", "-m", f"results: time to accuracy, {variant} seed {seed} "
-                                f"(Fashion-MNIST 28x28, {MODEL})", "--", str(path), str(OUT / "calibration.json")],
-                               cwd=ROOT, check=True)
+                git_commit([path, OUT / "calibration.json", *([kept] if had_state else [])],
+                           f"results: time to accuracy, {variant} seed {seed} (Fashion-MNIST 28x28, {MODEL})")
 
 
 if __name__ == "__main__":

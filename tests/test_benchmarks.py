@@ -188,3 +188,41 @@ def test_equal_time_report_reads_the_verdicts_off_the_points_and_names_the_fid_c
     (tmp_path / "dit" / "pit_mini-s1.json").write_text(json.dumps(_point("dit", "pit_mini", 1, 21.0, 90, sha="bbbb")))
     bench.report()
     assert "used 2 different classifiers, so their FIDs do not compare" in (tmp_path / "section.md").read_text()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_continues_a_run_from_its_committed_state_on_a_new_machine(tmp_path, monkeypatch):
+    # A point longer than a session: its state is kept (committed) under inflight/, the machine and its run
+    # directory go, and the next start puts the state back and resumes to the same weights as one straight run.
+    import shutil
+
+    from conftest import on_step, tiny_cfg
+    from pixelformer.checkpoint import read_checkpoint
+    from pixelformer.engine import fit
+
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_tta2", SCRIPT.parent / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    args = ("trainer.max_steps=12", "trainer.ckpt_every_steps=4", "trainer.eval_every_steps=4")
+    straight = fit(tiny_cfg(tmp_path / "straight", *args))
+    run, kept = tmp_path / "run", tmp_path / "inflight" / "plain-s0"
+    assert not tta.persist(run, kept)  # nothing to keep before the first checkpoint
+
+    def stop_at_6(trainer, step):
+        if step == 6:
+            raise _Stop()
+    on_step(monkeypatch, stop_at_6)
+    with pytest.raises(_Stop):
+        fit(tiny_cfg(run, *args))
+    monkeypatch.undo()
+    assert tta.persist(run, kept) and read_checkpoint(kept / "checkpoints" / "last.ckpt")["progress"]["step"] == 4
+    shutil.rmtree(run)  # a new machine: runs/ is not kept
+    assert tta.restore(kept, run) and not tta.restore(kept, run)  # never over a run directory that has a checkpoint
+    resumed = fit(tiny_cfg(run, *args, "resume=auto"))
+    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["model"]
+    b = read_checkpoint(run / "checkpoints" / "last.ckpt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed == straight
