@@ -149,8 +149,9 @@ def _rows(points: list[dict], metric: str) -> dict:
                            steps=[p["steps"] for p in mine], train_s=[p["train_s"] for p in mine],
                            images_seen=[p["images_seen"] for p in mine],
                            step_s=[p["step_s_calibrated"] for p in mine])
-        if metric == "test/fid":
+        if metric == "test/fid":  # 100 samples make a noisy FID: the test loss and sample accuracy go beside it
             rows[model]["sample_acc"] = [p["metrics"].get("test/sample_acc") for p in mine]
+            rows[model]["test_loss"] = [p["metrics"].get("test/loss") for p in mine]
     return rows
 
 
@@ -226,6 +227,19 @@ def section(summary: dict) -> str:
                          f"{', '.join(f'{v:.2f}' for v in row['values'])} | "
                          f"{', '.join(f'{s} ({i:,})' for s, i in zip(row['steps'], row['images_seen']))} | "
                          f"{statistics.mean(row['step_s']):.2f} |")
+    dit = summary.get("dit", {})
+    if dit and all(None not in row.get("test_loss", [None]) for row in dit.values()):
+        lines += ["", "FID on 100 samples moves a lot from seed to seed; the DiT runs' diffusion loss on the test "
+                  "split (the training objective, every test image) and the FID classifier's accuracy on the "
+                  "samples (10 % is chance) say the same thing with less noise:", "",
+                  "| model | test diffusion loss mean ± sd | per seed | sample accuracy (%) per seed |",
+                  "| --- | ---: | --- | --- |"]
+        for model, row in dit.items():
+            losses = row["test_loss"]
+            sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+            lines.append(f"| {model} | {statistics.mean(losses):.4f} ± {sd:.4f} | "
+                         f"{', '.join(f'{v:.4f}' for v in losses)} | "
+                         f"{', '.join('-' if a is None else f'{a:g}' for a in row['sample_acc'])} |")
     if controls:
         lines += ["", "The *equal steps* rows are the control (`--equal-steps`): the cheap families trained for the "
                   "global `pit_mini`'s step count, the same images and schedule length, in less time. They say what "
@@ -265,6 +279,12 @@ def verdicts(summary: dict) -> list[str]:
                          f"({row['mean']:.2f} vs {base['mean']:.2f}) with {steps:.1f}x its steps")
         metric = "top-1" if higher else "FID"
         out.append(f"- `{task}` ({metric}, {len(base['seeds'])} seed(s)): " + "; ".join(parts) + ".")
+        if task == "dit" and all(None not in row.get("test_loss", [None]) for row in rows.values()):
+            loss = {model: statistics.mean(row["test_loss"]) for model, row in rows.items()}
+            out.append("- `dit` by test diffusion loss: " + "; ".join(
+                f"`{model}` {'beats' if value < loss['pit_mini'] else 'loses to'} the global `pit_mini` "
+                f"({value:.4f} vs {loss['pit_mini']:.4f})" for model, value in loss.items() if model != "pit_mini")
+                + ".")
         control = summary.get("equal_steps", {}).get(task, {})
         parts = []
         for model, row in control.items():

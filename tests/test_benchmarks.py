@@ -160,7 +160,8 @@ def _equal_time(monkeypatch, out: Path):
 def _point(task, model, seed, value, steps, sha="aaaa"):
     metric = {"cls": "test/acc1", "dit": "test/fid"}[task]
     point = dict(task=task, model=model, seed=seed, budget_s=720.0, step_s_calibrated=720.0 / steps, steps=steps,
-                 batch=32, images_seen=steps * 32, train_s=700.0, total_s=800.0, metrics={metric: value},
+                 batch=32, images_seen=steps * 32, train_s=700.0, total_s=800.0,
+                 metrics={metric: value, **({"test/loss": value / 100, "test/sample_acc": 12.0} if task == "dit" else {})},
                  machine=dict(cpu="Test CPU", threads=1, cores=2), calibrated_on=dict(cpu="Test CPU"), steps_of=None)
     if task == "dit":
         point["classifier"] = dict(sha256=sha, acc1=30.45, cpu="Test CPU")
@@ -183,6 +184,8 @@ def test_equal_time_report_reads_the_verdicts_off_the_points_and_names_the_fid_c
     assert "`pit_local_mini` beats the global `pit_mini` (41.00 vs 26.00) with 1.5x its steps" in section
     assert "`pit_hourglass_mini` loses to the global `pit_mini` (25.00 vs 20.00)" in section  # FID: lower is better
     assert "top-1 30.45 %, trained on Test CPU, sha256 aaaa" in section and "do not compare" not in section
+    assert "| pit_hourglass_mini | 0.2500 ± 0.0000 | 0.2500 | 12 |" in section  # the less noisy DiT measures
+    assert "`pit_hourglass_mini` loses to the global `pit_mini` (0.2500 vs 0.2000)" in section
 
     # A DiT point on another classifier: the section says its FIDs do not compare.
     (tmp_path / "dit" / "pit_mini-s1.json").write_text(json.dumps(_point("dit", "pit_mini", 1, 21.0, 90, sha="bbbb")))
