@@ -407,7 +407,8 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    keys = {(side, drop) for v in variants
+    # every variant's phases, not only those asked for: all clocks come from one back-to-back calibration
+    keys = {(side, drop) for v in VARIANTS
             for _, side, drop in phases(v, steps_of(args.epochs.get(v, VARIANTS[v][1])))}
     table = calibration(keys)
     (OUT / "points").mkdir(parents=True, exist_ok=True)
