@@ -314,7 +314,7 @@ def verdicts(summary: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=("cls", "dit"), default="cls")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--models", default=",".join(FAMILIES))

@@ -69,7 +69,7 @@ def run_case(attn: Callable, q, k, v, device, backward: bool, min_s: float, max_
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
     p.add_argument("--grids", default="28,64,128", help="grid sides: 28,64,128 = 784 / 4,096 / 16,384 tokens")

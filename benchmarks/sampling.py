@@ -47,7 +47,7 @@ def time_sampler(model: torch.nn.Module, config: dict, labels: torch.Tensor, sha
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat")
     parser.add_argument("--ckpt", help="a dit checkpoint (its EMA weights and shape)")
     parser.add_argument("--model", default="pit_small")

@@ -374,7 +374,7 @@ def section(summary: dict) -> str:
 
 def main() -> None:
     global OUT, RUNS, TRAIN_IMAGES, DEVICE, BATCH, DATA_ROOT
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="plain,budget")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--target", type=float, default=85.0, help="top-1 (%%) on the evaluation subset")

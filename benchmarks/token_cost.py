@@ -130,7 +130,7 @@ def section(rows: list[dict], machine: dict, args) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="mini", help="registered size of the three families (mini, tiny, ...)")
     parser.add_argument("--models", default=None, help="comma-separated backbones (default: pit, pit_local, "
                                                         "pit_hourglass at --size)")
