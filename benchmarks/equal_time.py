@@ -127,8 +127,7 @@ def classifier_identity(path: Path) -> dict:
     """Which classifier gave a DiT point its FID: the checkpoint's sha256 and its top-1. FIDs compare only on one
     classifier's features, and a classifier rebuilt on another CPU differs (its float rounding does)."""
     report = json.loads((path.parent.parent / "eval.json").read_text())
-    return dict(sha256=hashlib.sha256(path.read_bytes()).hexdigest()[:16], acc1=report["metrics"].get("test/acc1"),
-                cpu=machine()["cpu"])
+    return dict(sha256=hashlib.sha256(path.read_bytes()).hexdigest()[:16], acc1=report["metrics"].get("test/acc1"))
 
 
 def machine() -> dict:
@@ -257,7 +256,8 @@ def _classifier_words(points: list[dict]) -> str:
     used = {p["classifier"]["sha256"]: p["classifier"] for p in points if p["task"] == "dit" and "classifier" in p}
     if len(used) == 1:
         (one,) = used.values()
-        return f" (top-1 {one['acc1']:.2f} %, trained on {one['cpu']}, sha256 {one['sha256']}...)"
+        top1 = "?" if one.get("acc1") is None else f"{one['acc1']:.2f}"
+        return f" (top-1 {top1} %, sha256 {one['sha256']}...)"
     if len(used) > 1:
         return (f" — **the DiT points used {len(used)} different classifiers, so their FIDs do not compare**: rerun "
                 "them with one (`--task dit`, after removing their files)")
@@ -269,7 +269,8 @@ def _rerun_words(points: list[dict]) -> str:
     scale a rerun on another CPU (other float rounding) moves a result by."""
     used = [p["classifier"] for p in points if p["task"] == "dit" and "classifier" in p]
     committed = next((p for p in points if p["task"] == "cls" and p["model"] == "pit_mini" and p["seed"] == 0), None)
-    if not used or committed is None or abs(committed["metrics"]["test/acc1"] - used[0]["acc1"]) <= 0.5:
+    if not used or committed is None or used[0].get("acc1") is None or \
+            abs(committed["metrics"]["test/acc1"] - used[0]["acc1"]) <= 0.5:
         return ""
     return (f" The FID classifier is the committed `cls` `pit_mini` seed-0 run trained again: it reached "
             f"{used[0]['acc1']:.2f} % where the committed point reached {committed['metrics']['test/acc1']:.2f} %, "

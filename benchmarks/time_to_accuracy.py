@@ -198,7 +198,12 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
     started = time.time()
     train = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *train_args], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr = _wait_persisting(train, run_dir, kept, args.persist_min * 60, args.commit, f"{variant} seed {seed}")
+    try:
+        stderr = _wait_persisting(train, run_dir, kept, args.persist_min * 60, args.commit, f"{variant} seed {seed}")
+    finally:  # never leave a trainer running (and holding its run directory) behind this process
+        if train.poll() is None:
+            train.terminate()
+            train.wait()
     if train.returncode != 0:
         raise SystemExit(f"{variant} seed {seed} failed:\n{stderr[-3000:]}")
     full = run_dir / "full_test.json"
@@ -231,7 +236,8 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
 # so the run's resumable state (config, metrics, checkpoints, ~5 MB for pit_mini) is copied into OUT/inflight/ and
 # committed every --persist-min minutes, restored into an empty run directory on the next start, and removed in the
 # commit of the finished point.
-RESUMABLE = ("config.yaml", "metrics.jsonl", "checkpoints/last.ckpt", "checkpoints/best.ckpt")
+# Checkpoints first: metrics newer than the kept checkpoint are trimmed on resume, older ones would lose records.
+RESUMABLE = ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.jsonl", "config.yaml")
 
 
 def persist(run_dir: Path, kept: Path) -> bool:
@@ -271,6 +277,17 @@ def git_commit(paths: list[Path], message: str) -> None:
     print(f"warning: could not commit {', '.join(map(str, paths))}", file=sys.stderr, flush=True)
 
 
+def _last_step(kept: Path) -> str:
+    """The step of the last whole record in a kept metrics file (for the commit message; '?' if none)."""
+    for line in reversed((kept / "metrics.jsonl").read_text().splitlines() if (kept / "metrics.jsonl").exists()
+                         else []):
+        try:
+            return str(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return "?"
+
+
 def _wait_persisting(train: subprocess.Popen, run_dir: Path, kept: Path, every_s: float, commit: bool,
                      name: str) -> str:
     """Wait for the training process, keeping its state every ``every_s`` seconds (0: never); its stderr."""
@@ -285,9 +302,8 @@ def _wait_persisting(train: subprocess.Popen, run_dir: Path, kept: Path, every_s
             break
         except subprocess.TimeoutExpired:
             if persist(run_dir, kept) and commit:
-                step = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1]).get("step", "?")
-                git_commit([kept], f"results: time to accuracy, {name} in flight (step {step}: its state, to resume "
-                                   "on another machine)")
+                git_commit([kept], f"results: time to accuracy, {name} in flight (step {_last_step(kept)}: its state, "
+                                   "to resume on another machine)")
     reader.join()
     return "".join(err)
 

@@ -164,7 +164,7 @@ def _point(task, model, seed, value, steps, sha="aaaa"):
                  metrics={metric: value, **({"test/loss": value / 100, "test/sample_acc": 12.0} if task == "dit" else {})},
                  machine=dict(cpu="Test CPU", threads=1, cores=2), calibrated_on=dict(cpu="Test CPU"), steps_of=None)
     if task == "dit":
-        point["classifier"] = dict(sha256=sha, acc1=30.45, cpu="Test CPU")
+        point["classifier"] = dict(sha256=sha, acc1=30.45)
     return point
 
 
@@ -183,7 +183,7 @@ def test_equal_time_report_reads_the_verdicts_off_the_points_and_names_the_fid_c
     section = (tmp_path / "section.md").read_text()
     assert "`pit_local_mini` beats the global `pit_mini` (41.00 vs 26.00) with 1.5x its steps" in section
     assert "`pit_hourglass_mini` loses to the global `pit_mini` (25.00 vs 20.00)" in section  # FID: lower is better
-    assert "top-1 30.45 %, trained on Test CPU, sha256 aaaa" in section and "do not compare" not in section
+    assert "top-1 30.45 %, sha256 aaaa" in section and "do not compare" not in section
     assert "it reached 30.45 % where the committed point reached 25.00 %" in section  # the cross-CPU scale
     assert "| pit_hourglass_mini | 0.2500 ± 0.0000 | 0.2500 | 12 |" in section  # the less noisy DiT measures
     assert "`pit_hourglass_mini` loses to the global `pit_mini` (0.2500 vs 0.2000)" in section

@@ -109,7 +109,7 @@ def _sweep(exp: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tmp_path, capsys):
+def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tmp_path, capsys, monkeypatch):
     # one seed: the first point finishes, the second is killed mid-run
     exp = write_experiment(tmp_path / "grid.yaml", max_steps=24, seeds="[0]")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -145,7 +145,10 @@ def test_a_killed_sweep_resumes_its_interrupted_point_and_skips_finished_ones(tm
     assert summaries["patch_size2-s0"]["stages"]["train"]["flops_per_image"] > \
         summaries["patch_size4-s0"]["stages"]["train"]["flops_per_image"]
 
-    # Started again with every point done: nothing runs (in-process: the same main() as the program, no start-up).
+    # Started again with every point done: nothing runs (in-process: the same main() as the program, no start-up;
+    # the PYTHONPATH and SIGTERM handler it sets for its jobs are put back after the test).
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
     assert sweep_cli.main(_sweep(exp, tmp_path)[2:]) in (0, None)
     again = capsys.readouterr().out
     assert again.count("finished, skipped") == 2 and "started" not in again
