@@ -374,12 +374,13 @@ def section(summary: dict) -> str:
              f"out alike for every recipe. Target: {target:g} % top-1 on the evaluation subset; final: the full "
              f"10,000-image test set. Command: `python benchmarks/time_to_accuracy.py --variants plain,budget,drop,"
              f"lowres --seeds 0,1,2` then `--report`.", "",
-             "| recipe | epochs | seeds | minutes to target (per seed) | mean | final top-1 (full test) | training "
-             "PFLOP |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "| recipe | epochs | seeds | minutes to target (per seed) | mean | training minutes | final top-1 (full "
+             "test) | training PFLOP |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         per = ", ".join("not reached" if t is None else f"{t / 60:.1f}" for t in r["seconds_to_target"])
         mean = "-" if r["mean_seconds_to_target"] is None else f"{r['mean_seconds_to_target'] / 60:.1f}"
         lines.append(f"| {name} | {r['epochs']:g} | {len(r['seeds'])} | {per} | {mean} | "
+                     f"{statistics.mean(r['train_s_calibrated']) / 60:.1f} | "
                      f"{r['final_acc1_mean']:.2f} | {statistics.mean(r['train_flops']) / 1e15:.2f} |")
     ratio = summary["ratio"]
     lines += ["", f"Ratio (budget mean time / plain mean time): "

@@ -230,3 +230,25 @@ def test_time_to_accuracy_continues_a_run_from_its_committed_state_on_a_new_mach
     a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["model"]
     b = read_checkpoint(run / "checkpoints" / "last.ckpt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a) and resumed == straight
+
+
+def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_tta3", SCRIPT.parent / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    monkeypatch.setattr(tta, "OUT", tmp_path)
+    (tmp_path / "points").mkdir()
+    (tmp_path / "calibration.json").write_text(json.dumps(
+        {"cpu/pit_mini/batch64/side28/drop0": dict(step_s=4.0, train_flops_per_image=1, machine=dict(cpu="Test"))}))
+    for variant, minutes, final in (("plain", (60, 90), 86.0), ("budget", (9, 12), 85.5)):
+        for seed, m in enumerate(minutes):
+            curve = [dict(step=1, calibrated_s=m * 30, measured_s=0, acc1=80.0),
+                     dict(step=2, calibrated_s=m * 60, measured_s=0, acc1=85.2)]
+            (tmp_path / "points" / f"{variant}-s{seed}.json").write_text(json.dumps(dict(
+                variant=variant, seed=seed, recipe={}, steps=2, batch=64, train_images=60000, epochs=1, curve=curve,
+                train_s_calibrated=m * 60, train_flops=1e15, final_acc1=final, batch_size=64)))
+    summary = tta.report(85.0)
+    assert summary["plain"]["mean_seconds_to_target"] == 75 * 60 and summary["budget"]["seconds_to_target"] == [540, 720]
+    assert summary["ratio"] == pytest.approx(10.5 / 75)
+    section = (tmp_path / "section.md").read_text()
+    assert "| budget | 1 | 2 | 9.0, 12.0 | 10.5 | 10.5 | 85.50 | 1.00 |" in section and "0.14 (target <= 0.2)" in section
