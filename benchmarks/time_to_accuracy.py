@@ -233,11 +233,12 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
 
 # ------------------------------------------------------------------ a run longer than a session, through git
 # A plain-recipe point takes hours on one CPU thread, longer than a session, and only what is committed outlives one:
-# so the run's resumable state (config, metrics, checkpoints, ~5 MB for pit_mini) is copied into OUT/inflight/ and
+# so the run's resumable state (config, metrics, last checkpoint: ~2.5 MB for pit_mini) is copied into OUT/inflight/ and
 # committed every --persist-min minutes, restored into an empty run directory on the next start, and removed in the
 # commit of the finished point.
-# Checkpoints first: metrics newer than the kept checkpoint are trimmed on resume, older ones would lose records.
-RESUMABLE = ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.jsonl", "config.yaml")
+# The checkpoint first: metrics newer than the kept checkpoint are trimmed on resume, older ones would lose records.
+# Not best.ckpt: the race reads last.ckpt only, a resume does without it, and it would double each commit's size.
+RESUMABLE = ("checkpoints/last.ckpt", "metrics.jsonl", "config.yaml")
 
 
 def persist(run_dir: Path, kept: Path) -> bool:
