@@ -150,7 +150,11 @@ def _rows(points: list[dict], metric: str) -> dict:
                            step_s=[p["step_s_calibrated"] for p in mine])
         if metric == "test/fid":  # 100 samples make a noisy FID: the test loss and sample accuracy go beside it
             rows[model]["sample_acc"] = [p["metrics"].get("test/sample_acc") for p in mine]
-            rows[model]["test_loss"] = [p["metrics"].get("test/loss") for p in mine]
+            losses = [p["metrics"].get("test/loss") for p in mine]
+            rows[model]["test_loss"] = losses
+            if None not in losses:  # the mean and sd once, for the table and the verdict
+                rows[model]["test_loss_mean"] = statistics.mean(losses)
+                rows[model]["test_loss_std"] = statistics.stdev(losses) if len(losses) > 1 else 0.0
     return rows
 
 
@@ -227,7 +231,7 @@ def section(summary: dict) -> str:
                          f"{', '.join(f'{s} ({i:,})' for s, i in zip(row['steps'], row['images_seen']))} | "
                          f"{statistics.mean(row['step_s']):.2f} |")
     dit = summary.get("dit", {})
-    if dit and all(None not in row.get("test_loss", [None]) for row in dit.values()):
+    if dit and all("test_loss_mean" in row for row in dit.values()):
         lines += ["", "FID on 100 samples, on the 64 features of a classifier that is itself barely trained, is "
                   "noisy (see its spread across seeds above), so read the DiT comparison off the denoiser's "
                   "diffusion loss on the test split (the training objective, every test image). Beside it, the FID "
@@ -238,10 +242,8 @@ def section(summary: dict) -> str:
                   "| model | test diffusion loss mean ± sd | per seed | sample accuracy (%) per seed |",
                   "| --- | ---: | --- | --- |"]
         for model, row in dit.items():
-            losses = row["test_loss"]
-            sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
-            lines.append(f"| {model} | {statistics.mean(losses):.4f} ± {sd:.4f} | "
-                         f"{', '.join(f'{v:.4f}' for v in losses)} | "
+            lines.append(f"| {model} | {row['test_loss_mean']:.4f} ± {row['test_loss_std']:.4f} | "
+                         f"{', '.join(f'{v:.4f}' for v in row['test_loss'])} | "
                          f"{', '.join('-' if a is None else f'{a:g}' for a in row['sample_acc'])} |")
     if controls:
         lines += ["", "The *equal steps* rows are the control (`--equal-steps`): the cheap families trained for the "
@@ -297,8 +299,8 @@ def verdicts(summary: dict) -> list[str]:
                          f"({row['mean']:.2f} vs {base['mean']:.2f}) with {steps:.1f}x its steps")
         metric = "top-1" if higher else "FID"
         out.append(f"- `{task}` ({metric}, {len(base['seeds'])} seed(s)): " + "; ".join(parts) + ".")
-        if task == "dit" and all(None not in row.get("test_loss", [None]) for row in rows.values()):
-            loss = {model: statistics.mean(row["test_loss"]) for model, row in rows.items()}
+        if task == "dit" and all("test_loss_mean" in row for row in rows.values()):
+            loss = {model: row["test_loss_mean"] for model, row in rows.items()}
             out.append("- `dit` by test diffusion loss: " + "; ".join(
                 f"`{model}` {'beats' if value < loss['pit_mini'] else 'loses to'} the global `pit_mini` "
                 f"({value:.4f} vs {loss['pit_mini']:.4f})" for model, value in loss.items() if model != "pit_mini")
