@@ -52,17 +52,33 @@ def common() -> list[str]:
     """The arguments every run of the race shares (the device's accelerator and precision among them)."""
     device = ["trainer.accelerator=cpu", "trainer.precision=32-true"] if DEVICE == "cpu" else \
         ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed"]
-    return ["task=cls", "data=fashion_mnist", f"model={MODEL}", f"data.batch_size={BATCH}", "optim.lr=1e-3",
+    return ["task=cls", "data=fashion_mnist", f"data.batch_size={BATCH}", "optim.lr=1e-3",
             "optim.warmup_steps=100", "logger=disabled", *device, "trainer.progress_bar=false",
             "trainer.eval_every_epochs=null", "trainer.log_every_steps=50",
             *([f"data.root={DATA_ROOT}"] if DATA_ROOT else [])]
-# name -> (recipe arguments, epochs). The budget recipe's levers: token drop, low resolution, full-token phase.
+# name -> (recipe and model arguments, epochs); the model is MODEL unless the arguments name one. The budget recipe's
+# levers: token drop, low resolution, full-token phase (and the backbone).
 VARIANTS: dict[str, tuple[list[str], float]] = {
     "plain": (["recipe=plain"], 3),
     "budget": (["recipe=budget"], 1),
     "drop": (["recipe=budget", "recipe.low_res_scale=null"], 1),
     "lowres": (["recipe=budget", "recipe.token_drop=0"], 1),
+    "drop75": (["recipe=budget", "recipe.token_drop=0.75", "recipe.low_res_scale=null", "recipe.full_frac=0.05"], 2),
 }
+
+
+def model_of(variant: str) -> str:
+    """The backbone a variant trains: its own ``model=`` argument, else MODEL."""
+    return next((a.split("=", 1)[1] for a in VARIANTS[variant][0] if a.startswith("model=")), MODEL)
+
+
+def arguments(variant: str) -> list[str]:
+    """A variant's training arguments: the shared ones, its model, its recipe."""
+    return [*common(), f"model={model_of(variant)}", *(a for a in VARIANTS[variant][0] if not a.startswith("model="))]
+
+
+def calib_key(model: str, side: int, drop: float) -> str:
+    return f"{DEVICE}/{model}/batch{BATCH}/side{side}/drop{drop:g}"
 TRAIN_IMAGES = 60_000
 
 
@@ -76,7 +92,7 @@ def recipe_of(variant: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from pixelformer.config import compose
 
-    cfg = compose([*common(), *VARIANTS[variant][0], "data.root=/nonexistent"])
+    cfg = compose([*arguments(variant), "data.root=/nonexistent"])
     return OmegaConf.to_container(cfg.recipe)
 
 
@@ -96,8 +112,9 @@ def phases(variant: str, steps: int) -> list[tuple[int, int, float]]:
     return out
 
 
-def step_seconds(side: int, drop: float, steps: int = 5) -> float:
-    """Median seconds of one training step (forward, loss, backward, AdamW) at this image side and token drop."""
+def step_seconds(model: str, side: int, drop: float, steps: int = 5) -> float:
+    """Median seconds of one training step (forward, loss, backward, AdamW) of ``model`` at this image side and token
+    drop."""
     import torch
     from pixelformer.config import compose
     from pixelformer.data import DataInfo
@@ -106,7 +123,7 @@ def step_seconds(side: int, drop: float, steps: int = 5) -> float:
     cuda = DEVICE == "cuda"
     if not cuda:
         torch.set_num_threads(1)
-    cfg = compose([*common(), "data.root=/nonexistent"])
+    cfg = compose([*common(), f"model={model}", "data.root=/nonexistent"])
     torch.manual_seed(0)
     module = get_task("cls").build_module(cfg, DataInfo("fashion_mnist", 10, 1, SIDE, (0.286,), (0.353,))).train()
     module.backbone.set_train_size(side)
@@ -132,34 +149,47 @@ def step_seconds(side: int, drop: float, steps: int = 5) -> float:
     return statistics.median(times)
 
 
-def train_flops(side: int, drop: float) -> int:
+def train_flops(model_name: str, side: int, drop: float) -> int:
     """Training FLOPs of one image (3 x the forward, counted in training mode: dropped tokens are not counted)."""
     import torch
     from pixelformer.models import create_backbone
     from pixelformer.models.backbone import count_flops
 
-    model = create_backbone(MODEL, img_size=SIDE, in_chans=1, num_classes=10).train()
+    model = create_backbone(model_name, img_size=SIDE, in_chans=1, num_classes=10).train()
     model.set_train_size(side)
     model.set_token_drop(drop)
     torch.manual_seed(0)
     return 3 * count_flops(model, side, 1)
 
 
-def calibration(keys: set[tuple[int, float]]) -> dict[str, dict]:
-    """Seconds per step of every (side, drop) in ``keys``, from the committed ``calibration.json``; the missing
-    ones are timed here, back to back, and added."""
+def calibration(keys: set[tuple[str, int, float]]) -> dict[str, dict]:
+    """Seconds per step of every (model, side, drop) in ``keys``, from the committed ``calibration.json``; the missing
+    ones are timed here, back to back, and added.
+
+    Keys added to a table that already holds the plain recipe's step are timed beside it again in the same process
+    and scaled by committed / measured, so that every clock stays on the first calibration's machine (sessions draw
+    CPUs up to 3x apart); the entry records the measured seconds and the scale."""
     path = OUT / "calibration.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    missing = sorted(k for k in keys if f"{DEVICE}/{MODEL}/batch{BATCH}/side{k[0]}/drop{k[1]:g}" not in table)
-    for side, drop in missing:
-        table[f"{DEVICE}/{MODEL}/batch{BATCH}/side{side}/drop{drop:g}"] = dict(
-            step_s=step_seconds(side, drop), train_flops_per_image=train_flops(side, drop), machine=machine())
-        print(f"calibrated side {side} drop {drop:g}: "
-              f"{table[f'{DEVICE}/{MODEL}/batch{BATCH}/side{side}/drop{drop:g}']}",
-              flush=True)
-    if missing:
-        OUT.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    missing = sorted(k for k in keys if calib_key(*k) not in table)
+    if not missing:
+        return table
+    reference = calib_key(MODEL, SIDE, 0.0)
+    scale, anchor = 1.0, None
+    if reference in table and table[reference].get("scale", 1.0) == 1.0:
+        anchor = step_seconds(MODEL, SIDE, 0.0)
+        scale = table[reference]["step_s"] / anchor
+        print(f"reference {reference}: {anchor:.3f} s here, {table[reference]['step_s']:.3f} s committed: "
+              f"new entries scaled by {scale:.3f}", flush=True)
+    for model, side, drop in missing:
+        measured = step_seconds(model, side, drop)
+        entry = dict(step_s=measured * scale, train_flops_per_image=train_flops(model, side, drop), machine=machine())
+        if anchor is not None:
+            entry.update(measured_step_s=measured, scale=scale, reference=reference, reference_measured_s=anchor)
+        table[calib_key(model, side, drop)] = entry
+        print(f"calibrated {calib_key(model, side, drop)}: {entry}", flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return table
 
 
@@ -167,7 +197,7 @@ def clock(variant: str, steps: int, table: dict) -> tuple[list[float], float]:
     """Calibrated seconds after each step (index = steps done), and the training FLOPs of the whole run."""
     seconds, flops = [0.0], 0.0
     for count, side, drop in phases(variant, steps):
-        entry = table[f"{DEVICE}/{MODEL}/batch{BATCH}/side{side}/drop{drop:g}"]
+        entry = table[calib_key(model_of(variant), side, drop)]
         for _ in range(count):
             seconds.append(seconds[-1] + entry["step_s"])
         flops += count * BATCH * entry["train_flops_per_image"]
@@ -183,11 +213,18 @@ def machine() -> dict:
     return dict(cpu=cpu, threads=1, cores=os.cpu_count())
 
 
+def same_point(old: dict, variant: str, args: argparse.Namespace) -> bool:
+    """Whether a committed point is the one these arguments would run: the same model, recipe, epochs and evaluation
+    (a variant redefined in VARIANTS runs again)."""
+    return (old.get("model", MODEL) == model_of(variant) and old["recipe"] == recipe_of(variant)
+            and old["epochs"] == args.epochs.get(variant, VARIANTS[variant][1])
+            and old["eval_every"] == args.eval_every and old["eval_images"] == args.eval_images)
+
+
 def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) -> dict:
-    recipe, epochs = VARIANTS[variant]
-    steps = steps_of(args.epochs.get(variant, epochs))
+    steps = steps_of(args.epochs.get(variant, VARIANTS[variant][1]))
     run_dir = RUNS / f"{variant}-s{seed}"
-    train_args = [*common(), *recipe, f"run.seed={seed}", f"run.dir={run_dir}", f"trainer.max_steps={steps}",
+    train_args = [*arguments(variant), f"run.seed={seed}", f"run.dir={run_dir}", f"trainer.max_steps={steps}",
                   *([f"data.limit_train={TRAIN_IMAGES}"] if TRAIN_IMAGES < 60_000 else []),
                   f"trainer.eval_every_steps={args.eval_every}", f"data.limit_test={args.eval_images}",
                   "resume=auto"]
@@ -223,7 +260,7 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
         if "test/acc1" in r:
             curve.append(dict(step=r["step"], images=r["step"] * BATCH, calibrated_s=seconds[r["step"]],
                               measured_s=measured, acc1=r["test/acc1"]))
-    return dict(variant=variant, seed=seed, recipe=recipe_of(variant), steps=steps, batch=BATCH,
+    return dict(variant=variant, seed=seed, model=model_of(variant), recipe=recipe_of(variant), steps=steps, batch=BATCH,
                 train_images=TRAIN_IMAGES,
                 epochs=args.epochs.get(variant, epochs), eval_every=args.eval_every, eval_images=args.eval_images,
                 curve=curve, train_s_calibrated=seconds[-1], train_flops=flops,
@@ -334,7 +371,7 @@ def report(target: float) -> dict:
             measured_seconds_to_target=[h["measured_s"] if h else None for h in hits],
             final_acc1=[p["final_acc1"] for p in mine], final_acc1_mean=statistics.mean(p["final_acc1"] for p in mine),
             train_flops=[p["train_flops"] for p in mine], train_s_calibrated=[p["train_s_calibrated"] for p in mine],
-            epochs=mine[0]["epochs"], recipe=mine[0]["recipe"])
+            epochs=mine[0]["epochs"], recipe=mine[0]["recipe"], model=mine[0].get("model", MODEL))
     plain, budget = rows.get("plain", {}), rows.get("budget", {})
     ratio = (budget["mean_seconds_to_target"] / plain["mean_seconds_to_target"]
              if plain.get("mean_seconds_to_target") and budget.get("mean_seconds_to_target") else None)
@@ -353,7 +390,7 @@ def report(target: float) -> dict:
                                                                     if q["variant"] == p["variant"]) else None)
     ax.axhline(target, color="gray", ls="--", lw=1)
     ax.set(xlabel=f"training minutes (calibrated, {DEVICE})", ylabel="test top-1 (%, eval subset)",
-           title=f"Fashion-MNIST 28x28, {MODEL}: time to {target:g} %")
+           title=f"Fashion-MNIST 28x28: time to {target:g} %")
     ax.legend()
     fig.tight_layout()
     fig.savefig(OUT / "time_to_accuracy.png", dpi=110)
@@ -368,19 +405,20 @@ def section(summary: dict) -> str:
     where = summary["machine"] or {}
     how = f"one {where.get('cpu')} GPU, bf16-mixed" if where.get("device") == "cuda" else "one CPU thread per run"
     lines = ["## Time to accuracy at 784 pixel tokens: the token-budget recipe against the plain recipe", "",
-             f"Fashion-MNIST 28x28 (784 pixel tokens), `{MODEL}`, {summary['train_images']:,} training images, "
+             f"Fashion-MNIST 28x28 (784 pixel tokens), `{MODEL}` unless the table names another backbone, "
+             f"{summary['train_images']:,} training images, "
              f"batch {summary['batch']}, "
              f"{how}. Time is training time, from each phase's step time timed back to back once "
              f"(`calibration.json`, {summary['machine']['cpu'] if summary['machine'] else '?'}); evaluation is left "
              f"out alike for every recipe. Target: {target:g} % top-1 on the evaluation subset; final: the full "
              f"10,000-image test set. Command: `python benchmarks/time_to_accuracy.py --variants plain,budget,drop,"
              f"lowres --seeds 0,1,2` then `--report`.", "",
-             "| recipe | epochs | seeds | minutes to target (per seed) | mean | training minutes | final top-1 (full "
-             "test) | training PFLOP |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| recipe | model | epochs | seeds | minutes to target (per seed) | mean | training minutes | final top-1 "
+             "(full test) | training PFLOP |", "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         per = ", ".join("not reached" if t is None else f"{t / 60:.1f}" for t in r["seconds_to_target"])
         mean = "-" if r["mean_seconds_to_target"] is None else f"{r['mean_seconds_to_target'] / 60:.1f}"
-        lines.append(f"| {name} | {r['epochs']:g} | {len(r['seeds'])} | {per} | {mean} | "
+        lines.append(f"| {name} | `{r['model']}` | {r['epochs']:g} | {len(r['seeds'])} | {per} | {mean} | "
                      f"{statistics.mean(r['train_s_calibrated']) / 60:.1f} | "
                      f"{r['final_acc1_mean']:.2f} | {statistics.mean(r['train_flops']) / 1e15:.2f} |")
     ratio = summary["ratio"]
@@ -426,7 +464,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     # every variant's phases, not only those asked for: all clocks come from one back-to-back calibration
-    keys = {(side, drop) for v in VARIANTS
+    keys = {(model_of(v), side, drop) for v in VARIANTS
             for _, side, drop in phases(v, steps_of(args.epochs.get(v, VARIANTS[v][1])))}
     table = calibration(keys)
     (OUT / "points").mkdir(parents=True, exist_ok=True)
@@ -434,11 +472,11 @@ def main() -> None:
         for variant in variants:
             path = OUT / "points" / f"{variant}-s{seed}.json"
             if path.exists():
-                old = json.loads(path.read_text())
-                if old["epochs"] == args.epochs.get(variant, VARIANTS[variant][1]) and \
-                        old["eval_every"] == args.eval_every and old["eval_images"] == args.eval_images:
+                if same_point(json.loads(path.read_text()), variant, args):
                     print(f"skip {path.relative_to(ROOT)} (done)", flush=True)
                     continue
+                print(f"{path.relative_to(ROOT)} was run with another definition of {variant}: running it again",
+                      flush=True)
             point = run_point(variant, seed, args, table)
             path.write_text(json.dumps(point, indent=1) + "\n")
             hit = crossing(point["curve"], args.target)
@@ -451,7 +489,8 @@ def main() -> None:
             shutil.rmtree(kept, ignore_errors=True)  # the point holds what matters now
             if args.commit:
                 git_commit([path, OUT / "calibration.json", *([kept] if had_state else [])],
-                           f"results: time to accuracy, {variant} seed {seed} (Fashion-MNIST 28x28, {MODEL})")
+                           f"results: time to accuracy, {variant} seed {seed} (Fashion-MNIST 28x28, "
+                           f"{model_of(variant)})")
 
 
 if __name__ == "__main__":

@@ -251,4 +251,36 @@ def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio
     assert summary["plain"]["mean_seconds_to_target"] == 75 * 60 and summary["budget"]["seconds_to_target"] == [540, 720]
     assert summary["ratio"] == pytest.approx(10.5 / 75)
     section = (tmp_path / "section.md").read_text()
-    assert "| budget | 1 | 2 | 9.0, 12.0 | 10.5 | 10.5 | 85.50 | 1.00 |" in section and "0.14 (target <= 0.2)" in section
+    assert "| budget | `pit_mini` | 1 | 2 | 9.0, 12.0 | 10.5 | 10.5 | 85.50 | 1.00 |" in section and "0.14 (target <= 0.2)" in section
+
+
+def test_time_to_accuracy_times_new_phases_beside_the_committed_reference_and_reruns_a_redefined_variant(
+        tmp_path, monkeypatch):
+    # A phase added in a later session (another CPU) is timed in the same process as the plain recipe's committed
+    # step and scaled onto the first machine; a committed point whose variant was redefined is not skipped.
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_tta4", SCRIPT.parent / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    monkeypatch.setattr(tta, "OUT", tmp_path)
+    reference = "cpu/pit_mini/batch64/side28/drop0"
+    (tmp_path / "calibration.json").write_text(json.dumps({reference: dict(step_s=4.0, train_flops_per_image=1)}))
+    here = {("pit_mini", 28, 0.0): 2.0, ("pit_mini", 28, 0.75): 0.5, ("pit_hourglass_mini", 16, 0.0): 0.25}
+    monkeypatch.setattr(tta, "step_seconds", lambda model, side, drop: here[(model, side, drop)])
+    monkeypatch.setattr(tta, "train_flops", lambda model, side, drop: 7)
+    table = tta.calibration({("pit_mini", 28, 0.0), ("pit_mini", 28, 0.75), ("pit_hourglass_mini", 16, 0.0)})
+    assert table[reference]["step_s"] == 4.0  # the committed reference is kept, not re-timed
+    assert table["cpu/pit_mini/batch64/side28/drop0.75"]["step_s"] == 1.0  # 0.5 s here x (4.0 / 2.0)
+    assert table["cpu/pit_hourglass_mini/batch64/side16/drop0"]["scale"] == 2.0
+    assert json.loads((tmp_path / "calibration.json").read_text()) == table
+
+    monkeypatch.setitem(tta.VARIANTS, "trial", (["model=pit_hourglass_mini", "recipe=plain"], 1))
+    assert tta.model_of("trial") == "pit_hourglass_mini" and tta.model_of("plain") == "pit_mini"
+    assert tta.arguments("trial").count("model=pit_hourglass_mini") == 1
+    args = argparse.Namespace(epochs={}, eval_every=100, eval_images=1000)
+    old = dict(model="pit_hourglass_mini", recipe=tta.recipe_of("trial"), epochs=1, eval_every=100, eval_images=1000)
+    assert tta.same_point(old, "trial", args)
+    monkeypatch.setitem(tta.VARIANTS, "trial", (["model=pit_hourglass_mini", "recipe=budget",
+                                                 "recipe.token_drop=0"], 1))
+    assert not tta.same_point(old, "trial", args)
