@@ -24,8 +24,8 @@ from .errors import UserError
 
 __all__ = ["StepPlan", "TokenBudget", "check_recipe", "levers_in_use"]
 
-LEVER_TASKS = {"token_drop": "cls trains with it; mae's masking already drops tokens", "low_res": "cls and mae train "
-               "with it"}
+LEVER_TASKS = {"token_drop": "cls trains with it; mae's masking already drops tokens, and dit predicts every "
+               "token's noise", "low_res": "cls, mae and dit train with it"}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from pixelformer.config import compose
 from pixelformer.engine import fit
 from pixelformer.models import create_backbone
 from pixelformer.recipe import TokenBudget
+from pixelformer.data import DataInfo
+from pixelformer.task import get_task
 from conftest import QUIET, on_step, tiny_cfg
 
 RECIPE = dict(name="test", token_drop=0.5, token_drop_schedule="constant", low_res_scale=0.5, low_res_frac=0.4,
@@ -82,7 +84,7 @@ def test_a_bad_recipe_is_refused_by_key(args, message, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["task=mae", "recipe.token_drop=0.5"], "task=mae does not train with the token drop lever"),
-    (["task=dit", "recipe.low_res_scale=0.5"], "task=dit does not train with the low res lever"),
+    (["task=dit", "recipe.token_drop=0.5"], "task=dit does not train with the token drop lever"),
     (["model=pit_local_mini", "recipe.token_drop=0.5"], "needs the backbone part 'token_drop'"),
     (["model=pit_hourglass_mini", "recipe.low_res_scale=0.3"], "cannot take"),
 ])
@@ -137,3 +139,33 @@ def test_mae_pretrains_at_a_lower_resolution_first(tmp_path):
     metrics = fit(tiny_cfg(run, "task=mae", "data.limit_train=128", "data.batch_size=32", "trainer.max_steps=6",
                            "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.5", "task.knn_k=5"))
     assert "test/knn_acc" in metrics  # evaluated at full size after 3 steps at 4x4
+
+
+@pytest.mark.slow
+def test_dit_trains_at_a_lower_resolution_first_and_samples_at_full_size(tmp_path, monkeypatch):
+    # 8x8 digits: 4 steps on 4x4 images (a 16-token grid), then 4 at 8x8; the test loss and the samples at full size.
+    from pixelformer.models import DiT
+
+    sides, forward = [], DiT.forward
+
+    def recording(self, x, t, y):
+        out = forward(self, x, t, y)
+        assert out.shape[-2:] == x.shape[-2:]  # a noise prediction for every pixel of the grid it was given
+        sides.append((self.training, x.shape[-1]))
+        return out
+    monkeypatch.setattr(DiT, "forward", recording)
+    run = tmp_path / "dit"
+    metrics = fit(tiny_cfg(run, "task=dit", "data.limit_train=64", "data.batch_size=16", "trainer.max_steps=8",
+                           "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.5", "trainer.eval_every_steps=4",
+                           "task.sample_steps=2", "task.samples_per_class=1"))
+    trained = [side for training, side in sides if training]
+    assert trained == [4] * 4 + [8] * 4
+    assert {side for training, side in sides if not training} == {8}  # test loss and sampling at full size
+    assert torch.isfinite(torch.tensor(metrics["test/loss"])) and (run / "samples.png").is_file()
+
+
+def test_dit_refuses_progressive_resolution_on_latents(tmp_path):
+    cfg = compose([*QUIET, f"run.dir={tmp_path / 'run'}", "task=dit", "task.latent.vae=/nonexistent/vae",
+                   "recipe.low_res_scale=0.5", "model.depth=1"])
+    with pytest.raises(UserError, match="task.latent.vae=/nonexistent/vae: progressive resolution"):
+        get_task("dit").check(cfg, DataInfo("digits", 10, 1, 8, (0.5,), (0.5,)))

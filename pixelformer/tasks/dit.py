@@ -33,6 +33,7 @@ from pixelformer.diffusion import build_train_scheduler, latent_geometry, load_v
 from pixelformer.errors import CheckpointError, UserError
 from pixelformer.layers import is_sincos_table, resize_pos_embed
 from pixelformer.metrics import ClassifierFeatures, build_fid, load_classifier
+from pixelformer.recipe import levers_in_use
 from pixelformer.models import DiT, create_dit
 from pixelformer.task import EvalContext, Task, TaskCfg, eval_mode, mean_loss, register_task, save_image_grid, \
     untrained_baseline
@@ -266,6 +267,10 @@ class DiTTask(Task):
     config_cls = DiTTaskCfg
     ema_target = "denoiser"  # the trainer keeps its EMA (task.ema_decay); evaluation and sampling use that copy
     backbone_parts = ("dense", "conditioning")  # a noise prediction per pixel, adaLN-Zero around its blocks
+    # Progressive resolution (as latent and pixel diffusion models are trained: small images first): the denoiser
+    # predicts the noise of whatever grid the backbone is set to. Not token drop: every pixel's noise is predicted,
+    # and a dropped token has no output (MaskDiT adds a reconstruction head for those; not built here).
+    recipe_levers = ("low_res",)
 
     def monitor(self, cfg: DictConfig) -> tuple[str, str]:
         return ("test/fid", "min") if scores_samples(cfg.task) else ("test/loss", "min")
@@ -283,6 +288,10 @@ class DiTTask(Task):
     def check(self, cfg: DictConfig, data: DataInfo) -> None:
         t = cfg.task
         check_task_config(t)
+        if t.latent.vae is not None and "low_res" in levers_in_use(cfg.recipe):
+            raise UserError(f"recipe.low_res_scale={cfg.recipe.low_res_scale} with task.latent.vae={t.latent.vae}: "
+                            f"progressive resolution resizes pixels, and the latent grid would not follow; set "
+                            f"recipe.low_res_scale=null or task.latent.vae=null")
         if t.classifier_ckpt is not None:
             load_classifier(t.classifier_ckpt)  # a missing or wrong file fails now, not at the first evaluation
         if t.fid_features == "inception":  # its weights must already be on disk
