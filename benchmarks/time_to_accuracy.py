@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -239,8 +240,11 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
         stderr = _wait_persisting(train, run_dir, kept, args.persist_min * 60, args.commit, f"{variant} seed {seed}")
     finally:  # never leave a trainer running (and holding its run directory) behind this process
         if train.poll() is None:
-            train.terminate()
+            train.terminate()  # SIGTERM: the trainer saves the step it is on before it exits
             train.wait()
+            if args.persist_min > 0 and persist(run_dir, kept) and args.commit:
+                git_commit([kept], f"results: time to accuracy, {variant} seed {seed} stopped (step "
+                                   f"{_last_step(kept)}: its state, to resume on another machine)")
     if train.returncode != 0:
         raise SystemExit(f"{variant} seed {seed} failed:\n{stderr[-3000:]}")
     full = run_dir / "full_test.json"
@@ -428,6 +432,14 @@ def section(summary: dict) -> str:
     return "\n".join(lines)
 
 
+class Stopped(KeyboardInterrupt):
+    pass
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
 def main() -> None:
     global OUT, RUNS, TRAIN_IMAGES, DEVICE, BATCH, DATA_ROOT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -452,6 +464,8 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="the first N training images (a "
                         "quick check of the script; the race uses all 60,000)")
     args = parser.parse_args()
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # stop like Ctrl-C: the running trainer saves, then this exits
+        signal.signal(signum, _stop)
     OUT, RUNS, TRAIN_IMAGES = args.out, args.runs, args.train_images
     DEVICE, BATCH, DATA_ROOT = args.device, args.batch, args.data_root
     sys.path.insert(0, str(ROOT))
@@ -494,4 +508,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as stop:
+        raise SystemExit(f"stopped ({stop or 'SIGINT'}): the running point saved its step in its run directory "
+                         f"(and in inflight/ with --persist-min); the same command resumes it") from None

@@ -8,6 +8,7 @@ says it is still alive at least every ``HEARTBEAT_SECONDS``. Only rank 0 prints.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from tqdm.auto import tqdm
 
-__all__ = ["HEARTBEAT_SECONDS", "ProgressLog"]
+__all__ = ["HEARTBEAT_SECONDS", "ProgressLog", "write_stderr"]
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -89,3 +90,12 @@ class ProgressLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def write_stderr(text: str) -> None:
+    """Write to fd 2 from a signal handler (print() is not safe there), ignoring a closed or broken stderr: a
+    reader that went away (a dead parent, a closed pipe) must not stop the run from saving its checkpoint."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass

@@ -24,6 +24,7 @@ from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import DictConfig
 
 from .config import to_plain
+from .console import write_stderr
 from .distributed import fsdp_strategy
 from .errors import UserError
 from .tracking import build_loggers
@@ -219,9 +220,9 @@ class _StopOnSignal:
             if pending >= 2 or time.monotonic() - first_unhandled > self.BLOCKED_GRACE_S:
                 where = f"; the last checkpoint is {self.run_dir / 'checkpoints' / 'last.ckpt'}" if self.run_dir \
                     else ""
-                os.write(2, f"\n{signal.Signals(last).name} received while this process was blocked (most likely "
-                            f"in a collective waiting for another process that died or hangs): exiting without a "
-                            f"new checkpoint{where}\n".encode())
+                write_stderr(f"\n{signal.Signals(last).name} received while this process was blocked (most "
+                             f"likely in a collective waiting for another process that died or hangs): exiting "
+                             f"without a new checkpoint{where}\n")
                 os._exit(128 + last)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -239,9 +240,9 @@ class _StopOnSignal:
                 signal.raise_signal(signum)  # the default action: end the process
             return
         self.signum = signum
-        if self.fabric.is_global_zero:  # os.write: print() is not safe inside a signal handler
-            os.write(2, f"\n{signal.Signals(signum).name} received: stopping after this step with a checkpoint "
-                        f"(send it again to stop at once)\n".encode())
+        if self.fabric.is_global_zero:
+            write_stderr(f"\n{signal.Signals(signum).name} received: stopping after this step with a checkpoint "
+                         f"(send it again to stop at once)\n")
 
     def requested(self) -> Optional[int]:
         """The signal that stops the run at this step, agreed by every process (whichever got it), or ``None``."""

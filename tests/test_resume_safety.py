@@ -252,6 +252,20 @@ def wait_for_records(proc, run_dir, timeout=120):
 
 
 @pytest.mark.slow
+def test_sigterm_saves_even_when_nobody_reads_stderr_any_more(tmp_path):
+    # A run started by a script that died (its stderr a pipe nobody reads): the stop message cannot be written, and
+    # the stop must still save the step and exit as a stop (it used to end in a BrokenPipeError, rc 1, no checkpoint).
+    run_dir = tmp_path / "orphan"
+    proc = spawn([sys.executable, str(REPO / "tools" / "train.py"), *SIGNAL_ARGS, f"run.dir={run_dir}"], cwd=REPO,
+                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_records(proc, run_dir)
+    proc.stderr.close()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") >= 10
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     run_dir = tmp_path / "stopped"
     proc = train_process(*SIGNAL_ARGS, "data.num_workers=1", f"run.dir={run_dir}")
