@@ -266,7 +266,7 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
                               measured_s=measured, acc1=r["test/acc1"]))
     return dict(variant=variant, seed=seed, model=model_of(variant), recipe=recipe_of(variant), steps=steps, batch=BATCH,
                 train_images=TRAIN_IMAGES,
-                epochs=args.epochs.get(variant, epochs), eval_every=args.eval_every, eval_images=args.eval_images,
+                epochs=args.epochs.get(variant, VARIANTS[variant][1]), eval_every=args.eval_every, eval_images=args.eval_images,
                 curve=curve, train_s_calibrated=seconds[-1], train_flops=flops,
                 final_acc1=json.loads(full.read_text())["metrics"]["test/acc1"], total_s=time.time() - started,
                 args=train_args, machine=machine())
