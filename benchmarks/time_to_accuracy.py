@@ -57,14 +57,22 @@ def common() -> list[str]:
             "optim.warmup_steps=100", "logger=disabled", *device, "trainer.progress_bar=false",
             "trainer.eval_every_epochs=null", "trainer.log_every_steps=50",
             *([f"data.root={DATA_ROOT}"] if DATA_ROOT else [])]
-# name -> (recipe and model arguments, epochs); the model is MODEL unless the arguments name one. The budget recipe's
-# levers: token drop, low resolution, full-token phase (and the backbone).
+# name -> (recipe and model arguments, epochs); the model is MODEL unless the arguments name one. The race is plain
+# against budget, 3 seeds each. The ablation (seed 0) spells every key out, so a change of configs/recipe/budget.yaml
+# leaves its points alone: each lever alone and in combination, at 2 epochs, next to drop75 (the budget recipe's
+# lever at 2 epochs). drop50_lowres_1ep is the first budget recipe (its point from 2026-12-06).
+_ABLATE = ["recipe=plain", "recipe.name=ablation"]
 VARIANTS: dict[str, tuple[list[str], float]] = {
-    "plain": (["recipe=plain"], 3),
-    "budget": (["recipe=budget"], 1),
-    "drop": (["recipe=budget", "recipe.low_res_scale=null"], 1),
-    "lowres": (["recipe=budget", "recipe.token_drop=0"], 1),
-    "drop75": (["recipe=budget", "recipe.token_drop=0.75", "recipe.low_res_scale=null", "recipe.full_frac=0.05"], 2),
+    "plain": (["recipe=plain"], 4),
+    "budget": (["recipe=budget"], 4),
+    "drop75": ([*_ABLATE, "recipe.token_drop=0.75", "recipe.full_frac=0.05"], 2),
+    "drop75_nofull": ([*_ABLATE, "recipe.token_drop=0.75"], 2),
+    "drop50": ([*_ABLATE, "recipe.token_drop=0.5", "recipe.full_frac=0.05"], 2),
+    "lowres": ([*_ABLATE, "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.4", "recipe.full_frac=0.05"], 2),
+    "drop75_lowres": ([*_ABLATE, "recipe.token_drop=0.75", "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.4",
+                       "recipe.full_frac=0.05"], 2),
+    "drop50_lowres_1ep": ([*_ABLATE, "recipe.token_drop=0.5", "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.4",
+                           "recipe.full_frac=0.1"], 1),
 }
 
 
@@ -214,10 +222,20 @@ def machine() -> dict:
     return dict(cpu=cpu, threads=1, cores=os.cpu_count())
 
 
+def effective(recipe: dict) -> dict:
+    """The keys of a recipe that change its training: not its name, nor low_res_frac without low_res_scale."""
+    out = {k: v for k, v in recipe.items() if k != "name"}
+    if out.get("low_res_scale") is None:
+        out.pop("low_res_frac", None)
+    if not out.get("token_drop"):
+        out.pop("token_drop_schedule", None)
+    return out
+
+
 def same_point(old: dict, variant: str, args: argparse.Namespace) -> bool:
     """Whether a committed point is the one these arguments would run: the same model, recipe, epochs and evaluation
     (a variant redefined in VARIANTS runs again)."""
-    return (old.get("model", MODEL) == model_of(variant) and old["recipe"] == recipe_of(variant)
+    return (old.get("model", MODEL) == model_of(variant) and effective(old["recipe"]) == effective(recipe_of(variant))
             and old["epochs"] == args.epochs.get(variant, VARIANTS[variant][1])
             and old["eval_every"] == args.eval_every and old["eval_images"] == args.eval_images)
 
@@ -229,10 +247,12 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
                   *([f"data.limit_train={TRAIN_IMAGES}"] if TRAIN_IMAGES < 60_000 else []),
                   f"trainer.eval_every_steps={args.eval_every}", f"data.limit_test={args.eval_images}",
                   "resume=auto"]
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if DEVICE == "cpu" else {})}
+    threads = str(args.threads)  # the run's own speed only: its clock is the one-thread calibration
+    env = {**os.environ, **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if DEVICE == "cpu" else {})}
     kept = OUT / "inflight" / f"{variant}-s{seed}"
     if restore(kept, run_dir):
         print(f"{variant} seed {seed}: continuing from the committed state in {kept}", flush=True)
+    set_aside_if_redefined(run_dir, train_args)
     started = time.time()
     train = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *train_args], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -269,7 +289,7 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
                 epochs=args.epochs.get(variant, VARIANTS[variant][1]), eval_every=args.eval_every, eval_images=args.eval_images,
                 curve=curve, train_s_calibrated=seconds[-1], train_flops=flops,
                 final_acc1=json.loads(full.read_text())["metrics"]["test/acc1"], total_s=time.time() - started,
-                args=train_args, machine=machine())
+                args=train_args, machine=machine(), run_threads=args.threads)
 
 
 # ------------------------------------------------------------------ a run longer than a session, through git
@@ -293,6 +313,25 @@ def persist(run_dir: Path, kept: Path) -> bool:
             shutil.copyfile(source, target.with_suffix(target.suffix + ".tmp"))
             os.replace(target.with_suffix(target.suffix + ".tmp"), target)
     return True
+
+
+def set_aside_if_redefined(run_dir: Path, train_args: list[str]) -> None:
+    """Move a run directory whose saved run has another length or recipe than ``train_args`` out of the way (to
+    ``<run_dir>.stale-<time>``), so the point starts over instead of resuming another schedule."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    from omegaconf import OmegaConf
+    from pixelformer.config import compose
+
+    old = OmegaConf.load(saved)
+    new = compose([*train_args, "data.root=/nonexistent"])
+    if old.trainer.max_steps == new.trainer.max_steps and effective(OmegaConf.to_container(old.recipe)) == \
+            effective(OmegaConf.to_container(new.recipe)) and old.model.name == new.model.name:
+        return
+    stale = run_dir.with_name(f"{run_dir.name}.stale-{int(time.time())}")
+    run_dir.rename(stale)
+    print(f"{run_dir} was a run of another length or recipe: moved to {stale}, starting over", flush=True)
 
 
 def restore(kept: Path, run_dir: Path) -> bool:
@@ -461,6 +500,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="folder of the four Fashion-MNIST files")
     parser.add_argument("--final-images", type=int, default=None, help="test images of the final evaluation "
                         "(default: all 10,000; fewer only for a quick check of the script)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of each training run (its "
+                        "speed only: every clock is the committed one-thread calibration)")
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="the first N training images (a "
                         "quick check of the script; the race uses all 60,000)")
     args = parser.parse_args()

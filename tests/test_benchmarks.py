@@ -137,12 +137,13 @@ def test_time_to_accuracy_clocks_each_phase_at_its_own_step_time():
     tta = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tta)
     steps = 100
-    phases = tta.phases("budget", steps)  # recipe=budget: 14x14 with half the tokens, 28x28 with half, then all
+    phases = tta.phases("drop50_lowres_1ep", steps)  # 14x14 with half the tokens, 28x28 with half, then all
     assert phases == [(40, 14, 0.5), (50, 28, 0.5), (10, 28, 0.0)]
     assert tta.phases("plain", steps) == [(100, 28, 0.0)]
+    assert tta.phases("budget", steps) == [(98, 28, 0.75), (2, 28, 0.0)]  # recipe=budget: 3/4 dropped, then all
     table = {f"cpu/{tta.MODEL}/batch{tta.BATCH}/side{side}/drop{drop:g}": dict(step_s=s, train_flops_per_image=f)
              for side, drop, s, f in ((14, 0.5, 1.0, 10), (28, 0.5, 4.0, 30), (28, 0.0, 10.0, 100))}
-    seconds, flops = tta.clock("budget", steps, table)
+    seconds, flops = tta.clock("drop50_lowres_1ep", steps, table)
     assert len(seconds) == steps + 1 and seconds[40] == 40 and seconds[90] == 40 + 200 and seconds[-1] == 340
     assert flops == tta.BATCH * (40 * 10 + 50 * 30 + 10 * 100)
     curve = [dict(acc1=a, calibrated_s=t) for a, t in ((50, 1), (84.9, 2), (85.0, 3), (90, 4))]

@@ -98,7 +98,8 @@ def test_a_lever_the_task_or_backbone_lacks_is_refused_in_one_line(args, message
 
 ARGS = ("data.limit_train=256", "data.batch_size=32", "model.drop_rate=0.1", "trainer.max_steps=30",
         "trainer.ckpt_every_steps=5", "trainer.eval_every_steps=12", "recipe=budget",
-        "recipe.token_drop_schedule=linear", "recipe.low_res_frac=0.5", "recipe.full_frac=0.2")
+        "recipe.token_drop=0.5", "recipe.token_drop_schedule=linear", "recipe.low_res_scale=0.5",
+        "recipe.low_res_frac=0.5", "recipe.full_frac=0.2")
 
 
 class Interrupt(Exception):
