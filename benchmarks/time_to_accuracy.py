@@ -312,6 +312,8 @@ def persist(run_dir: Path, kept: Path) -> bool:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target.with_suffix(target.suffix + ".tmp"))
             os.replace(target.with_suffix(target.suffix + ".tmp"), target)
+        elif target.is_file():  # kept from an earlier run of this point: never mix two runs' files
+            target.unlink()
     return True
 
 

@@ -285,3 +285,18 @@ def test_time_to_accuracy_times_new_phases_beside_the_committed_reference_and_re
     monkeypatch.setitem(tta.VARIANTS, "trial", (["model=pit_hourglass_mini", "recipe=budget",
                                                  "recipe.token_drop=0"], 1))
     assert not tta.same_point(old, "trial", args)
+
+
+def test_time_to_accuracy_keeps_only_the_running_runs_files(tmp_path):
+    # A point restarted with another schedule: its kept state must not mix the new checkpoint with the old records.
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_tta5", SCRIPT.parent / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    for folder, names in ((kept, tta.RESUMABLE), (run, ("checkpoints/last.ckpt", "config.yaml"))):
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(f"{folder.name} {name}")
+    assert tta.persist(run, kept)
+    assert (kept / "checkpoints" / "last.ckpt").read_text() == "run checkpoints/last.ckpt"
+    assert not (kept / "metrics.jsonl").exists()  # the old run's records went with it
