@@ -252,7 +252,12 @@ def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio
     assert summary["plain"]["mean_seconds_to_target"] == 75 * 60 and summary["budget"]["seconds_to_target"] == [540, 720]
     assert summary["ratio"] == pytest.approx(10.5 / 75)
     section = (tmp_path / "section.md").read_text()
-    assert "| budget | `pit_mini` | 1 | 2 | 9.0, 12.0 | 10.5 | 10.5 | 85.50 | 1.00 |" in section and "0.14 (target <= 0.2)" in section
+    assert "| budget | every token, every step | `pit_mini` | 1 | 2 | 9.0, 12.0 | 10.5 | 10.5 | 85.50 | 1.00 |" in section
+    assert "0.14 (target <= 0.2)" in section
+    assert summary["plain_acc1_at_1h"] == [85.2, 80.0]  # the last evaluation within the plain clock's first hour
+    assert "after one hour of its clock: 85.2, 80.0 % (seeds 0, 1)" in section
+    assert tta.describe(dict(token_drop=0.75, token_drop_schedule="constant", low_res_scale=None, low_res_frac=0.5,
+                             full_frac=0.02)) == "75% dropped; every token in the last 2%"
 
 
 def test_time_to_accuracy_times_new_phases_beside_the_committed_reference_and_reruns_a_redefined_variant(
