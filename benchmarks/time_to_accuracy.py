@@ -349,16 +349,9 @@ def restore(kept: Path, run_dir: Path) -> bool:
 
 
 def git_commit(paths: list[Path], message: str) -> None:
-    """Commit exactly ``paths`` (additions and removals), retrying while another commit holds the index."""
-    for attempt in range(10):
-        add = subprocess.run(["git", "add", "-A", "--", *map(str, paths)], cwd=ROOT, capture_output=True, text=True)
-        done = add.returncode == 0 and subprocess.run(
-            ["git", "commit", "-q", "-m", message, "--", *map(str, paths)], cwd=ROOT, capture_output=True,
-            text=True).returncode == 0
-        if done:
-            return
-        time.sleep(5 * (attempt + 1))
-    print(f"warning: could not commit {', '.join(map(str, paths))}", file=sys.stderr, flush=True)
+    from pixelformer.cli.gitcommit import commit_paths
+
+    commit_paths(paths, message, ROOT)
 
 
 def _last_step(kept: Path) -> str:

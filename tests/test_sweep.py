@@ -302,3 +302,23 @@ def test_each_scale_of_the_report_names_its_data_size_tokens_and_epochs():
                     "train 10 epoch(s); evaluated on the full test split (10,000 images)")
     text = scale_setting([{"tokens": 64, "stages": {"train": {"args": ["data=digits"], "epochs": 25}}}])
     assert text.startswith("scikit-learn digits at 8x8 (64 tokens), all 1,437 training images, train 25 epoch(s)")
+
+
+@pytest.mark.slow
+def test_commit_true_commits_each_finished_points_summary_at_once(tmp_path, capsys, monkeypatch):
+    # A sweep longer than a session keeps only what is committed: each finished point is its own commit.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@example.org"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    exp = write_experiment(tmp_path / "grid.yaml", seeds="[0]")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    assert sweep_cli.main([f"experiment={exp}", "scale=small", f"runs={tmp_path / 'runs'}", f"out={repo / 'results'}",
+                           "logger=disabled", "launcher=debug", "commit=true"]) in (0, None)
+    log = subprocess.run(["git", "log", "--format=%s", "--name-only"], cwd=repo, capture_output=True, text=True,
+                         check=True).stdout
+    assert log.count("results: grid/small ") == 2  # one commit per point
+    assert "results/grid/small/patch_size4-s0.json" in log and "results/grid/small/patch_size2-s0.json" in log
+    assert subprocess.run(["git", "status", "--porcelain", "results"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout == ""

@@ -13,7 +13,8 @@ Examples::
 
 Keys: experiment (a name in configs/experiment/, a .yaml path, or all), scale, seeds (e.g. [0]: overrides the
 file's), runs (run directories' root, default runs/sweeps), out (summaries' root, default docs/results),
-dry_run, logger=... / logger.* / data.root / data.num_workers (passed to every run, not part of a point's
+dry_run, commit (true: git-commit each finished point's summary at once, so a sweep longer than a working session
+keeps what it finished), logger=... / logger.* / data.root / data.num_workers (passed to every run, not part of a point's
 identity: they do not change results), launcher (local | slurm | debug) and launcher.* (parallel, threads, timeout_min, partition, gpus_per_node,
 cpus_per_task, mem_gb, slurm_additional_parameters). Points run through submitit's executors: ``local`` starts each
 point as a subprocess on this machine (launcher.parallel at a time), ``slurm`` submits them as a job array,
@@ -56,6 +57,7 @@ class SweepCfg:
     runs: str = "runs/sweeps"
     out: str = "docs/results"
     dry_run: bool = False
+    commit: bool = False  # git-commit each finished point's summary and pictures at once (long sweeps, sessions)
     tracking: list[str] = field(default_factory=list)  # filled from the pass-through arguments
     argv: list[str] = field(default_factory=list)  # the command line, recorded in the summaries
     launcher: LauncherCfg = field(default_factory=LauncherCfg)
@@ -183,7 +185,7 @@ def _launch(executor: Any, todo: list, job: Any, threads: Optional[int], cfg: An
             jobs = [(point, executor.submit(job, point, threads)) for point in todo]
         print(f"{tag} submitted {len(jobs)} points as SLURM array {jobs[0][1].job_id.split('_')[0]}; logs in "
               f"{executor.folder}")
-        return sum(_wait(point, j, tag) for point, j in jobs)
+        return sum(_wait(point, j, tag, cfg.commit) for point, j in jobs)
     running, queue = [], list(todo)
     try:
         return _run_queue(executor, queue, running, job, threads, cfg, tag)
@@ -215,11 +217,11 @@ def _run_queue(executor: Any, queue: list, running: list, job: Any, threads: Opt
             continue
         for point, j in done:
             running.remove((point, j))
-            failed += _wait(point, j, tag)
+            failed += _wait(point, j, tag, cfg.commit)
     return failed
 
 
-def _wait(point: Any, job: Any, tag: str) -> int:
+def _wait(point: Any, job: Any, tag: str, commit: bool = False) -> int:
     try:
         summary = job.result()
     except Exception as e:  # noqa: BLE001 - a point's failure is reported and the grid goes on
@@ -232,6 +234,12 @@ def _wait(point: Any, job: Any, tag: str) -> int:
         return 1
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items() if k.startswith("test/"))
     print(f"{tag} {point.name}: {metrics} ({summary['total']['wall_s']:.0f} s) -> {point.summary_path}", flush=True)
+    if commit:
+        from .gitcommit import commit_paths
+
+        path = Path(point.summary_path).resolve()
+        commit_paths([path, *(path.with_name(name) for name in summary.get("pictures", []))],
+                     f"results: {tag.strip('[]')} {point.name} ({metrics})", path.parent)
     return 0
 
 
