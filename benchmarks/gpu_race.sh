@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The token-budget race on one GPU (about 8 min on an H100/H200; timeouts bound each part):
+# The token-budget race on one GPU (at most 9 min on an H100/H200: timeouts bound each part, the ablation gets what
+# is left of GPU_RACE_BUDGET_S=540 s):
 #
 #   bash benchmarks/gpu_race.sh                     # on the GPU machine, with data/fashion-mnist/ carried along
 #   GPU_RACE_SMOKE=1 bash benchmarks/gpu_race.sh    # the same script on this CPU at toy size (~6 min here)
@@ -10,9 +11,10 @@
 # Parts, each PASS / FAIL / TIMEOUT with its last lines, the others going on:
 #   1. throughput and MFU of pit_mini and pit_tiny against timm's ViT of the same shape at 784, 1,024 and 4,096
 #      tokens (benchmarks/gpu_mfu.py, bf16);
-#   2. the race of benchmarks/time_to_accuracy.py on the GPU: plain (3 epochs) against budget and each of its levers
-#      (1 epoch), seeds 0-2, batch 256, bf16-mixed, Fashion-MNIST 28x28, the full training set, evaluated every 25
-#      steps on 1,000 test images and at the end on all 10,000; then its report (summary.json, plot, section).
+#   2. the race of benchmarks/time_to_accuracy.py on the GPU: plain against budget (4 epochs each), seeds 0-2, batch
+#      256, bf16-mixed, Fashion-MNIST 28x28, the full training set, evaluated every 25 steps on 1,000 test images
+#      and at the end on all 10,000; then the ablation (each lever at 2 epochs, seed 0) and the report
+#      (summary.json, plot, section).
 # Outputs in $OUT when set, else benchmarks/results/gpu_race/: gpu_race.log, mfu.json, tta/ (points, calibration,
 # summary.json, time_to_accuracy.png, section.md).
 set -uo pipefail
@@ -39,11 +41,14 @@ if [ "${GPU_RACE_SMOKE:-0}" = 1 ]; then
   MFU_ARGS="--device cpu --models pit_mini --tokens 64 --steps 2 --warmup 1 --batch 2 --depth 2 --matmul-size 512"
   TTA_ARGS="--device cpu --variants plain,budget --seeds 0 --batch 16 --train-images 160 --epochs plain=1,budget=1
             --eval-every 5 --eval-images 50 --final-images 100"
+  ABLATION_ARGS="--device cpu --variants drop75 --seeds 0 --batch 16 --train-images 160 --epochs drop75=1
+                 --eval-every 5 --eval-images 50 --final-images 100"
   MFU_TIMEOUT=300; TTA_TIMEOUT=900
 else
   MFU_ARGS="--device cuda --models pit_mini pit_tiny --tokens 784 1024 4096"
-  TTA_ARGS="--device cuda --variants plain,budget,drop,lowres --seeds 0,1,2 --batch 256 --eval-every 25
-            --eval-images 1000"
+  TTA_ARGS="--device cuda --variants plain,budget --seeds 0,1,2 --batch 256 --eval-every 25 --eval-images 1000"
+  ABLATION_ARGS="--device cuda --variants drop75,drop75_nofull,drop50,lowres,drop75_lowres --seeds 0 --batch 256
+                 --eval-every 25 --eval-images 1000"
   MFU_TIMEOUT=150; TTA_TIMEOUT=360
 fi
 echo "python: $PYTHON ($("$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.is_available())'))"
@@ -63,6 +68,13 @@ part() {  # name timeout command...
 part "MFU vs timm" "$MFU_TIMEOUT" "$PYTHON" benchmarks/gpu_mfu.py $MFU_ARGS --out "$OUT_DIR/mfu.json"
 # shellcheck disable=SC2086
 part "time to accuracy" "$TTA_TIMEOUT" "$PYTHON" benchmarks/time_to_accuracy.py $TTA_ARGS --data-root "$DATA" \
+  --out "$OUT_DIR/tta" --runs "${TMPDIR:-/tmp}/gpu_race_runs"
+# The ablation gets what is left of one device call (600 s at most) after the race, less the report's minute.
+LEFT=$(( ${GPU_RACE_BUDGET_S:-540} - SECONDS - 60 ))
+[ "${GPU_RACE_SMOKE:-0}" = 1 ] && LEFT=$TTA_TIMEOUT
+[ "$LEFT" -lt 30 ] && { echo "==== ablation: SKIPPED (no time left in the call)"; ABLATION_ARGS=""; LEFT=1; }
+# shellcheck disable=SC2086
+[ -n "$ABLATION_ARGS" ] && part "ablation" "$LEFT" "$PYTHON" benchmarks/time_to_accuracy.py $ABLATION_ARGS --data-root "$DATA" \
   --out "$OUT_DIR/tta" --runs "${TMPDIR:-/tmp}/gpu_race_runs"
 DEVICE=$([ "${GPU_RACE_SMOKE:-0}" = 1 ] && echo cpu || echo cuda)
 part "race report" 60 "$PYTHON" benchmarks/time_to_accuracy.py --report --device "$DEVICE" --out "$OUT_DIR/tta"

@@ -125,11 +125,17 @@ def test_gpu_mfu_helper_on_cpu(tmp_path):
     assert "pixelformer:pit_tiny" in proc.stdout and "MFU" in proc.stdout  # the printed table
 
 
-def test_gpu_check_script_parses():
-    
-    script = SCRIPT.parent / "gpu_check.sh"
+@pytest.mark.parametrize("name", ["gpu_check.sh", "gpu_race.sh"])
+def test_gpu_scripts_parse_and_name_only_known_variants(name):
+    script = SCRIPT.parent / name
     proc = run_process(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_tta6", SCRIPT.parent / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    import re
+    for names in re.findall(r"--variants ([\w,]+)", script.read_text()):  # a renamed variant would fail on the GPU
+        assert set(names.split(",")) <= set(tta.VARIANTS), names
 
 
 def test_time_to_accuracy_clocks_each_phase_at_its_own_step_time():
