@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from tqdm.auto import tqdm
 
-__all__ = ["HEARTBEAT_SECONDS", "ProgressLog", "write_stderr"]
+__all__ = ["HEARTBEAT_SECONDS", "ProgressLog", "print_stderr", "write_stderr"]
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -98,4 +98,13 @@ def write_stderr(text: str) -> None:
     try:
         os.write(2, text.encode())
     except OSError:
+        pass
+
+
+def print_stderr(text: str) -> None:
+    """Print one line to sys.stderr (so redirects and pytest's capture see it), ignoring a closed or broken stream,
+    for the same reason as write_stderr; outside signal handlers only."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # ValueError: the stream was closed
         pass

@@ -38,7 +38,7 @@ from .config import check_accumulation, eval_batch_size, to_plain
 from .data import build_datasets, build_loader
 from .distributed import EqualBatches, full_parameters, is_sharded
 from .errors import UserError
-from .console import ProgressLog, write_stderr
+from .console import ProgressLog, print_stderr
 from .optim import build_optimizer, build_scheduler
 from .recipe import TokenBudget, check_recipe, levers_in_use
 from .rng import seed_process_streams
@@ -535,7 +535,7 @@ class Trainer:
         resume = f"python tools/train.py {shlex.quote(f'run.dir={self.run_dir}')} resume=auto"
         message = f"stopped by {signal.Signals(signum).name} at step {self.progress.step}; resume with: {resume}"
         if self.fabric.is_global_zero:
-            write_stderr(message + "\n")  # saved above; a broken stderr must not turn the stop into a crash
+            print_stderr(message)  # saved above; a broken stderr must not turn the stop into a crash
         self.fabric.barrier()  # every process leaves together (Fabric's launcher kills the rest when one exits)
         return TrainingInterrupted(message, signum)
 
