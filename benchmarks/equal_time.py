@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import shutil
 import subprocess
@@ -131,9 +130,9 @@ def classifier_identity(path: Path) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    return dict(cpu=cpu, threads=1, cores=os.cpu_count())
+    from pixelformer.runtime import cpu_name
+
+    return dict(cpu=cpu_name(), threads=1, cores=os.cpu_count())
 
 
 def _rows(points: list[dict], metric: str) -> dict:

@@ -66,7 +66,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 from pixelformer import create_backbone
-from pixelformer.runtime import tune_cpu_allocator
+from pixelformer.runtime import cpu_name, tune_cpu_allocator
 
 __all__ = [
     "BenchConfig", "TrainStep", "benchmark_config", "forward_flops", "train_flops_per_image", "matmul_peak",
@@ -579,10 +579,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                        if line.startswith("model name"))
+        name = cpu_name()
     return {
         "device": device.type, "device_name": name, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

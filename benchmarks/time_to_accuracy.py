@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -215,12 +214,12 @@ def clock(variant: str, steps: int, table: dict) -> tuple[list[float], float]:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
     if DEVICE == "cuda":
         import torch
         return dict(cpu=torch.cuda.get_device_name(0), device="cuda", precision="bf16-mixed", cores=os.cpu_count())
-    return dict(cpu=cpu, threads=1, cores=os.cpu_count())
+    from pixelformer.runtime import cpu_name
+
+    return dict(cpu=cpu_name(), threads=1, cores=os.cpu_count())
 
 
 def effective(recipe: dict) -> dict:

@@ -204,9 +204,9 @@ def main() -> None:
 
             machine["torch"] = torch.__version__
             if args.device == "cpu":
-                machine["cpu_model"] = next((line.split(":", 1)[1].strip() for line in
-                                             Path("/proc/cpuinfo").read_text().splitlines()
-                                             if line.startswith("model name")), "")
+                from pixelformer.runtime import cpu_name
+
+                machine["cpu_model"] = cpu_name()
         except (ImportError, OSError):
             pass
         (out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")

@@ -17,9 +17,11 @@ import functools
 import logging
 import multiprocessing
 import os
+import platform
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BF16_MIN_WIDTH_CPU", "MemoryEstimate", "auto_precision", "available_memory", "check_fits_memory",
-    "cpu_allocator_tuned", "estimate_training_memory", "format_bytes", "leave_signals_to_main", "tune_cpu_allocator",
+    "cpu_allocator_tuned", "cpu_name", "estimate_training_memory", "format_bytes", "leave_signals_to_main", "tune_cpu_allocator",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -48,6 +50,18 @@ MMAP_THRESHOLDS = (2 ** 30, 32 * 2 ** 20)
 TRIM_THRESHOLD = 2 ** 30
 
 _tuned = False
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (what results and benchmarks record as the machine), else
+    what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_allocator_tuned() -> bool:

@@ -42,6 +42,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .checkpoint import fsync_and_replace
 from .config import CONFIG_DIR
 from .errors import UserError, did_you_mean
+from .runtime import cpu_name
 
 __all__ = ["SCALES", "Experiment", "Point", "Stage", "list_experiments", "load_experiment", "plan", "run_point",
            "summary_is_current", "write_json_atomic"]
@@ -255,7 +256,7 @@ def run_point(point: Point, threads: Optional[int] = None) -> dict[str, Any]:
         "stages": stages,
         "machine": {"host_cpus": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()},
+                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()},
     }
     summary["pictures"] = _copy_pictures(Path(point.stages[-1].run_dir), Path(point.summary_path))
     write_json_atomic(Path(point.summary_path), summary)
@@ -274,16 +275,6 @@ def _copy_pictures(run_dir: Path, summary_path: Path) -> list[str]:
         shutil.copyfile(picture, target)
         copied.append(target.name)
     return copied
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _read_wall(path: Path) -> dict[str, Any]:

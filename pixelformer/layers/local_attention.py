@@ -28,7 +28,6 @@ from typing import Callable, Literal, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from torch import nn
 
 __all__ = [
     "LocalAttention",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from functools import partial
 from typing import Any, Optional, Sequence, Union
 
@@ -34,8 +33,8 @@ from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..layers import (LocalAttention, PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table, local_attention_layer,
-                      resize_pos_embed)
+from ..layers import (LocalAttention, PatchEmbed, build_sincos_2d_pos_embed, init_transformer_weights, load_fixed_table,
+                      local_attention_layer, resize_pos_embed)
 from ._registry import register_backbone
 from .backbone import PARTS, AttentionSite, TokenLayout, describe, run_block
 from .vision_transformer import MODEL_SIZES, _check_sizes, _take_backbone_of_task_state, default_pretrained_cfg
@@ -213,14 +212,7 @@ class HourglassTransformer(nn.Module):
         """As the PiT: trunc-normal .02 linear weights, zero biases, the patch projection xavier as a linear layer."""
         if isinstance(self.pos_embed, nn.Parameter):
             trunc_normal_(self.pos_embed, std=0.02)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_transformer_weights(self, self.patch_embed.proj)
 
     # ------------------------------------------------------------------------------------------------ forward
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:

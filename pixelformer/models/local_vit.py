@@ -18,7 +18,7 @@ quarter of the pixels, is refused (as is ``patch_drop_rate``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from ..layers import LocalAttention
 from ._registry import register_backbone

@@ -24,7 +24,7 @@ from timm.models import checkpoint_seq, group_parameters
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
-from ..layers import PatchEmbed, build_sincos_2d_pos_embed, load_fixed_table, resize_pos_embed
+from ..layers import PatchEmbed, build_sincos_2d_pos_embed, init_transformer_weights, load_fixed_table, resize_pos_embed
 from ._registry import register_backbone
 from .backbone import PARTS, AttentionSite, TokenLayout, describe, run_block
 
@@ -206,19 +206,7 @@ class VisionTransformer(TimmVisionTransformer):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
-        # The patch projection is a linear layer in disguise: init it as one (MAE does the same).
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        if self.patch_embed.proj.bias is not None:
-            nn.init.zeros_(self.patch_embed.proj.bias)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_weights(self, self.patch_embed.proj)
         if self.attn_pool is not None:  # global_pool=map: its latent query (timm's init)
             self.attn_pool.init_weights()
 
