@@ -16,16 +16,15 @@ is timed beside the plain step again and scaled onto the committed one.
 
 Run from the repository root (``apt-get install dataset-fashion-mnist`` first)::
 
-    nohup python benchmarks/time_to_accuracy.py --variants plain,budget --seeds 0,1,2 --commit > tta.log 2>&1 &
+    nohup python benchmarks/time_to_accuracy.py --variants plain,budget --seeds 0,1,2 --commit --persist-min 10 \
+        --threads 2 > tta.log 2>&1 &
     python benchmarks/time_to_accuracy.py --variants drop75_nofull,drop50,lowres,drop75_lowres --seeds 0 --commit
     python benchmarks/time_to_accuracy.py --report     # summary.json, time_to_accuracy.png, section.md
 
 A finished point writes ``docs/results/time_to_accuracy/points/<variant>-s<seed>.json`` (``--commit``: and commits
 it) and is skipped when started again with the same arguments; an interrupted run resumes (``resume=auto``). A plain
-point takes longer than a session: ``--persist-min 20 --commit`` commits its resumable state every 20 minutes under
-``inflight/``, and a start on a new machine continues from there::
-
-    nohup python benchmarks/time_to_accuracy.py --variants plain --seeds 0 --commit --persist-min 20 > tta.log 2>&1 &
+point takes longer than a session (about 3 h with ``--threads 2``): ``--persist-min 10 --commit`` commits its
+resumable state every 10 minutes under ``inflight/``, and the same command on a new machine continues from there.
 """
 from __future__ import annotations
 
