@@ -47,7 +47,7 @@ if [ "${GPU_RACE_SMOKE:-0}" = 1 ]; then
 else
   MFU_ARGS="--device cuda --models pit_mini pit_tiny --tokens 784 1024 4096"
   TTA_ARGS="--device cuda --variants plain,budget --seeds 0,1,2 --batch 256 --eval-every 25 --eval-images 1000"
-  ABLATION_ARGS="--device cuda --variants drop75,drop75_nofull,drop50,lowres,drop75_lowres --seeds 0 --batch 256
+  ABLATION_ARGS="--device cuda --variants drop75,drop75_nofull,drop50,lowres,drop75_lowres,hourglass,hourglass_lowres --seeds 0 --batch 256
                  --eval-every 25 --eval-images 1000"
   MFU_TIMEOUT=150; TTA_TIMEOUT=360
 fi

@@ -18,7 +18,8 @@ Run from the repository root (``apt-get install dataset-fashion-mnist`` first)::
 
     nohup python benchmarks/time_to_accuracy.py --variants plain,budget --seeds 0,1,2 --commit --persist-min 10 \
         --threads 2 > tta.log 2>&1 &
-    python benchmarks/time_to_accuracy.py --variants drop75_nofull,drop50,lowres,drop75_lowres --seeds 0 --commit
+    python benchmarks/time_to_accuracy.py --variants drop75_nofull,drop75_lowres,drop50,lowres,hourglass,hourglass_lowres \
+        --seeds 0 --commit
     python benchmarks/time_to_accuracy.py --report     # summary.json, time_to_accuracy.png, section.md
 
 A finished point writes ``docs/results/time_to_accuracy/points/<variant>-s<seed>.json`` (``--commit``: and commits
@@ -59,7 +60,7 @@ def common() -> list[str]:
 # name -> (recipe and model arguments, epochs); the model is MODEL unless the arguments name one. The race is plain
 # against budget, 3 seeds each. The ablation (seed 0) spells every key out, so a change of configs/recipe/budget.yaml
 # leaves its points alone: each lever alone and in combination, at 2 epochs, next to drop75 (the budget recipe's
-# lever at 2 epochs). drop50_lowres_1ep is the first budget recipe (its point from 2026-12-06).
+# lever at 2 epochs), and the backbone lever. drop50_lowres_1ep is the first budget recipe (its point from 2026-12-06).
 _ABLATE = ["recipe=plain", "recipe.name=ablation"]
 VARIANTS: dict[str, tuple[list[str], float]] = {
     "plain": (["recipe=plain"], 4),
@@ -72,6 +73,11 @@ VARIANTS: dict[str, tuple[list[str], float]] = {
                        "recipe.full_frac=0.05"], 2),
     "drop50_lowres_1ep": ([*_ABLATE, "recipe.token_drop=0.5", "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.4",
                            "recipe.full_frac=0.1"], 1),
+    # the backbone lever: token merging (2.6x pit_mini's step at 784 tokens, benchmarks/token_cost.py) takes no token
+    # dropping, so alone and with the resolution lever (16x16 early: its grid must divide by 4, 14 does not)
+    "hourglass": ([*_ABLATE, "model=pit_hourglass_mini"], 2),
+    "hourglass_lowres": ([*_ABLATE, "model=pit_hourglass_mini", "recipe.low_res_scale=0.58", "recipe.low_res_frac=0.4",
+                          "recipe.full_frac=0.05"], 2),
 }
 
 
@@ -442,7 +448,8 @@ def describe(recipe: dict) -> str:
     """A recipe in a few words: what its steps see."""
     parts = []
     if recipe.get("low_res_scale") is not None:
-        parts.append(f"{recipe['low_res_scale']:g}x side for {recipe['low_res_frac']:.0%} of the steps")
+        side = round(recipe["low_res_scale"] * SIDE)  # the race's backbones are all patch 1
+        parts.append(f"{side}x{side} images for {recipe['low_res_frac']:.0%} of the steps")
     if recipe.get("token_drop"):
         how = " (linear to 0)" if recipe.get("token_drop_schedule") == "linear" else ""
         parts.append(f"{recipe['token_drop']:.0%} dropped{how}")
@@ -470,7 +477,8 @@ def section(summary: dict) -> str:
              f"(`calibration.json`, {summary['machine']['cpu'] if summary['machine'] else '?'}); evaluation is left "
              f"out alike for every recipe. Target: {target:g} % top-1 on the evaluation subset; final: the full "
              f"10,000-image test set. Commands: `python benchmarks/time_to_accuracy.py --variants plain,budget --seeds "
-             f"0,1,2`, the ablation `--variants drop75_nofull,drop50,lowres,drop75_lowres --seeds 0`, then "
+             f"0,1,2`, the ablation `--variants drop75_nofull,drop75_lowres,drop50,lowres,hourglass,hourglass_lowres "
+             f"--seeds 0`, then "
              f"`--report`.", "", *([f"The plain recipe's top-1 after one hour of its clock: "
                                    f"{', '.join(f'{a:.1f}' for a in summary['plain_acc1_at_1h'])} % (seeds "
                                    f"{', '.join(map(str, rows['plain']['seeds']))}); the target is the larger of that "

@@ -264,6 +264,8 @@ def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio
     assert "after one hour of its clock: 85.2, 80.0 % (seeds 0, 1)" in section
     assert tta.describe(dict(token_drop=0.75, token_drop_schedule="constant", low_res_scale=None, low_res_frac=0.5,
                              full_frac=0.02)) == "75% dropped; every token in the last 2%"
+    assert tta.describe(dict(token_drop=0.0, low_res_scale=0.58, low_res_frac=0.4, full_frac=0.05)) == \
+        "16x16 images for 40% of the steps; every token in the last 5%"  # the side the runs train at, not the scale
 
 
 def test_time_to_accuracy_times_new_phases_beside_the_committed_reference_and_reruns_a_redefined_variant(
