@@ -18,8 +18,8 @@ Run from the repository root (``apt-get install dataset-fashion-mnist`` first)::
 
     nohup python benchmarks/time_to_accuracy.py --variants plain,budget --seeds 0,1,2 --commit --persist-min 10 \
         --threads 2 > tta.log 2>&1 &
-    python benchmarks/time_to_accuracy.py --variants drop75_nofull,drop75_lowres,drop50,lowres,hourglass,hourglass_lowres \
-        --seeds 0 --commit
+    python benchmarks/time_to_accuracy.py --seeds 0 --commit \
+        --variants drop75_nofull,drop75_lowres,drop50,lowres,hourglass,hourglass_lowres
     python benchmarks/time_to_accuracy.py --report     # summary.json, time_to_accuracy.png, section.md
 
 A finished point writes ``docs/results/time_to_accuracy/points/<variant>-s<seed>.json`` (``--commit``: and commits
@@ -289,9 +289,9 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
         if "test/acc1" in r:
             curve.append(dict(step=r["step"], images=r["step"] * BATCH, calibrated_s=seconds[r["step"]],
                               measured_s=measured, acc1=r["test/acc1"]))
-    return dict(variant=variant, seed=seed, model=model_of(variant), recipe=recipe_of(variant), steps=steps, batch=BATCH,
-                train_images=TRAIN_IMAGES,
-                epochs=args.epochs.get(variant, VARIANTS[variant][1]), eval_every=args.eval_every, eval_images=args.eval_images,
+    return dict(variant=variant, seed=seed, model=model_of(variant), recipe=recipe_of(variant), steps=steps,
+                batch=BATCH, train_images=TRAIN_IMAGES, epochs=args.epochs.get(variant, VARIANTS[variant][1]),
+                eval_every=args.eval_every, eval_images=args.eval_images,
                 curve=curve, train_s_calibrated=seconds[-1], train_flops=flops,
                 final_acc1=json.loads(full.read_text())["metrics"]["test/acc1"], total_s=time.time() - started,
                 args=train_args, machine=machine(), run_threads=args.threads)
@@ -394,12 +394,17 @@ def crossing(curve: list[dict], target: float) -> dict | None:
 
 
 def report(target: float) -> dict:
-    """summary.json, time_to_accuracy.png and section.md from the committed points."""
+    """summary.json, time_to_accuracy.png and section.md from the committed points; the target is ``target`` or the
+    plain recipe's mean top-1 after one hour of its clock, whichever is higher."""
     from matplotlib.figure import Figure
 
     points = [json.loads(p.read_text()) for p in sorted((OUT / "points").glob("*.json"))]
     calib = {k: v for k, v in json.loads((OUT / "calibration.json").read_text()).items()
              if k.startswith(f"{DEVICE}/")}
+    # The target: what plain reaches after an hour of its clock (mean over its seeds), at least ``target``.
+    at_1h = [acc_at(p["curve"], 3600) for p in points if p["variant"] == "plain"]
+    at_1h = [a for a in at_1h if a is not None]
+    floor, target = target, max(target, round(statistics.mean(at_1h), 1)) if at_1h else target
     rows: dict[str, dict] = {}
     for variant in VARIANTS:
         mine = [p for p in points if p["variant"] == variant]
@@ -416,10 +421,10 @@ def report(target: float) -> dict:
             train_flops=[p["train_flops"] for p in mine], train_s_calibrated=[p["train_s_calibrated"] for p in mine],
             epochs=mine[0]["epochs"], recipe=mine[0]["recipe"], model=mine[0].get("model", MODEL))
     plain, budget = rows.get("plain", {}), rows.get("budget", {})
-    at_1h = [acc_at(p["curve"], 3600) for p in points if p["variant"] == "plain"]
     ratio = (budget["mean_seconds_to_target"] / plain["mean_seconds_to_target"]
              if plain.get("mean_seconds_to_target") and budget.get("mean_seconds_to_target") else None)
-    summary = dict(target_acc1=target, plain_acc1_at_1h=[a for a in at_1h if a is not None], seeds=sorted({s for r in rows.values() for s in r["seeds"]}), ratio=ratio,
+    summary = dict(target_acc1=target, target_floor=floor, plain_acc1_at_1h=at_1h, ratio=ratio,
+                   seeds=sorted({s for r in rows.values() for s in r["seeds"]}),
                    plain=plain, budget=budget, variants=rows, model=MODEL,
                    batch=points[0]["batch"] if points else BATCH, data="fashion_mnist 28x28",
                    train_images=points[0].get("train_images", TRAIN_IMAGES) if points else TRAIN_IMAGES,
@@ -479,16 +484,20 @@ def section(summary: dict) -> str:
              f"10,000-image test set. Commands: `python benchmarks/time_to_accuracy.py --variants plain,budget --seeds "
              f"0,1,2`, the ablation `--variants drop75_nofull,drop75_lowres,drop50,lowres,hourglass,hourglass_lowres "
              f"--seeds 0`, then "
-             f"`--report`.", "", *([f"The plain recipe's top-1 after one hour of its clock: "
-                                   f"{', '.join(f'{a:.1f}' for a in summary['plain_acc1_at_1h'])} % (seeds "
-                                   f"{', '.join(map(str, rows['plain']['seeds']))}); the target is the larger of that "
-                                   f"and 85 %.", ""] if summary.get("plain_acc1_at_1h") else []),
-             "| recipe | what it trains on | model | epochs | seeds | minutes to target (per seed) | mean | training minutes | final top-1 "
-             "(full test) | training PFLOP |", "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             f"`--report`.", ""]
+    if summary.get("plain_acc1_at_1h"):
+        lines += [f"The plain recipe's top-1 after one hour of its clock: "
+                  f"{', '.join(f'{a:.1f}' for a in summary['plain_acc1_at_1h'])} % (seeds "
+                  f"{', '.join(map(str, rows['plain']['seeds']))}); the target is the larger of their mean (to 0.1) "
+                  f"and {summary.get('target_floor', 85.0):g} %.", ""]
+    lines += ["| recipe | what it trains on | model | epochs | seeds | minutes to target (per seed) | mean | "
+              "training minutes | final top-1 (full test) | training PFLOP |",
+              "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         per = ", ".join("not reached" if t is None else f"{t / 60:.1f}" for t in r["seconds_to_target"])
         mean = "-" if r["mean_seconds_to_target"] is None else f"{r['mean_seconds_to_target'] / 60:.1f}"
-        lines.append(f"| {name} | {describe(r['recipe'])} | `{r['model']}` | {r['epochs']:g} | {len(r['seeds'])} | {per} | {mean} | "
+        lines.append(f"| {name} | {describe(r['recipe'])} | `{r['model']}` | {r['epochs']:g} | {len(r['seeds'])} | "
+                     f"{per} | {mean} | "
                      f"{statistics.mean(r['train_s_calibrated']) / 60:.1f} | "
                      f"{r['final_acc1_mean']:.2f} | {statistics.mean(r['train_flops']) / 1e15:.2f} |")
     ratio = summary["ratio"]

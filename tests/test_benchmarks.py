@@ -262,6 +262,18 @@ def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio
     assert "0.14 (target <= 0.2)" in section
     assert summary["plain_acc1_at_1h"] == [85.2, 80.0]  # the last evaluation within the plain clock's first hour
     assert "after one hour of its clock: 85.2, 80.0 % (seeds 0, 1)" in section
+    assert summary["target_acc1"] == 85.0  # their mean, 82.6, is under the floor
+
+    # plain reaching more than the floor in its first hour raises the target to that (the mean over its seeds)
+    for seed, acc in ((0, 87.0), (1, 88.0)):
+        point = json.loads((tmp_path / "points" / f"plain-s{seed}.json").read_text())
+        point["curve"] = [dict(step=1, calibrated_s=3000, measured_s=0, acc1=acc),
+                          dict(step=2, calibrated_s=4000, measured_s=0, acc1=89.0)]
+        (tmp_path / "points" / f"plain-s{seed}.json").write_text(json.dumps(point))
+    summary = tta.report(85.0)
+    assert summary["target_acc1"] == 87.5 and summary["target_floor"] == 85.0
+    assert summary["plain"]["seconds_to_target"] == [4000, 3000] and summary["budget"]["seconds_to_target"] == [None] * 2
+    assert "the target is the larger of their mean (to 0.1) and 85 %" in (tmp_path / "section.md").read_text()
     assert tta.describe(dict(token_drop=0.75, token_drop_schedule="constant", low_res_scale=None, low_res_frac=0.5,
                              full_frac=0.02)) == "75% dropped; every token in the last 2%"
     assert tta.describe(dict(token_drop=0.0, low_res_scale=0.58, low_res_frac=0.4, full_frac=0.05)) == \
