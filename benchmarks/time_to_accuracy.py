@@ -181,25 +181,30 @@ def calibration(keys: set[tuple[str, int, float]]) -> dict[str, dict]:
     ones are timed here, back to back, and added.
 
     Keys added to a table that already holds the plain recipe's step are timed beside it again in the same process
-    and scaled by committed / measured, so that every clock stays on the first calibration's machine (sessions draw
-    CPUs up to 3x apart); the entry records the measured seconds and the scale."""
+    and scaled by committed / measured (the mean of a timing before and one after them), so that every clock stays on
+    the first calibration's machine (sessions draw CPUs up to 3x apart); the entry records the measured seconds and
+    the scale."""
     path = OUT / "calibration.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     missing = sorted(k for k in keys if calib_key(*k) not in table)
     if not missing:
         return table
     reference = calib_key(MODEL, SIDE, 0.0)
+    anchored = reference in table and table[reference].get("scale", 1.0) == 1.0
+    before = step_seconds(MODEL, SIDE, 0.0) if anchored else None
+    measured = {key: step_seconds(*key) for key in missing}
     scale, anchor = 1.0, None
-    if reference in table and table[reference].get("scale", 1.0) == 1.0:
-        anchor = step_seconds(MODEL, SIDE, 0.0)
+    if anchored:  # timed before and after the new keys: a load that changes meanwhile shows in both
+        after = step_seconds(MODEL, SIDE, 0.0)
+        anchor = (before + after) / 2
         scale = table[reference]["step_s"] / anchor
-        print(f"reference {reference}: {anchor:.3f} s here, {table[reference]['step_s']:.3f} s committed: "
-              f"new entries scaled by {scale:.3f}", flush=True)
-    for model, side, drop in missing:
-        measured = step_seconds(model, side, drop)
-        entry = dict(step_s=measured * scale, train_flops_per_image=train_flops(model, side, drop), machine=machine())
+        print(f"reference {reference}: {before:.3f} / {after:.3f} s here, {table[reference]['step_s']:.3f} s "
+              f"committed: new entries scaled by {scale:.3f}", flush=True)
+    for (model, side, drop), seconds in measured.items():
+        entry = dict(step_s=seconds * scale, train_flops_per_image=train_flops(model, side, drop), machine=machine())
         if anchor is not None:
-            entry.update(measured_step_s=measured, scale=scale, reference=reference, reference_measured_s=anchor)
+            entry.update(measured_step_s=seconds, scale=scale, reference=reference, reference_measured_s=anchor,
+                         reference_measured_before_after_s=[before, after])
         table[calib_key(model, side, drop)] = entry
         print(f"calibrated {calib_key(model, side, drop)}: {entry}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -255,21 +260,25 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
     threads = str(args.threads)  # the run's own speed only: its clock is the one-thread calibration
     env = {**os.environ, **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if DEVICE == "cpu" else {})}
     kept = OUT / "inflight" / f"{variant}-s{seed}"
+    set_aside_if_redefined(run_dir, train_args)
     if restore(kept, run_dir):
         print(f"{variant} seed {seed}: continuing from the committed state in {kept}", flush=True)
-    set_aside_if_redefined(run_dir, train_args)
     started = time.time()
+    # Its own session: a signal to this process group (Ctrl-C, kill -- -PGID, timeout) reaches this process only,
+    # which forwards one SIGTERM; a second one would make the trainer stop at once, without saving its step.
     train = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *train_args], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stderr = _wait_persisting(train, run_dir, kept, args.persist_min * 60, args.commit, f"{variant} seed {seed}")
     finally:  # never leave a trainer running (and holding its run directory) behind this process
         if train.poll() is None:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # one stop at a time: let this one finish
+                signal.signal(signum, signal.SIG_IGN)
             train.terminate()  # SIGTERM: the trainer saves the step it is on before it exits
             train.wait()
-            if args.persist_min > 0 and persist(run_dir, kept) and args.commit:
-                git_commit([kept], f"results: time to accuracy, {variant} seed {seed} stopped (step "
-                                   f"{_last_step(kept)}: its state, to resume on another machine)")
+        if train.returncode != 0 and args.persist_min > 0 and persist(run_dir, kept) and args.commit:
+            git_commit([kept], f"results: time to accuracy, {variant} seed {seed} stopped (step "
+                               f"{_ckpt_step(kept) or '?'}: its state, to resume on another machine)")
     if train.returncode != 0:
         raise SystemExit(f"{variant} seed {seed} failed:\n{stderr[-3000:]}")
     full = run_dir / "full_test.json"
@@ -307,9 +316,22 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
 RESUMABLE = ("checkpoints/last.ckpt", "metrics.jsonl", "config.yaml")
 
 
+def _ckpt_step(run_dir: Path) -> int | None:
+    """The step of ``run_dir``'s last checkpoint (None: none, or unreadable)."""
+    from pixelformer.checkpoint import read_checkpoint
+
+    path = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        return int(read_checkpoint(path)["progress"]["step"]) if path.is_file() else None
+    except Exception:  # a checkpoint that does not load is as good as none here
+        return None
+
+
 def persist(run_dir: Path, kept: Path) -> bool:
-    """Copy ``run_dir``'s resumable files into ``kept`` (each replaced whole); False while there is no checkpoint."""
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+    """Copy ``run_dir``'s resumable files into ``kept`` (each replaced whole); False while there is no checkpoint, or
+    when ``kept`` holds a later step (a run started over must not overwrite the state it should have resumed)."""
+    step, kept_step = _ckpt_step(run_dir), _ckpt_step(kept)
+    if step is None or (kept_step is not None and kept_step > step):
         return False
     for name in RESUMABLE:
         source, target = run_dir / name, kept / name
@@ -342,9 +364,13 @@ def set_aside_if_redefined(run_dir: Path, train_args: list[str]) -> None:
 
 
 def restore(kept: Path, run_dir: Path) -> bool:
-    """Put a committed state back where a run directory was lost (a new machine); never over a live one."""
-    if (run_dir / "checkpoints" / "last.ckpt").exists() or not (kept / "checkpoints" / "last.ckpt").is_file():
+    """Put a committed state back where a run directory was lost (a new machine) or holds an earlier step (the old
+    one is moved to ``<run_dir>.older-<time>``); never over a run as far along or further."""
+    kept_step, step = _ckpt_step(kept), _ckpt_step(run_dir)
+    if kept_step is None or (step is not None and step >= kept_step):
         return False
+    if run_dir.exists():
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.older-{int(time.time())}"))
     for name in RESUMABLE:
         if (kept / name).is_file():
             (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -358,15 +384,15 @@ def git_commit(paths: list[Path], message: str) -> None:
     commit_paths(paths, message, ROOT)
 
 
-def _last_step(kept: Path) -> str:
-    """The step of the last whole record in a kept metrics file (for the commit message; '?' if none)."""
-    for line in reversed((kept / "metrics.jsonl").read_text().splitlines() if (kept / "metrics.jsonl").exists()
-                         else []):
-        try:
-            return str(json.loads(line)["step"])
-        except (ValueError, KeyError):
-            continue
-    return "?"
+def finish_point(path: Path, variant: str, seed: int) -> None:
+    """Commit a finished point with the calibration, and the removal of its in-flight state (the point holds what
+    matters now); nothing happens when all of that is committed already."""
+    kept = OUT / "inflight" / f"{variant}-s{seed}"
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(kept)], cwd=ROOT,
+                             capture_output=True).returncode == 0
+    shutil.rmtree(kept, ignore_errors=True)
+    git_commit([path, OUT / "calibration.json", *([kept] if tracked else [])],
+               f"results: time to accuracy, {variant} seed {seed} (Fashion-MNIST 28x28, {model_of(variant)})")
 
 
 def _wait_persisting(train: subprocess.Popen, run_dir: Path, kept: Path, every_s: float, commit: bool,
@@ -383,14 +409,26 @@ def _wait_persisting(train: subprocess.Popen, run_dir: Path, kept: Path, every_s
             break
         except subprocess.TimeoutExpired:
             if persist(run_dir, kept) and commit:
-                git_commit([kept], f"results: time to accuracy, {name} in flight (step {_last_step(kept)}: its state, "
-                                   "to resume on another machine)")
+                git_commit([kept], f"results: time to accuracy, {name} in flight (step {_ckpt_step(kept) or '?'}: its "
+                                   "state, to resume on another machine)")
     reader.join()
     return "".join(err)
 
 
 def crossing(curve: list[dict], target: float) -> dict | None:
-    return next((c for c in curve if c["acc1"] >= target), None)
+    """When ``curve`` first reaches ``target``: its clocks interpolated linearly between the evaluation before and
+    the first one at or above it (else a recipe with dearer steps between evaluations would pay up to a whole interval
+    more); None if it never does."""
+    for i, c in enumerate(curve):
+        if c["acc1"] >= target:
+            if i == 0 or curve[i - 1]["acc1"] >= c["acc1"]:
+                return dict(c)
+            before = curve[i - 1]
+            f = (target - before["acc1"]) / (c["acc1"] - before["acc1"])
+            return {**c, **{k: before[k] + f * (c[k] - before[k]) for k in ("step", "calibrated_s", "measured_s")
+                             if k in c and k in before},
+                    "acc1": target}
+    return None
 
 
 def report(target: float) -> dict:
@@ -399,12 +437,16 @@ def report(target: float) -> dict:
     from matplotlib.figure import Figure
 
     points = [json.loads(p.read_text()) for p in sorted((OUT / "points").glob("*.json"))]
+    for p in points:
+        if p["variant"] not in VARIANTS:
+            print(f"left out: a point of {p['variant']!r}, no longer a variant", flush=True)
+    points = [p for p in points if p["variant"] in VARIANTS]
     calib = {k: v for k, v in json.loads((OUT / "calibration.json").read_text()).items()
              if k.startswith(f"{DEVICE}/")}
     # The target: what plain reaches after an hour of its clock (mean over its seeds), at least ``target``.
-    at_1h = [acc_at(p["curve"], 3600) for p in points if p["variant"] == "plain"]
-    at_1h = [a for a in at_1h if a is not None]
-    floor, target = target, max(target, round(statistics.mean(at_1h), 1)) if at_1h else target
+    at_1h = {p["seed"]: acc_at(p["curve"], 3600) for p in points if p["variant"] == "plain"}
+    at_1h = {seed: a for seed, a in at_1h.items() if a is not None}
+    floor, target = target, max(target, round(statistics.mean(at_1h.values()), 1)) if at_1h else target
     rows: dict[str, dict] = {}
     for variant in VARIANTS:
         mine = [p for p in points if p["variant"] == variant]
@@ -417,18 +459,29 @@ def report(target: float) -> dict:
             seeds=[p["seed"] for p in mine], seconds_to_target=times,
             mean_seconds_to_target=statistics.mean(reached) if len(reached) == len(times) else None,
             measured_seconds_to_target=[h["measured_s"] if h else None for h in hits],
+            run_threads=[p.get("run_threads", 1) for p in mine],
             final_acc1=[p["final_acc1"] for p in mine], final_acc1_mean=statistics.mean(p["final_acc1"] for p in mine),
             train_flops=[p["train_flops"] for p in mine], train_s_calibrated=[p["train_s_calibrated"] for p in mine],
             epochs=mine[0]["epochs"], recipe=mine[0]["recipe"], model=mine[0].get("model", MODEL))
     plain, budget = rows.get("plain", {}), rows.get("budget", {})
     ratio = (budget["mean_seconds_to_target"] / plain["mean_seconds_to_target"]
              if plain.get("mean_seconds_to_target") and budget.get("mean_seconds_to_target") else None)
-    summary = dict(target_acc1=target, target_floor=floor, plain_acc1_at_1h=at_1h, ratio=ratio,
+    # The same ratio on the runs' own clocks (their measured training seconds), where both ran with the same threads:
+    # a check on the calibration, which times the model's step alone (no clipping, scheduler or loader).
+    measured = [rows.get(v, {}).get("measured_seconds_to_target") or [None] for v in ("plain", "budget")]
+    threads = {t for v in ("plain", "budget") for t in rows.get(v, {}).get("run_threads", [])}
+    measured_ratio = (statistics.mean(measured[1]) / statistics.mean(measured[0])
+                      if None not in measured[0] + measured[1] and len(threads) == 1 and statistics.mean(measured[0])
+                      else None)
+    summary = dict(target_acc1=target, target_floor=floor, plain_acc1_at_1h=list(at_1h.values()),
+                   plain_seeds_at_1h=list(at_1h), ratio=ratio, measured_ratio=measured_ratio,
+                   measured_threads=next(iter(threads)) if len(threads) == 1 else None,
                    seeds=sorted({s for r in rows.values() for s in r["seeds"]}),
                    plain=plain, budget=budget, variants=rows, model=MODEL,
                    batch=points[0]["batch"] if points else BATCH, data="fashion_mnist 28x28",
                    train_images=points[0].get("train_images", TRAIN_IMAGES) if points else TRAIN_IMAGES,
-                   machine=next(iter(calib.values()))["machine"] if calib else None,
+                   machine=calib.get(calib_key(MODEL, SIDE, 0.0), next(iter(calib.values())))["machine"]
+                   if calib else None,
                    calibration=calib)
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
@@ -464,9 +517,9 @@ def describe(recipe: dict) -> str:
 
 
 def acc_at(curve: list[dict], seconds: float) -> float | None:
-    """Top-1 of the last evaluation at or before ``seconds`` of the clock (None: none yet)."""
+    """Top-1 of the last evaluation at or before ``seconds`` of the clock (None: none yet, or the run ended sooner)."""
     done = [c for c in curve if c["calibrated_s"] <= seconds]
-    return done[-1]["acc1"] if done else None
+    return done[-1]["acc1"] if done and curve[-1]["calibrated_s"] >= seconds else None
 
 
 def section(summary: dict) -> str:
@@ -482,14 +535,13 @@ def section(summary: dict) -> str:
              f"(`calibration.json`, {summary['machine']['cpu'] if summary['machine'] else '?'}); evaluation is left "
              f"out alike for every recipe. Target: {target:g} % top-1 on the evaluation subset; final: the full "
              f"10,000-image test set. Commands: `python benchmarks/time_to_accuracy.py --variants plain,budget --seeds "
-             f"0,1,2`, the ablation `--variants drop75_nofull,drop75_lowres,drop50,lowres,hourglass,hourglass_lowres "
-             f"--seeds 0`, then "
-             f"`--report`.", ""]
+             f"0,1,2`, the ablation `--variants {','.join(v for v in VARIANTS if v not in ('plain', 'budget'))} "
+             f"--seeds 0`, then `--report`.", ""]
     if summary.get("plain_acc1_at_1h"):
         lines += [f"The plain recipe's top-1 after one hour of its clock: "
                   f"{', '.join(f'{a:.1f}' for a in summary['plain_acc1_at_1h'])} % (seeds "
-                  f"{', '.join(map(str, rows['plain']['seeds']))}); the target is the larger of their mean (to 0.1) "
-                  f"and {summary.get('target_floor', 85.0):g} %.", ""]
+                  f"{', '.join(map(str, summary['plain_seeds_at_1h']))}); the target is the larger of their mean "
+                  f"(to 0.1) and {summary.get('target_floor', 85.0):g} %.", ""]
     lines += ["| recipe | what it trains on | model | epochs | seeds | minutes to target (per seed) | mean | "
               "training minutes | final top-1 (full test) | training PFLOP |",
               "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
@@ -500,9 +552,12 @@ def section(summary: dict) -> str:
                      f"{per} | {mean} | "
                      f"{statistics.mean(r['train_s_calibrated']) / 60:.1f} | "
                      f"{r['final_acc1_mean']:.2f} | {statistics.mean(r['train_flops']) / 1e15:.2f} |")
-    ratio = summary["ratio"]
+    ratio, measured = summary["ratio"], summary.get("measured_ratio")
     lines += ["", f"Ratio (budget mean time / plain mean time): "
-                  f"{'not measured yet' if ratio is None else f'{ratio:.2f}'} (target <= 0.2).", "",
+                  f"{'not measured yet' if ratio is None else f'{ratio:.2f}'} (target <= 0.2)."
+                  + ("" if measured is None else
+                     f" On the runs' own clocks (measured training seconds, {summary['measured_threads']} thread(s), "
+                     f"on the CPUs of the sessions that ran them): {measured:.2f}."), "",
               "![time_to_accuracy.png](time_to_accuracy/time_to_accuracy.png)", ""]
     return "\n".join(lines)
 
@@ -542,7 +597,8 @@ def main() -> None:
                         "quick check of the script; the race uses all 60,000)")
     args = parser.parse_args()
     for signum in (signal.SIGTERM, signal.SIGHUP):  # stop like Ctrl-C: the running trainer saves, then this exits
-        signal.signal(signum, _stop)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup a hang-up stays ignored
+            signal.signal(signum, _stop)
     OUT, RUNS, TRAIN_IMAGES = args.out, args.runs, args.train_images
     DEVICE, BATCH, DATA_ROOT = args.device, args.batch, args.data_root
     sys.path.insert(0, str(ROOT))
@@ -565,6 +621,8 @@ def main() -> None:
             if path.exists():
                 if same_point(json.loads(path.read_text()), variant, args):
                     print(f"skip {path.relative_to(ROOT)} (done)", flush=True)
+                    if args.commit:  # a stop between writing the point and committing it: commit it now
+                        finish_point(path, variant, seed)
                     continue
                 print(f"{path.relative_to(ROOT)} was run with another definition of {variant}: running it again",
                       flush=True)
@@ -574,14 +632,10 @@ def main() -> None:
             reached = "not reached" if hit is None else f"{hit['calibrated_s'] / 60:.1f} min"
             print(f"{variant} seed {seed}: final {point['final_acc1']:.2f} %, {reached} to {args.target:g} %",
                   flush=True)
-            kept = OUT / "inflight" / f"{variant}-s{seed}"
-            had_state = kept.exists() and subprocess.run(["git", "ls-files", "--error-unmatch", str(kept)], cwd=ROOT,
-                                                          capture_output=True).returncode == 0
-            shutil.rmtree(kept, ignore_errors=True)  # the point holds what matters now
             if args.commit:
-                git_commit([path, OUT / "calibration.json", *([kept] if had_state else [])],
-                           f"results: time to accuracy, {variant} seed {seed} (Fashion-MNIST 28x28, "
-                           f"{model_of(variant)})")
+                finish_point(path, variant, seed)
+            else:
+                shutil.rmtree(OUT / "inflight" / f"{variant}-s{seed}", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -255,10 +255,13 @@ def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio
                 variant=variant, seed=seed, recipe={}, steps=2, batch=64, train_images=60000, epochs=1, curve=curve,
                 train_s_calibrated=m * 60, train_flops=1e15, final_acc1=final, batch_size=64)))
     summary = tta.report(85.0)
-    assert summary["plain"]["mean_seconds_to_target"] == 75 * 60 and summary["budget"]["seconds_to_target"] == [540, 720]
+    # each crossing interpolated between the evaluations around it (80.0 % at m/2 minutes, 85.2 % at m)
+    at = [m * 30 * (1 + 5 / 5.2) for m in (9, 12)]
+    assert summary["plain"]["mean_seconds_to_target"] == pytest.approx(75 * 30 * (1 + 5 / 5.2))
+    assert summary["budget"]["seconds_to_target"] == pytest.approx(at)
     assert summary["ratio"] == pytest.approx(10.5 / 75)
     section = (tmp_path / "section.md").read_text()
-    assert "| budget | every token, every step | `pit_mini` | 1 | 2 | 9.0, 12.0 | 10.5 | 10.5 | 85.50 | 1.00 |" in section
+    assert "| budget | every token, every step | `pit_mini` | 1 | 2 | 8.8, 11.8 | 10.3 | 10.5 | 85.50 | 1.00 |" in section
     assert "0.14 (target <= 0.2)" in section
     assert summary["plain_acc1_at_1h"] == [85.2, 80.0]  # the last evaluation within the plain clock's first hour
     assert "after one hour of its clock: 85.2, 80.0 % (seeds 0, 1)" in section
@@ -272,8 +275,9 @@ def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio
         (tmp_path / "points" / f"plain-s{seed}.json").write_text(json.dumps(point))
     summary = tta.report(85.0)
     assert summary["target_acc1"] == 87.5 and summary["target_floor"] == 85.0
-    assert summary["plain"]["seconds_to_target"] == [4000, 3000] and summary["budget"]["seconds_to_target"] == [None] * 2
+    assert summary["plain"]["seconds_to_target"] == [3250, 3000] and summary["budget"]["seconds_to_target"] == [None] * 2
     assert "the target is the larger of their mean (to 0.1) and 85 %" in (tmp_path / "section.md").read_text()
+    assert tta.acc_at([dict(calibrated_s=3000, acc1=88.0)], 3600) is None  # a run shorter than the hour says nothing
     assert tta.describe(dict(token_drop=0.75, token_drop_schedule="constant", low_res_scale=None, low_res_frac=0.5,
                              full_frac=0.02)) == "75% dropped; every token in the last 2%"
     assert tta.describe(dict(token_drop=0.0, low_res_scale=0.58, low_res_frac=0.4, full_frac=0.05)) == \
@@ -312,16 +316,29 @@ def test_time_to_accuracy_times_new_phases_beside_the_committed_reference_and_re
     assert not tta.same_point(old, "trial", args)
 
 
-def test_time_to_accuracy_keeps_only_the_running_runs_files(tmp_path):
-    # A point restarted with another schedule: its kept state must not mix the new checkpoint with the old records.
+def test_time_to_accuracy_keeps_only_the_running_runs_files_and_never_an_earlier_step(tmp_path, monkeypatch):
+    # A point restarted with another schedule: its kept state must not mix the new checkpoint with the old records;
+    # and a run that started over must neither overwrite a later kept step nor hide it from the restore.
     spec = importlib.util.spec_from_file_location("pixelformer_bench_tta5", SCRIPT.parent / "time_to_accuracy.py")
     tta = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tta)
+    ckpt = "checkpoints/last.ckpt"
+    monkeypatch.setattr(tta, "_ckpt_step", lambda d: int((d / ckpt).read_text().split()[-1])  # "<who> <step>"
+                        if (d / ckpt).is_file() else None)
     run, kept = tmp_path / "run", tmp_path / "kept"
-    for folder, names in ((kept, tta.RESUMABLE), (run, ("checkpoints/last.ckpt", "config.yaml"))):
+
+    def write(folder, names, step):
         for name in names:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(f"{folder.name} {name}")
+            (folder / name).write_text(f"{folder.name} {step}")
+    write(kept, tta.RESUMABLE, 3)
+    write(run, (ckpt, "config.yaml"), 5)
     assert tta.persist(run, kept)
-    assert (kept / "checkpoints" / "last.ckpt").read_text() == "run checkpoints/last.ckpt"
+    assert (kept / ckpt).read_text() == "run 5"
     assert not (kept / "metrics.jsonl").exists()  # the old run's records went with it
+
+    write(kept, tta.RESUMABLE, 9)  # committed further along than this machine's run directory
+    assert not tta.persist(run, kept) and (kept / ckpt).read_text() == "kept 9"
+    assert tta.restore(kept, run) and (run / ckpt).read_text() == "kept 9"
+    assert [p.name.split("-")[0] for p in tmp_path.glob("run.older-*")] == ["run.older"]  # the earlier run, set aside
+    assert not tta.restore(kept, run)  # as far along: nothing to do
