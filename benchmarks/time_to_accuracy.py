@@ -532,8 +532,10 @@ def section(summary: dict) -> str:
              f"{summary['train_images']:,} training images, "
              f"batch {summary['batch']}, "
              f"{how}. Time is training time, from each phase's step time timed back to back once "
-             f"(`calibration.json`, {summary['machine']['cpu'] if summary['machine'] else '?'}); evaluation is left "
-             f"out alike for every recipe. Target: {target:g} % top-1 on the evaluation subset; final: the full "
+             f"(`calibration.json`, {summary['machine']['cpu'] if summary['machine'] else '?'}: the model's forward, "
+             f"backward and AdamW step, not the trainer's clipping, scheduler and loader, which weigh more on a cheap "
+             f"step; the ratio on the runs' own clocks below is the check); evaluation is left out alike for every "
+             f"recipe. Target: {target:g} % top-1 on the evaluation subset; final: the full "
              f"10,000-image test set. Commands: `python benchmarks/time_to_accuracy.py --variants plain,budget --seeds "
              f"0,1,2`, the ablation `--variants {','.join(v for v in VARIANTS if v not in ('plain', 'budget'))} "
              f"--seeds 0`, then `--report`.", ""]
