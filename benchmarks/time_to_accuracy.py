@@ -384,14 +384,14 @@ def git_commit(paths: list[Path], message: str) -> None:
     commit_paths(paths, message, ROOT)
 
 
-def finish_point(path: Path, variant: str, seed: int) -> None:
-    """Commit a finished point with the calibration, and the removal of its in-flight state (the point holds what
+def finish_point(path: Path, variant: str, seed: int, with_calibration: bool = True) -> None:
+    """Commit a finished point (with the calibration), and the removal of its in-flight state (the point holds what
     matters now); nothing happens when all of that is committed already."""
     kept = OUT / "inflight" / f"{variant}-s{seed}"
     tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(kept)], cwd=ROOT,
                              capture_output=True).returncode == 0
     shutil.rmtree(kept, ignore_errors=True)
-    git_commit([path, OUT / "calibration.json", *([kept] if tracked else [])],
+    git_commit([path, *([OUT / "calibration.json"] if with_calibration else []), *([kept] if tracked else [])],
                f"results: time to accuracy, {variant} seed {seed} (Fashion-MNIST 28x28, {model_of(variant)})")
 
 
@@ -624,7 +624,7 @@ def main() -> None:
                 if same_point(json.loads(path.read_text()), variant, args):
                     print(f"skip {path.relative_to(ROOT)} (done)", flush=True)
                     if args.commit:  # a stop between writing the point and committing it: commit it now
-                        finish_point(path, variant, seed)
+                        finish_point(path, variant, seed, with_calibration=False)
                     continue
                 print(f"{path.relative_to(ROOT)} was run with another definition of {variant}: running it again",
                       flush=True)
