@@ -234,6 +234,11 @@ def test_analysis_goes_to_wandb_when_the_run_logs_there(cls_run, tmp_path, monke
     monkeypatch.setenv("WANDB_MODE", "offline")  # as a run with logger=offline would have it
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     main([f"ckpt={cls_run}", "analysis.images=4", "analysis.map_images=1", f"analysis.out={tmp_path}"])
+    import wandb
+
+    # What the end of a user's process does: W&B's service writes the offline record in its own process, and under
+    # load it had written only the file's header when this test read it in the same process.
+    wandb.teardown()
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     data = record.read_bytes()
     assert b"analysis/acc1_permuted" in data and b"analysis/attention_distance/block_2_head_1" in data
