@@ -345,8 +345,9 @@ def persist(run_dir: Path, kept: Path) -> bool:
 
 
 def set_aside_if_redefined(run_dir: Path, train_args: list[str]) -> None:
-    """Move a run directory whose saved run has another length or recipe than ``train_args`` out of the way (to
-    ``<run_dir>.stale-<time>``), so the point starts over instead of resuming another schedule."""
+    """Move a run directory whose saved run has another length, recipe, model, evaluation or learning rate than
+    ``train_args`` out of the way (to ``<run_dir>.stale-<time>``), so the point starts over instead of resuming (or
+    returning) another run."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
@@ -355,8 +356,9 @@ def set_aside_if_redefined(run_dir: Path, train_args: list[str]) -> None:
 
     old = OmegaConf.load(saved)
     new = compose([*train_args, "data.root=/nonexistent"])
-    if old.trainer.max_steps == new.trainer.max_steps and effective(OmegaConf.to_container(old.recipe)) == \
-            effective(OmegaConf.to_container(new.recipe)) and old.model.name == new.model.name:
+    same_schedule = all(OmegaConf.select(old, key) == OmegaConf.select(new, key) for key in (
+        "trainer.max_steps", "model.name", "trainer.eval_every_steps", "data.limit_test", "optim.lr"))
+    if same_schedule and effective(OmegaConf.to_container(old.recipe)) == effective(OmegaConf.to_container(new.recipe)):
         return
     stale = run_dir.with_name(f"{run_dir.name}.stale-{int(time.time())}")
     run_dir.rename(stale)

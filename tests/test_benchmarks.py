@@ -342,3 +342,22 @@ def test_time_to_accuracy_keeps_only_the_running_runs_files_and_never_an_earlier
     assert tta.restore(kept, run) and (run / ckpt).read_text() == "kept 9"
     assert [p.name.split("-")[0] for p in tmp_path.glob("run.older-*")] == ["run.older"]  # the earlier run, set aside
     assert not tta.restore(kept, run)  # as far along: nothing to do
+
+
+def test_time_to_accuracy_sets_aside_a_run_directory_of_another_schedule_or_evaluation(tmp_path):
+    # The trainer would resume (or return) a finished run of other settings under the new point's name.
+    from omegaconf import OmegaConf
+    from pixelformer.config import compose
+
+    spec = importlib.util.spec_from_file_location("pixelformer_bench_tta6", SCRIPT.parent / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    run = tmp_path / "plain-s0"
+    args = [*tta.arguments("plain"), f"run.dir={run}", "trainer.max_steps=40", "trainer.eval_every_steps=10",
+            "data.limit_test=100"]
+    run.mkdir()
+    OmegaConf.save(compose([*args, "data.root=/nonexistent"]), run / "config.yaml")
+    tta.set_aside_if_redefined(run, args)
+    assert run.is_dir() and not list(tmp_path.glob("*.stale-*"))  # the same run: resumed
+    tta.set_aside_if_redefined(run, [*args, "trainer.eval_every_steps=20"])
+    assert not run.exists() and len(list(tmp_path.glob("plain-s0.stale-*"))) == 1
