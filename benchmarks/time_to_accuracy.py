@@ -433,6 +433,11 @@ def crossing(curve: list[dict], target: float) -> dict | None:
     return None
 
 
+def _mean_if_all(values: list[float | None]) -> float | None:
+    """The mean, when every value is there (a seed that never reached the target leaves the recipe without one)."""
+    return statistics.mean(values) if values and None not in values else None
+
+
 def report(target: float) -> dict:
     """summary.json, time_to_accuracy.png and section.md from the committed points; the target is ``target`` or the
     plain recipe's mean top-1 after one hour of its clock, whichever is higher."""
@@ -456,25 +461,23 @@ def report(target: float) -> dict:
             continue
         hits = [crossing(p["curve"], target) for p in mine]
         times = [h["calibrated_s"] if h else None for h in hits]
-        reached = [t for t in times if t is not None]
+        measured = [h["measured_s"] if h else None for h in hits]
         rows[variant] = dict(
-            seeds=[p["seed"] for p in mine], seconds_to_target=times,
-            mean_seconds_to_target=statistics.mean(reached) if len(reached) == len(times) else None,
-            measured_seconds_to_target=[h["measured_s"] if h else None for h in hits],
+            seeds=[p["seed"] for p in mine], seconds_to_target=times, mean_seconds_to_target=_mean_if_all(times),
+            measured_seconds_to_target=measured, mean_measured_seconds_to_target=_mean_if_all(measured),
             run_threads=[p.get("run_threads", 1) for p in mine],
             final_acc1=[p["final_acc1"] for p in mine], final_acc1_mean=statistics.mean(p["final_acc1"] for p in mine),
             train_flops=[p["train_flops"] for p in mine], train_s_calibrated=[p["train_s_calibrated"] for p in mine],
             epochs=mine[0]["epochs"], recipe=mine[0]["recipe"], model=mine[0].get("model", MODEL))
     plain, budget = rows.get("plain", {}), rows.get("budget", {})
-    ratio = (budget["mean_seconds_to_target"] / plain["mean_seconds_to_target"]
-             if plain.get("mean_seconds_to_target") and budget.get("mean_seconds_to_target") else None)
+
+    def budget_over_plain(key: str) -> float | None:
+        return budget[key] / plain[key] if plain.get(key) and budget.get(key) else None
+    ratio = budget_over_plain("mean_seconds_to_target")
     # The same ratio on the runs' own clocks (their measured training seconds), where both ran with the same threads:
     # a check on the calibration, which times the model's step alone (no clipping, scheduler or loader).
-    measured = [rows.get(v, {}).get("measured_seconds_to_target") or [None] for v in ("plain", "budget")]
-    threads = {t for v in ("plain", "budget") for t in rows.get(v, {}).get("run_threads", [])}
-    measured_ratio = (statistics.mean(measured[1]) / statistics.mean(measured[0])
-                      if None not in measured[0] + measured[1] and len(threads) == 1 and statistics.mean(measured[0])
-                      else None)
+    threads = {t for r in (plain, budget) for t in r.get("run_threads", [])}
+    measured_ratio = budget_over_plain("mean_measured_seconds_to_target") if len(threads) == 1 else None
     summary = dict(target_acc1=target, target_floor=floor, plain_acc1_at_1h=list(at_1h.values()),
                    plain_seeds_at_1h=list(at_1h), ratio=ratio, measured_ratio=measured_ratio,
                    measured_threads=next(iter(threads)) if len(threads) == 1 else None,

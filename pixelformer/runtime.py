@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BF16_MIN_WIDTH_CPU", "MemoryEstimate", "auto_precision", "available_memory", "check_fits_memory",
-    "cpu_allocator_tuned", "cpu_name", "estimate_training_memory", "format_bytes", "leave_signals_to_main", "tune_cpu_allocator",
+    "cpu_allocator_tuned", "cpu_name", "estimate_training_memory", "format_bytes", "leave_signals_to_main",
+    "tune_cpu_allocator",
 ]
 
 _logger = logging.getLogger(__name__)

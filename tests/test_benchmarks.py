@@ -261,7 +261,8 @@ def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio
     assert summary["budget"]["seconds_to_target"] == pytest.approx(at)
     assert summary["ratio"] == pytest.approx(10.5 / 75)
     section = (tmp_path / "section.md").read_text()
-    assert "| budget | every token, every step | `pit_mini` | 1 | 2 | 8.8, 11.8 | 10.3 | 10.5 | 85.50 | 1.00 |" in section
+    assert ("| budget | every token, every step | `pit_mini` | 1 | 2 | 8.8, 11.8 | 10.3 | 10.5 | 85.50 | 1.00 |"
+            in section)
     assert "0.14 (target <= 0.2)" in section
     assert summary["plain_acc1_at_1h"] == [85.2, 80.0]  # the last evaluation within the plain clock's first hour
     assert "after one hour of its clock: 85.2, 80.0 % (seeds 0, 1)" in section
@@ -275,7 +276,8 @@ def test_time_to_accuracy_report_times_each_recipe_to_the_target_and_their_ratio
         (tmp_path / "points" / f"plain-s{seed}.json").write_text(json.dumps(point))
     summary = tta.report(85.0)
     assert summary["target_acc1"] == 87.5 and summary["target_floor"] == 85.0
-    assert summary["plain"]["seconds_to_target"] == [3250, 3000] and summary["budget"]["seconds_to_target"] == [None] * 2
+    assert summary["plain"]["seconds_to_target"] == [3250, 3000]
+    assert summary["budget"]["seconds_to_target"] == [None] * 2
     assert "the target is the larger of their mean (to 0.1) and 85 %" in (tmp_path / "section.md").read_text()
     assert tta.acc_at([dict(calibrated_s=3000, acc1=88.0)], 3600) is None  # a run shorter than the hour says nothing
     assert tta.describe(dict(token_drop=0.75, token_drop_schedule="constant", low_res_scale=None, low_res_frac=0.5,
