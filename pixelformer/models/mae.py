@@ -13,12 +13,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..rng import rand
-from ..layers import build_sincos_2d_pos_embed, load_fixed_table
+from ..layers import build_sincos_2d_pos_embed, init_linears_and_norms, load_fixed_table
 from .vision_transformer import VisionTransformer
 
 __all__ = ["MaskedAutoencoder", "random_masking"]
@@ -85,15 +84,7 @@ class MaskedAutoencoder(nn.Module):
         """MAE's decoder init (mask token normal .02, linear trunc-normal .02, zero biases, LayerNorm ones / zeros),
         kept by hand for the encoder's draws to stay where committed results had them."""
         nn.init.normal_(self.mask_token, std=0.02)
-        for name, m in self.named_modules():
-            if name.startswith("encoder"):
-                continue
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms(m for name, m in self.named_modules() if not name.startswith("encoder"))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
