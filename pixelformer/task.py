@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 
     from .data import DataInfo
 
-__all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "eval_mode", "evaluate_classifier", "get_task",
-           "check_backbone_parts", "list_tasks", "mean_loss", "register_task", "seeded_batches", "save_confusion_matrix", "save_image_grid",
-           "untrained_baseline"]
+__all__ = ["EvalContext", "Task", "TaskCfg", "build_backbone", "check_backbone_parts", "eval_mode", "evaluate_classifier",
+           "get_task", "keyed_batches", "list_tasks", "mean_loss", "register_task", "save_confusion_matrix",
+           "save_image_grid", "seeded_batches", "untrained_baseline"]
 
 ENTRY_POINT_GROUP = "pixelformer.tasks"
 _TASKS: dict[str, type[Task]] = {}
@@ -213,18 +213,25 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-def seeded_batches(loader: Any) -> Iterator[tuple[Any, Optional[list[int]]]]:
-    """``(batch, seeds)`` of a loader built by :func:`pixelformer.data.build_loader`: each sample's key from the
-    loader's sampler, which depends on the run seed and the sample's index in the split alone (not on the rank).
-    Another loader (whose sampler yields no ``(key, index)`` pairs) gets ``None``: draws from the process stream."""
+def keyed_batches(loader: Any) -> Iterator[tuple[Any, Optional[list[tuple[int, int]]]]]:
+    """``(batch, keys)`` of a loader built by :func:`pixelformer.data.build_loader`: each sample's ``(seed, index)``
+    from the loader's sampler; the seed depends on the run seed and the sample's index in the split alone (not on
+    the rank). Another loader (whose sampler yields no such pairs) gets ``None``."""
     keys = list(getattr(loader, "sampler", None) or ())
     if not keys or not all(isinstance(k, tuple) for k in keys):
         keys = None
     start = 0
     for batch in loader:
         count = len(batch[1])
-        yield batch, [seed for seed, _ in keys[start:start + count]] if keys is not None else None
+        yield batch, keys[start:start + count] if keys is not None else None
         start += count
+
+
+def seeded_batches(loader: Any) -> Iterator[tuple[Any, Optional[list[int]]]]:
+    """``(batch, seeds)``: :func:`keyed_batches` with each sample's seed alone (``None``: draws from the process
+    stream)."""
+    for batch, keys in keyed_batches(loader):
+        yield batch, [seed for seed, _ in keys] if keys is not None else None
 
 
 def mean_loss(fabric: Fabric, module: nn.Module, loader: DataLoader) -> float:

@@ -104,6 +104,24 @@ def test_test_losses_do_not_change_with_the_number_of_processes(tmp_path):
     assert json.loads(out.read_text())["metrics"]["test/recon_loss"] == pytest.approx(one, rel=1e-6)
 
 
+@pytest.mark.slow
+def test_the_vae_latent_scale_does_not_change_with_the_number_of_processes(tmp_path):
+    # The scaling factor a latent DiT trains with: the std of posterior draws for training images 0..39, each image's
+    # draw seeded by the image; with 2 processes the images are dealt round-robin and the last batches are partial.
+    run_dir = tmp_path / "vae"
+    fit(tiny_cfg(run_dir, *FAST, "task=vae", "task.block_out_channels=[8,16]", "task.norm_num_groups=8",
+                 "task.scale_images=40", "trainer.max_steps=2"))
+    one = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    out = tmp_path / "eval2.json"
+    proc = run_process([sys.executable, str(REPO / "tools" / "eval.py"), f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+                        "trainer.devices=2", "trainer.accelerator=cpu", f"out={out}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())["metrics"]
+    assert two["test/latent_std"] == pytest.approx(one["test/latent_std"], rel=1e-6)
+    assert two["test/mse"] == pytest.approx(one["test/mse"], rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ exact resume
 DDP_RESUME = (*QUIET, *TINY_MODEL, *FAST, *DDP, "trainer.precision=32-true", "trainer.eval_every_epochs=null",
               "trainer.log_every_steps=1", "trainer.max_steps=40", "model.drop_path_rate=0.2")

@@ -23,7 +23,9 @@ from torch import nn
 
 from pixelformer.data import DataInfo, to_unit_interval
 from pixelformer.errors import UserError
-from pixelformer.task import EvalContext, Task, TaskCfg, register_task, save_image_grid, untrained_baseline
+from pixelformer.rng import per_sample_seeds, randn_like
+from pixelformer.task import (EvalContext, Task, TaskCfg, keyed_batches, register_task, save_image_grid,
+                             untrained_baseline)
 
 
 @dataclass
@@ -118,19 +120,31 @@ class VAETask(Task):
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict[str, float]:
         """Reconstruction error on the test split (next to an untrained autoencoder's) and the latent scale."""
+        if hasattr(module, "mark_forward_method"):  # set up by Fabric: under DDP / FSDP it must see this call
+            module.mark_forward_method("reconstruct")
         mse = self.reconstruction_mse(module, ctx)
         untrained = untrained_baseline(ctx, lambda: self.build_module(ctx.cfg, ctx.data),
                                        lambda fresh: {"test/psnr_untrained": psnr(self.reconstruction_mse(fresh, ctx))})
         fabric = ctx.fabric
-        # The std of latents drawn for the first training images (SD's recipe for its scaling factor), with fixed
-        # draws so that every evaluation measures alike; sums over processes.
+        # The std of latents drawn for training images 0 .. scale_images - 1 (SD's recipe for its scaling factor),
+        # each image's posterior draw seeded by the image alone: the same value at every evaluation and with any
+        # number of processes (the shards deal the images round-robin, so every rank stops within a batch of the end).
         moments = torch.zeros(4, device=fabric.device, dtype=torch.float64)  # sum, sum of squares, elements, images
-        generator = torch.Generator(fabric.device).manual_seed(ctx.cfg.run.seed + fabric.global_rank)
-        for images, _ in ctx.loaders["train"]:
-            if moments[3] * fabric.world_size >= ctx.cfg.task.scale_images:
-                break
-            z = module.vae.encode(module.to_signed_unit_interval(images)).latent_dist.sample(generator).double()
-            moments += torch.stack([z.sum(), z.square().sum(), z.new_tensor(z.numel()), z.new_tensor(len(images))])
+        wanted, seen = ctx.cfg.task.scale_images, 0
+        for (images, _), keys in keyed_batches(ctx.loaders["train"]):
+            if keys is None:  # a loader without per-sample keys: dealt round-robin is assumed, the process stream
+                keys = [(None, (seen + i) * fabric.world_size + fabric.global_rank) for i in range(len(images))]
+            seen += len(images)
+            rows = [i for i, (_, index) in enumerate(keys) if index < wanted]
+            if not fabric.all_reduce(torch.tensor(float(len(rows)), device=fabric.device), reduce_op="sum").item():
+                break  # every shard is past the wanted images (one collective per batch keeps the ranks in step)
+            if not rows:
+                continue
+            posterior = module.vae.encode(module.to_signed_unit_interval(images[rows])).latent_dist
+            seeds = [keys[i][0] for i in rows] if keys[0][0] is not None else None
+            with per_sample_seeds(seeds):
+                z = (posterior.mean + posterior.std * randn_like(posterior.mean)).double()
+            moments += torch.stack([z.sum(), z.square().sum(), z.new_tensor(z.numel()), z.new_tensor(len(rows))])
         total, squares, count, _ = fabric.all_reduce(moments, reduce_op="sum").tolist()
         latent_std = max(squares / count - (total / count) ** 2, 0.0) ** 0.5
         module.latent_std.fill_(latent_std)
