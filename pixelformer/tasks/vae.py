@@ -130,19 +130,17 @@ class VAETask(Task):
         # each image's posterior draw seeded by the image alone: the same value at every evaluation and with any
         # number of processes (the shards deal the images round-robin, so every rank stops within a batch of the end).
         moments = torch.zeros(4, device=fabric.device, dtype=torch.float64)  # sum, sum of squares, elements, images
-        wanted, seen = ctx.cfg.task.scale_images, 0
+        wanted = ctx.cfg.task.scale_images
         for (images, _), keys in keyed_batches(ctx.loaders["train"]):
-            if keys is None:  # a loader without per-sample keys: dealt round-robin is assumed, the process stream
-                keys = [(None, (seen + i) * fabric.world_size + fabric.global_rank) for i in range(len(images))]
-            seen += len(images)
+            if keys is None:  # the trainer's evaluation loaders always carry them (build_loader's sampler)
+                raise ValueError("the vae latent scale needs the training loader's per-sample (seed, index) keys")
             rows = [i for i, (_, index) in enumerate(keys) if index < wanted]
             if not fabric.all_reduce(torch.tensor(float(len(rows)), device=fabric.device), reduce_op="sum").item():
                 break  # every shard is past the wanted images (one collective per batch keeps the ranks in step)
             if not rows:
                 continue
             posterior = module.vae.encode(module.to_signed_unit_interval(images[rows])).latent_dist
-            seeds = [keys[i][0] for i in rows] if keys[0][0] is not None else None
-            with per_sample_seeds(seeds):
+            with per_sample_seeds([keys[i][0] for i in rows]):
                 z = (posterior.mean + posterior.std * randn_like(posterior.mean)).double()
             moments += torch.stack([z.sum(), z.square().sum(), z.new_tensor(z.numel()), z.new_tensor(len(rows))])
         total, squares, count, _ = fabric.all_reduce(moments, reduce_op="sum").tolist()
