@@ -28,6 +28,7 @@ skipped; the summaries alone rebuild the report.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -44,8 +45,9 @@ from .config import CONFIG_DIR
 from .errors import UserError, did_you_mean
 from .runtime import cpu_name
 
-__all__ = ["SCALES", "Experiment", "Point", "Stage", "list_experiments", "load_experiment", "plan", "run_point",
-           "summary_is_current", "write_json_atomic"]
+__all__ = ["SCALES", "Experiment", "Point", "Stage", "find_same_training", "list_experiments", "load_experiment",
+           "module_fingerprint", "plan", "reuse_summary", "run_point", "same_training", "summary_is_current",
+           "write_json_atomic"]
 
 SCALES = ("small", "medium", "large", "paper")
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
@@ -217,6 +219,128 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
     fsync_and_replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- the same training, run once
+# Keys that say where a run lives and how it is shown, not what it trains: two runs that differ only here are the
+# same training.
+_PLACE_KEYS = ("run.dir", "resume", "trainer.progress_bar")
+
+
+@functools.lru_cache(maxsize=512)  # a sweep compares each point with every summary of its scale: compose each once
+def _settings(args: tuple[str, ...]) -> Optional[dict[str, Any]]:
+    """The resolved settings of a training run's arguments, without where it lives and how it is logged; None when
+    the arguments do not compose (that run is not reused, its own start reports why). Cached: do not modify."""
+    from .config import compose, to_plain
+    from .run import flatten
+
+    try:
+        flat = flatten(to_plain(compose(list(args))))
+    except Exception:  # noqa: BLE001 - UserError, omegaconf errors: no reuse, the run itself says what is wrong
+        return None
+    return {k: v for k, v in flat.items() if k not in _PLACE_KEYS and not k.startswith("logger.")}
+
+
+@functools.lru_cache(maxsize=64)
+def module_fingerprint(args: tuple[str, ...]) -> Optional[str]:
+    """A digest of the task module these training arguments build, initialised from seed 0 on the CPU: every
+    submodule's type and plain attributes (drop rates, kernels, attention backends: what a forward reads) and every
+    parameter and buffer, by name, shape and value. Two configs with the same digest train the same network from the
+    same initial weights (under any seed), however they name it: ``vit_mini model.patch_size=1`` is ``pit_mini``.
+    None when it cannot be known without the data (an image folder's classes) or the module does not build."""
+    import hashlib
+
+    import torch
+
+    from .config import compose
+    from .data import DATASETS, DataInfo
+    from .task import get_task
+
+    try:
+        cfg = compose(list(args))
+        spec = DATASETS[cfg.data.name]
+        size = cfg.data.img_size or spec.native_size
+        if spec.num_classes is None or size is None:
+            return None
+        info = DataInfo(cfg.data.name, spec.num_classes, spec.in_chans, size, (0.5,) * spec.in_chans,
+                        (0.5,) * spec.in_chans, [str(i) for i in range(spec.num_classes)])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = get_task(cfg.task.name).build_module(cfg, info)
+    except Exception:  # noqa: BLE001 - whatever stops the build stops its reuse; the run itself reports it
+        return None
+    digest = hashlib.sha256()
+    for name, sub in module.named_modules():
+        digest.update(f"{name}:{type(sub).__qualname__}".encode())
+        for key, value in sorted(vars(sub).items()):  # parameters, buffers, children and hooks live under _*
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str, tuple, type(None))):
+                digest.update(f"{key}={value!r}".encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def same_training(args: list[str], other: list[str]) -> bool:
+    """Whether two runs' arguments train the same network on the same data the same way: every resolved setting
+    equal but the model's name and the model keys one of them leaves unset (the entrypoint's default), and the same
+    built module (:func:`module_fingerprint`)."""
+    args, other = tuple(args), tuple(other)
+    mine, theirs = _settings(args), _settings(other)
+    if mine is None or theirs is None or set(mine) != set(theirs):
+        return False
+    for key in mine:
+        if mine[key] != theirs[key] and not (key == "model.name" or (
+                key.startswith("model.") and (mine[key] is None or theirs[key] is None))):
+            return False
+    if mine == theirs:
+        return True
+    digest = module_fingerprint(args)
+    return digest is not None and digest == module_fingerprint(other)
+
+
+def find_same_training(point: Point, out_root: Path) -> Optional[Path]:
+    """A committed summary of another experiment at the same scale whose every stage is the same training as this
+    point's (:func:`same_training`), or None. Summaries that were themselves reused are skipped: the original is
+    found directly."""
+    for path in sorted(out_root.glob(f"*/{point.scale}/*.json")):
+        if path.parent.parent.name == point.experiment:
+            continue
+        try:
+            summary = json.loads(path.read_text())
+            recorded = {name: stage["args"] for name, stage in summary["stages"].items()}
+        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+            continue
+        if summary.get("seed") != point.seed or summary.get("reused_from") or list(recorded) != list(point.args):
+            continue
+        if all(same_training(point.args[name], recorded[name]) for name in recorded):
+            return path
+    return None
+
+
+def reuse_summary(point: Point, source: Path) -> dict[str, Any]:
+    """Write ``point``'s summary from ``source``'s (the same training, run by another experiment): its results,
+    cost and machine, under this point's name, values and arguments, with ``reused_from`` naming the original. The
+    original's pictures are copied beside it. Returns the summary."""
+    import shutil
+
+    summary = json.loads(source.read_text())
+    target = Path(point.summary_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    for name in summary.get("pictures", []):
+        picture = source.with_name(name)
+        if picture.is_file():
+            renamed = f"{target.stem}{name[len(source.stem):]}"
+            shutil.copyfile(picture, target.with_name(renamed))
+            pictures.append(renamed)
+    summary.update(experiment=point.experiment, about=point.about, command=point.command, scale=point.scale,
+                   point=point.name, arm=point.arm, seed=point.seed, values=point.values, pictures=pictures,
+                   reused_from=f"{source.parent.parent.name}/{source.parent.name}/{source.stem}")
+    for stage in point.stages:
+        summary["stages"][stage.name]["args"] = stage.args
+    write_json_atomic(target, summary)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------- a point's job

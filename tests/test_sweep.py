@@ -17,7 +17,8 @@ from pixelformer.cli import report as report_cli
 from pixelformer.cli import sweep as sweep_cli
 from pixelformer.config import compose
 from pixelformer.errors import UserError
-from pixelformer.sweep import SCALES, list_experiments, load_experiment, plan, summary_is_current
+from pixelformer.sweep import (SCALES, list_experiments, load_experiment, module_fingerprint, plan, same_training,
+                               summary_is_current)
 
 TINY = ["task=cls", "data=digits", "model=vit_mini", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
         "data.limit_train=96", "data.limit_test=40", "trainer.accelerator=cpu", "trainer.precision=32-true"]
@@ -322,3 +323,52 @@ def test_commit_true_commits_each_finished_points_summary_at_once(tmp_path, caps
     assert "results/grid/small/patch_size4-s0.json" in log and "results/grid/small/patch_size2-s0.json" in log
     assert subprocess.run(["git", "status", "--porcelain", "results"], cwd=repo, capture_output=True, text=True,
                           check=True).stdout == ""
+
+
+def test_the_same_training_is_recognised_by_its_settings_and_its_network():
+    """vit_mini at patch 1 is pit_mini (same settings, same built network, same initial weights); any setting that
+    changes the training, or a network that differs, is not the same training; where and how a run is logged is."""
+    pit = ["task=cls", "data=digits", "model=pit_mini", "trainer.max_steps=4", "run.seed=0"]
+    vit1 = ["task=cls", "data=digits", "model=vit_mini", "model.patch_size=1", "trainer.max_steps=4", "run.seed=0",
+            "run.dir=elsewhere", "logger=disabled", "logger.wandb.tags=[a,b]", "resume=auto"]
+    assert same_training(pit, vit1)
+    assert same_training(pit, [*pit, "model.pos_embed=sincos"])  # pit_mini's own default, now said
+    assert not same_training(pit, [*pit, "model.pos_embed=learned"])  # another network
+    assert not same_training(pit, ["task=cls", "data=digits", "model=vit_mini", "trainer.max_steps=4", "run.seed=0"])
+    assert not same_training(pit, [*pit, "optim.lr=0.002"]) and not same_training(pit, [*pit[:-1], "run.seed=1"])
+    assert not same_training(pit, [*pit, "data.img_size=16"])
+    assert not same_training(pit, [*pit, "model.nonsense=1"])  # does not compose: never reused
+    assert module_fingerprint(tuple(pit)) == module_fingerprint(tuple(vit1[:5]))
+    assert module_fingerprint(("task=cls", "data=imagefolder", "data.img_size=8")) is None  # classes unknown here
+
+
+def test_a_point_already_trained_by_another_experiment_reuses_its_summary(tmp_path, capsys):
+    """The committed digits sweeps trained pit_mini twice: pos_embed's sin-cos PiT and patch_size's patch-1 ViT. A
+    sweep now takes the other experiment's summary for such a point (named in ``reused_from``), trains nothing, and
+    the report does not count its cost twice; with reuse=false the point is planned for training."""
+    committed = REPO / "docs" / "results" / "pos_embed" / "small"
+    out = tmp_path / "out"
+    (out / "pos_embed" / "small").mkdir(parents=True)
+    for name in ("pit_pos_embedsincos-s0.json", "pit_pos_embedlearned-s0.json"):
+        shutil.copy(committed / name, out / "pos_embed" / "small" / name)
+    exp = tmp_path / "patch_size.yaml"
+    exp.write_text("metric: test/acc1\nscales:\n  small:\n    args: [task=cls, data=digits, model=vit_mini, "
+                   "trainer.max_epochs=25, trainer.eval_every_epochs=5]\n    seeds: [0]\n"
+                   "    grid: {model.patch_size: [1]}\n")
+    argv = [f"experiment={exp}", "scale=small", f"runs={tmp_path / 'runs'}", f"out={out}", "launcher=debug"]
+    sweep_cli.main([*argv, "reuse=false", "dry_run=true"])
+    assert "] todo patch_size1-s0/train" in capsys.readouterr().out
+    assert sweep_cli.main(argv) in (0, None)
+    printed = capsys.readouterr().out
+    assert "patch_size1-s0: the same training as" in printed and "pit_pos_embedsincos-s0.json" in printed
+    assert not (tmp_path / "runs" / "patch_size").exists()  # nothing trained
+    reused = json.loads((out / "patch_size" / "small" / "patch_size1-s0.json").read_text())
+    original = json.loads((committed / "pit_pos_embedsincos-s0.json").read_text())
+    assert reused["reused_from"] == "pos_embed/small/pit_pos_embedsincos-s0"
+    assert reused["metrics"] == original["metrics"] and reused["values"] == {"model.patch_size": 1}
+    assert reused["experiment"] == "patch_size" and reused["point"] == "patch_size1-s0"
+    _, planned = plan(load_experiment(str(exp)), "small", tmp_path / "runs", out)
+    assert summary_is_current(planned[0])  # a second sweep skips it as finished
+    assert report_cli.main([f"out={out}"]) in (0, None)
+    section = (out / "README.md").read_text().split("## patch_size (small)")[1].split("\n## ")[0]
+    assert "1 point(s) are the same training" in section and "0.0 min of run time" in section

@@ -339,9 +339,12 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
             if replot is None or (name, scale) in replot or not all((folder / p).is_file() for p in plotted):
                 plotted = plot(rows, exp, folder)
             pictures = plotted
-            machine = points[0].get("machine", {})
-            wall = sum(p["total"]["wall_s"] or 0 for p in points + shared)
-            flops = sum(p["total"]["train_flops"] for p in points + shared)
+            trained = [p for p in points + shared if not p.get("reused_from")]  # reused: paid for elsewhere
+            reused = [p for p in points if p.get("reused_from")]
+            wall = sum(p["total"]["wall_s"] or 0 for p in trained)
+            flops = sum(p["total"]["train_flops"] for p in trained)
+            machines = sorted({f"{m.get('threads')} thread(s) each on {m.get('device') or 'this machine'}"
+                               for m in (p.get("machine", {}) for p in trained or points)})
             headings.append(f"{exp['title']} ({scale})")
             sections += [f"## {_md(exp['title'])} ({scale})", "",
                          f"*setting*: {_md(scale_setting(points))}", "",
@@ -349,9 +352,13 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
                          f"Command: {_code(_command(points, name, scale))} then "
                          f"`python tools/report.py experiment={name} scale={scale}`. Cost: {len(points)} points"
                          f"{f' and {len(shared)} shared run(s)' if shared else ''} "
-                         f"({sum(len(p['stages']) for p in points + shared)} training runs), {wall / 60:.1f} min of "
-                         f"run time summed over the runs ({machine.get('threads')} thread(s) each on "
-                         f"{_md(machine.get('device') or 'this machine')}), {_fmt_flops(flops)}FLOP of training.", ""]
+                         f"({sum(len(p['stages']) for p in trained)} training runs), {wall / 60:.1f} min of "
+                         f"run time summed over the runs ({_md('; '.join(machines))}), {_fmt_flops(flops)}FLOP of "
+                         f"training."
+                         + (f" {len(reused)} point(s) are the same training (settings and built network) as a point "
+                            f"of another experiment and reuse its summary, not counted here: "
+                            f"{_md(', '.join(p['point'] + ' = ' + p['reused_from'] for p in reused))}."
+                            if reused else ""), ""]
             sections += table(rows, exp)
             sections += earlier_stages(rows)
             for s in shared:

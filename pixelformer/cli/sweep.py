@@ -14,7 +14,9 @@ Examples::
 Keys: experiment (a name in configs/experiment/, a .yaml path, or all), scale, seeds (e.g. [0]: overrides the
 file's), runs (run directories' root, default runs/sweeps), out (summaries' root, default docs/results),
 dry_run, commit (true: git-commit each finished point's summary at once, so a sweep longer than a working session
-keeps what it finished), logger=... / logger.* / data.root / data.num_workers (passed to every run, not part of a point's
+keeps what it finished), reuse (default true: a point whose every stage is the same training as a summary another
+experiment committed at the same scale -- the same resolved settings and the same built network, e.g. ``vit_mini
+model.patch_size=1`` and ``pit_mini`` -- takes that summary, marked ``reused_from``, instead of training again), logger=... / logger.* / data.root / data.num_workers (passed to every run, not part of a point's
 identity: they do not change results), launcher (local | slurm | debug) and launcher.* (parallel, threads, timeout_min, partition, gpus_per_node,
 cpus_per_task, mem_gb, slurm_additional_parameters). Points run through submitit's executors: ``local`` starts each
 point as a subprocess on this machine (launcher.parallel at a time), ``slurm`` submits them as a job array,
@@ -58,6 +60,7 @@ class SweepCfg:
     out: str = "docs/results"
     dry_run: bool = False
     commit: bool = False  # git-commit each finished point's summary and pictures at once (long sweeps, sessions)
+    reuse: bool = True  # a point that another experiment's committed summary already trained is not run again
     tracking: list[str] = field(default_factory=list)  # filled from the pass-through arguments
     argv: list[str] = field(default_factory=list)  # the command line, recorded in the summaries
     launcher: LauncherCfg = field(default_factory=LauncherCfg)
@@ -135,7 +138,7 @@ def make_executor(cfg: Any, folder: Path) -> Any:
 
 def run_grid(cfg: Any, experiment: str) -> int:
     """Run every unfinished point of one experiment at ``cfg.scale``; returns the number of failed points."""
-    from ..sweep import load_experiment, plan, run_point, summary_is_current
+    from ..sweep import find_same_training, load_experiment, plan, reuse_summary, run_point, summary_is_current
 
     exp = load_experiment(experiment)
     if cfg.scale not in exp.scales:
@@ -147,7 +150,9 @@ def run_grid(cfg: Any, experiment: str) -> int:
     if cfg.dry_run:
         train = "python tools/train.py" if prog("sweep").startswith("python ") else "pixelformer-train"
         for point in shared + points:
-            state = "done" if summary_is_current(point) else "todo"
+            done = summary_is_current(point)
+            source = find_same_training(point, Path(cfg.out)) if cfg.reuse and not done else None
+            state = "done" if done else f"reuse {source}" if source else "todo"
             for stage in point.stages:
                 print(f"[{exp.name}/{cfg.scale}] {state} {point.name}/{stage.name}: {train} "
                       f"{' '.join(shlex.quote(a) for a in stage.args + list(stage.tracking))}")
@@ -166,8 +171,16 @@ def run_grid(cfg: Any, experiment: str) -> int:
         for point in group:
             if summary_is_current(point):
                 print(f"[{exp.name}/{cfg.scale}] {point.name}: finished, skipped ({point.summary_path})")
-            else:
+                continue
+            source = find_same_training(point, Path(cfg.out)) if cfg.reuse else None
+            if source is None:
                 todo.append(point)
+                continue
+            summary = reuse_summary(point, source)
+            print(f"[{exp.name}/{cfg.scale}] {point.name}: the same training as {source}, its summary reused "
+                  f"(reuse=false trains it again)", flush=True)
+            if cfg.commit:
+                _commit_summary(point, summary, f"[{exp.name}/{cfg.scale}]", f"reused: {summary['reused_from']}")
         failed += _launch(executor, todo, run_point, threads, cfg, exp.name)
         if failed and group is shared:
             print(f"[{exp.name}/{cfg.scale}] a shared run failed: the points that need it are not started")
@@ -235,12 +248,17 @@ def _wait(point: Any, job: Any, tag: str, commit: bool = False) -> int:
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items() if k.startswith("test/"))
     print(f"{tag} {point.name}: {metrics} ({summary['total']['wall_s']:.0f} s) -> {point.summary_path}", flush=True)
     if commit:
-        from .gitcommit import commit_paths
-
-        path = Path(point.summary_path).resolve()
-        commit_paths([path, *(path.with_name(name) for name in summary.get("pictures", []))],
-                     f"results: {tag.strip('[]')} {point.name} ({metrics})", path.parent)
+        _commit_summary(point, summary, tag, metrics)
     return 0
+
+
+def _commit_summary(point: Any, summary: dict[str, Any], tag: str, what: str) -> None:
+    """Commit the point's summary and its pictures at once (a sweep longer than a working session keeps them)."""
+    from .gitcommit import commit_paths
+
+    path = Path(point.summary_path).resolve()
+    commit_paths([path, *(path.with_name(name) for name in summary.get("pictures", []))],
+                 f"results: {tag.strip('[]')} {point.name} ({what})", path.parent)
 
 
 def main(argv: list[str]) -> int:
