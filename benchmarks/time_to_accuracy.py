@@ -225,13 +225,14 @@ def clock(variant: str, steps: int, table: dict) -> tuple[list[float], float]:
     return seconds, flops
 
 
-def machine() -> dict:
+def machine(threads: int = 1) -> dict:
+    """The device, and on a CPU the threads a timing used: one for the calibration, ``--threads`` for a run."""
     if DEVICE == "cuda":
         import torch
         return dict(cpu=torch.cuda.get_device_name(0), device="cuda", precision="bf16-mixed", cores=os.cpu_count())
     from pixelformer.runtime import cpu_name
 
-    return dict(cpu=cpu_name(), threads=1, cores=os.cpu_count())
+    return dict(cpu=cpu_name(), threads=threads, cores=os.cpu_count())
 
 
 def effective(recipe: dict) -> dict:
@@ -305,7 +306,7 @@ def run_point(variant: str, seed: int, args: argparse.Namespace, table: dict) ->
                 eval_every=args.eval_every, eval_images=args.eval_images,
                 curve=curve, train_s_calibrated=seconds[-1], train_flops=flops,
                 final_acc1=json.loads(full.read_text())["metrics"]["test/acc1"], total_s=time.time() - started,
-                args=train_args, machine=machine(), run_threads=args.threads)
+                args=train_args, machine=machine(args.threads), run_threads=args.threads)
 
 
 # ------------------------------------------------------------------ a run longer than a session, through git

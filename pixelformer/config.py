@@ -152,8 +152,9 @@ class RecipeCfg:
     every token at full size every step; ``recipe=budget`` is the measured time-to-accuracy recipe. The schedule is a
     function of the step alone, so a run resumed in the middle of a phase continues it exactly."""
     name: str = "plain"
-    # Share of each image's pixel tokens dropped at random in a training step (timm's PatchDropout; the CLS token is
-    # kept); the backbone must support the "token_drop" part (pit_* / vit_*).
+    # Share of each image's pixel tokens dropped at random in a training step. cls: in the backbone (timm's
+    # PatchDropout; the CLS token is kept), which must support the "token_drop" part (pit_* / vit_*); mae: in the
+    # decoder, which then reconstructs only 1 - token_drop of the masked tokens (the encoder is masked already).
     token_drop: float = 0.0
     # constant: token_drop until the full-token phase; linear: from token_drop down to 0 at its start
     token_drop_schedule: Literal["constant", "linear"] = "constant"

@@ -1,7 +1,7 @@
 """The token budget of a run: how many pixel tokens each training step pays for (``cfg.recipe``).
 
-Three levers, each a key of its own (``configs/recipe/``): random token dropping (``recipe.token_drop``, timm's
-``PatchDropout`` in the backbone), progressive resolution (``recipe.low_res_scale`` for the first
+Three levers, each a key of its own (``configs/recipe/``): random token dropping (``recipe.token_drop``: timm's
+``PatchDropout`` in a classifier's backbone, a partial reconstruction in MAE's decoder), progressive resolution (``recipe.low_res_scale`` for the first
 ``recipe.low_res_frac`` of the steps: the batch is resized and the backbone takes the smaller grid with the same
 parameters) and a final phase at every token and full size (``recipe.full_frac``), so that the model is evaluated the
 way it last trained. The plan of a step is a function of the step and the run's length alone, so a run resumed in
@@ -22,10 +22,16 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["StepPlan", "TokenBudget", "check_recipe", "levers_in_use"]
+__all__ = ["StepPlan", "TokenBudget", "check_recipe", "levers_in_use", "token_drop_target"]
 
-LEVER_TASKS = {"token_drop": "cls trains with it; mae's masking already drops tokens, and dit predicts every "
-               "token's noise", "low_res": "cls, mae and dit train with it"}
+LEVER_TASKS = {"token_drop": "cls drops tokens in its backbone, mae in its decoder; dit predicts every token's "
+               "noise", "low_res": "cls, mae and dit train with it"}
+
+
+def token_drop_target(module: nn.Module) -> nn.Module:
+    """What takes a run's token drop: the task module itself where it defines ``set_token_drop`` (MAE: its
+    decoder), else its backbone (timm's ``PatchDropout``, the backbone contract's ``token_drop`` part)."""
+    return module if callable(getattr(module, "set_token_drop", None)) else module.backbone
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,12 @@ class TokenBudget:
             rate *= 1 - step / self.full_from
         return StepPlan(rate, self.low_img_size if step < self.low_res_until else None)
 
-    def apply(self, backbone: nn.Module, batch: Any, step: int) -> Any:
-        """Set step ``step``'s plan on ``backbone``; returns ``batch`` with its images (the first element) resized."""
-        plan = self.plan(step)
+    def apply(self, module: nn.Module, batch: Any, step: int) -> Any:
+        """Set step ``step``'s plan on the task ``module`` (its :func:`token_drop_target` and its backbone); returns
+        ``batch`` with its images (the first element) resized."""
+        plan, backbone = self.plan(step), module.backbone
         if self.recipe["token_drop"] > 0:
-            backbone.set_token_drop(plan.token_drop)
+            token_drop_target(module).set_token_drop(plan.token_drop)
         if self.low_img_size is not None:
             backbone.set_train_size(plan.img_size)
             if plan.img_size is not None:
@@ -82,17 +89,17 @@ class TokenBudget:
                 batch = (images, *batch[1:])
         return batch
 
-    def restore(self, backbone: nn.Module) -> None:
-        """The backbone at its full size (evaluation, checkpoints read by other tools)."""
+    def restore(self, module: nn.Module) -> None:
+        """The task module's backbone at its full size (evaluation, checkpoints read by other tools)."""
         if self.low_img_size is not None:
-            backbone.set_train_size(None)
+            module.backbone.set_train_size(None)
 
     def describe(self) -> str:
         """One line for the run's start."""
         parts = []
         if self.recipe["token_drop"] > 0:
             how = "linearly to 0" if self.recipe["token_drop_schedule"] == "linear" else "constant"
-            parts.append(f"{self.recipe['token_drop']:.0%} of the tokens dropped ({how}) until step {self.full_from}")
+            parts.append(f"token drop {self.recipe['token_drop']:.0%} ({how}) until step {self.full_from}")
         if self.low_img_size is not None:
             parts.append(f"{self.low_img_size}x{self.low_img_size} images until step {self.low_res_until}")
         if self.full_from < self.total_steps:
@@ -100,18 +107,23 @@ class TokenBudget:
         return f"recipe={self.recipe['name']}: " + "; ".join(parts)
 
 
-def check_recipe(recipe: Mapping[str, Any], task_name: str, task_levers: tuple[str, ...], backbone: nn.Module,
+def check_recipe(recipe: Mapping[str, Any], task_name: str, task_levers: tuple[str, ...], module: nn.Module,
                  model_name: str, img_size: int) -> None:
-    """Refuse, in one line each, a lever the task's training or the backbone cannot follow, before training."""
+    """Refuse, in one line each, a lever the task's training or the task ``module``'s backbone cannot follow, before
+    training."""
     from .models import require
 
+    backbone = module.backbone
     for lever in levers_in_use(recipe):
         key = "recipe.token_drop" if lever == "token_drop" else "recipe.low_res_scale"
         if lever not in task_levers:
             raise UserError(f"{key}={recipe[key.split('.')[1]]}: task={task_name} does not train with the "
                             f"{lever.replace('_', ' ')} lever ({LEVER_TASKS[lever]}); set {key}="
                             f"{'0' if lever == 'token_drop' else 'null'} or recipe=plain")
-        require(backbone, ["token_drop" if lever == "token_drop" else "train_size"], task_name, model_name)
+        if lever == "low_res":
+            require(backbone, ["train_size"], task_name, model_name)
+        elif token_drop_target(module) is backbone:
+            require(backbone, ["token_drop"], task_name, model_name)
     if "low_res" in levers_in_use(recipe):
         budget = TokenBudget(recipe, 1, img_size, backbone.patch_embed.patch_size)
         if budget.low_img_size is not None:

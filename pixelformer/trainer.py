@@ -280,7 +280,7 @@ class Trainer:
         with fabric.init_module():
             module = task.build_module(cfg, self.data)
         if levers_in_use(cfg.recipe):
-            check_recipe(cfg.recipe, task.name, task.recipe_levers, module.backbone, cfg.model.name,
+            check_recipe(cfg.recipe, task.name, task.recipe_levers, module, cfg.model.name,
                          self.data.img_size)
         if cfg.init_from and initialise:
             fabric.print(init_report(cfg.init_from, task.init_from(module, cfg.init_from)))
@@ -359,7 +359,7 @@ class Trainer:
     def micro_step(self, batch: Any, accumulating: bool) -> bool:
         """Forward and backward of one micro-batch; returns ``accumulating`` (no optimizer step yet)."""
         if self.budget is not None:  # this step's token drop and image size (a function of the step: resumable)
-            batch = self.budget.apply(self.raw_module.backbone, batch, self.progress.step)
+            batch = self.budget.apply(self.raw_module, batch, self.progress.step)
         with self.fabric.no_backward_sync(self.module, enabled=accumulating):
             self.out = self.module(batch)
             self.fabric.backward(self.out["loss"] / self.cfg.trainer.accumulate_grad_batches)
@@ -450,7 +450,7 @@ class Trainer:
         ``best.ckpt`` copy when the monitored metric improved, and the task's pictures."""
         fabric, p, started = self.fabric, self.progress, time.perf_counter()
         if self.budget is not None:  # evaluated at full size, like the model it is trained to become
-            self.budget.restore(self.raw_module.backbone)
+            self.budget.restore(self.raw_module)
         with self.log.waiting(f"evaluating step {p.step}"):
             metrics = run_evaluation(self.task, self.module, self.context)
         metrics["epoch"] = p.epoch

@@ -83,7 +83,6 @@ def test_a_bad_recipe_is_refused_by_key(args, message, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["task=mae", "recipe.token_drop=0.5"], "task=mae does not train with the token drop lever"),
     (["task=dit", "recipe.token_drop=0.5"], "task=dit does not train with the token drop lever"),
     (["model=pit_local_mini", "recipe.token_drop=0.5"], "needs the backbone part 'token_drop'"),
     (["model=pit_hourglass_mini", "recipe.low_res_scale=0.3"], "cannot take"),
@@ -134,12 +133,58 @@ def test_a_run_resumed_in_the_middle_of_a_phase_ends_on_the_same_weights(tmp_pat
 
 
 
+def test_mae_takes_the_token_drop_in_its_decoder():
+    """MAE's decoder reconstructs a share of the masked tokens (CrossMAE's partial reconstruction): all of them
+    gives MAE's predictions; fewer costs fewer FLOPs, the loss is on those only, every parameter still learns, and
+    evaluation decodes every token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    cfg = compose([*QUIET, "task=mae", "model.depth=1", "data.img_size=8"])
+    objective = get_task("mae").build_module(cfg, DataInfo("digits", 10, 1, 8, (0.5,), (0.5,))).train()
+    images = torch.randn(4, 1, 8, 8)
+    latent, mask, ids_restore = objective.model.forward_encoder(images, 0.75)
+    full = objective.model.forward_decoder(latent, ids_restore)
+    every_masked = objective.model.forward_decoder(latent, ids_restore, num_decoded=48)
+    assert torch.allclose(every_masked, full, atol=1e-5) and torch.equal(full, objective.model.forward_decoder(
+        latent, ids_restore, num_decoded=None))  # all 48 masked ones: the full decoder's order changes nothing
+
+    def step(drop: float) -> tuple[dict, float]:
+        objective.zero_grad()
+        objective.set_token_drop(drop)
+        torch.manual_seed(1)  # the same masks
+        with FlopCounterMode(display=False) as counter:
+            out = objective((images, None))
+            out["loss"].backward()
+        return out, counter.get_total_flops()
+    (plain, plain_flops), (dropped, dropped_flops) = step(0.0), step(0.75)
+    assert plain["mask"].sum(1).tolist() == [48] * 4 and dropped["mask"].sum(1).tolist() == [12] * 4
+    assert bool((dropped["mask"] <= plain["mask"]).all()) and bool((dropped["pred"][dropped["mask"] == 0] == 0).all())
+    assert dropped_flops < 0.7 * plain_flops
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.parameters() if p.requires_grad)
+    objective.eval()
+    torch.manual_seed(1)
+    assert objective((images, None))["mask"].sum(1).tolist() == [48] * 4  # never in evaluation
+
+
 @pytest.mark.slow
-def test_mae_pretrains_at_a_lower_resolution_first(tmp_path):
+def test_mae_pretrains_at_a_lower_resolution_and_with_a_token_drop_first(tmp_path, monkeypatch):
+    from pixelformer.models.mae import MaskedAutoencoder
+
+    seen, forward = [], MaskedAutoencoder.forward
+
+    def recording(self, images, mask_ratio=0.75, decode_frac=1.0):
+        pred, mask = forward(self, images, mask_ratio, decode_frac)
+        seen.append((self.training, images.shape[-1], int(mask[0].sum())))
+        return pred, mask
+    monkeypatch.setattr(MaskedAutoencoder, "forward", recording)
     run = tmp_path / "mae"
     metrics = fit(tiny_cfg(run, "task=mae", "data.limit_train=128", "data.batch_size=32", "trainer.max_steps=6",
-                           "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.5", "task.knn_k=5"))
-    assert "test/knn_acc" in metrics  # evaluated at full size after 3 steps at 4x4
+                           "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.5", "recipe.token_drop=0.5",
+                           "recipe.full_frac=0.34", "task.knn_k=5", "task.mask_ratio=0.75"))
+    assert "test/knn_acc" in metrics  # evaluated at full size
+    # 3 steps at 4x4 (12 masked tokens, 6 decoded), 1 at 8x8 (48 masked, 24 decoded), then 2 with every token
+    assert [s[1:] for s in seen if s[0]] == [(4, 6)] * 3 + [(8, 24)] + [(8, 48)] * 2
 
 
 @pytest.mark.slow

@@ -116,8 +116,16 @@ class MaskedAutoencoder(nn.Module):
         x = self.encoder.forward_tokens(self.encoder.prepend_prefix(x))
         return x, mask, ids_restore
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent (B, prefix + N_keep, D) -> predicted pixels (B, N, p*p*C) for every token."""
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor,
+                        num_decoded: int | None = None) -> torch.Tensor:
+        """latent (B, prefix + N_keep, D) -> predicted pixels (B, N, p*p*C) for every token.
+
+        ``num_decoded``: decode only that many of the masked tokens, the first ones of the masking's random order,
+        beside the visible ones (partial reconstruction, as in CrossMAE, arXiv 2401.14391): the decoder's cost, most
+        of a pixel MAE's, falls with its token count. The other masked tokens' predictions are zero. None: all.
+        """
+        if num_decoded is not None and num_decoded < ids_restore.shape[1] - (latent.shape[1] - self.num_prefix_tokens):
+            return self._forward_decoder_partial(latent, ids_restore, num_decoded)
         x = self.decoder_embed(latent)
         prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         num_masked = ids_restore.shape[1] - visible.shape[1]
@@ -129,7 +137,35 @@ class MaskedAutoencoder(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, self.num_prefix_tokens:]
 
-    def forward(self, images: torch.Tensor, mask_ratio: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) -> predicted pixels (B, N, p*p*C) and the mask (B, N), 1 = masked."""
+    def _forward_decoder_partial(self, latent: torch.Tensor, ids_restore: torch.Tensor,
+                                 num_decoded: int) -> torch.Tensor:
+        """:meth:`forward_decoder` on the visible tokens and ``num_decoded`` masked ones. Attention does not depend
+        on the tokens' order, so they stay in the masking's order (kept, then removed) with their own positions'
+        table rows added; the predictions are scattered back to (B, N, p*p*C)."""
+        x = self.decoder_embed(latent)
+        batch, prefix, dim = x.shape[0], self.num_prefix_tokens, x.shape[2]
+        num_keep = x.shape[1] - prefix
+        seen = ids_restore.argsort(dim=1)[:, : num_keep + num_decoded]  # kept, then the first removed: positions
+        table = self.decoder_table()  # (1, prefix + N, D)
+        tokens = torch.cat([x[:, prefix:], self.mask_token.expand(batch, num_decoded, -1)], dim=1)
+        tokens = tokens + table[:, prefix:].expand(batch, -1, -1).gather(1, seen.unsqueeze(-1).expand(-1, -1, dim))
+        x = torch.cat([x[:, :prefix] + table[:, :prefix], tokens], dim=1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        decoded = self.decoder_pred(self.decoder_norm(x[:, prefix + num_keep:]))  # (B, num_decoded, p*p*C)
+        where = seen[:, num_keep:].unsqueeze(-1).expand(-1, -1, decoded.shape[2])
+        return decoded.new_zeros(batch, ids_restore.shape[1], decoded.shape[2]).scatter(1, where, decoded)
+
+    def forward(self, images: torch.Tensor, mask_ratio: float = 0.75,
+                decode_frac: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> predicted pixels (B, N, p*p*C) and the mask (B, N): 1 where a token was masked and
+        predicted, the tokens the loss is on. ``decode_frac`` < 1 predicts that share of the masked tokens only
+        (:meth:`forward_decoder`); 1 is MAE."""
         latent, mask, ids_restore = self.forward_encoder(images, mask_ratio)
-        return self.forward_decoder(latent, ids_restore), mask
+        if decode_frac >= 1:
+            return self.forward_decoder(latent, ids_restore), mask
+        num_keep = latent.shape[1] - self.num_prefix_tokens
+        num_decoded = max(1, round((ids_restore.shape[1] - num_keep) * decode_frac))
+        pred = self.forward_decoder(latent, ids_restore, num_decoded)
+        decoded = ids_restore.argsort(dim=1)[:, num_keep: num_keep + num_decoded]
+        return pred, torch.zeros_like(mask).scatter(1, decoded, 1.0)
