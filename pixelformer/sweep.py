@@ -484,8 +484,8 @@ def summarise_run(run_dir: Path, args: list[str]) -> dict[str, Any]:
             train_curve.append([record.get("step"), record["train/loss"]])
         elif any(k.startswith("test/") for k in record):
             curve.append({k: v for k, v in record.items() if k == "step" or k.startswith("test/")})
-    flops, params, tokens = training_cost(run_dir)
     trainer = cfg.trainer
+    flops, params, tokens, step_flops = training_cost(run_dir, report["step"])
     images = report["step"] * cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.devices * \
         trainer.num_nodes
     wall = run_dir / "wall_time.json"
@@ -498,31 +498,56 @@ def summarise_run(run_dir: Path, args: list[str]) -> dict[str, Any]:
         "train_loss": train_curve[:: max(1, len(train_curve) // 100)],
         "images_per_sec": sum(speeds) / len(speeds) if speeds else None,
         "wall_s": float(_read_wall(wall)["seconds"]) if "seconds" in _read_wall(wall) else None,
-        "tokens": tokens, "params": params, "flops_per_image": flops, "train_flops": flops * images,
+        "tokens": tokens, "params": params, "flops_per_image": flops, "train_flops": step_flops * images,
         "precision": cfg.trainer.precision, "curve": curve,
     }
 
 
-def training_cost(run_dir: Path) -> tuple[float, int, int]:
-    """(training FLOPs per image, trainable parameters, tokens per image) of the run's task module.
+def training_cost(run_dir: Path, steps: int = 0) -> tuple[float, int, int, float]:
+    """(training FLOPs per image of a full step, trainable parameters, tokens per image, training FLOPs per image
+    averaged over the run's ``steps`` under its recipe) of the run's task module.
 
     FLOPs are counted by ``torch.utils.flop_counter`` over one forward and backward pass of two random images (so
-    MAE's masking and DiT's conditioning count as they run); evaluation is not included.
+    MAE's masking and DiT's conditioning count as they run); evaluation is not included. Under a token-budget recipe
+    each distinct plan of its steps (token drop rounded to 0.02, image side) is counted once and weighted by its
+    number of steps: the plain step's figure alone would count a budget run's dropped tokens.
     """
+    from collections import Counter
+
     import torch
+    import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .recipe import TokenBudget, levers_in_use, token_drop_target
     from .saved import load_run
     from .trainer import describe_module
 
-    _, info, _, module = load_run(run_dir)
+    cfg, info, _, module = load_run(run_dir)
     module.train()  # training FLOPs: dropout, drop path and label dropout as in training
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     tokens = describe_module(module).get("patches", 0)  # 0: no transformer (the vae task)
     batch = (torch.randn(2, info.in_chans, info.img_size, info.img_size),
              torch.randint(0, max(info.num_classes, 1), (2,)))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss = module(batch)["loss"]
-        loss.backward()
-    return counter.get_total_flops() / 2, params, tokens
+
+    def per_image(images: torch.Tensor) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss = module((images, batch[1]))["loss"]
+            loss.backward()
+        module.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / 2
+
+    full = per_image(batch[0])
+    if steps <= 0 or not levers_in_use(cfg.recipe):
+        return full, params, tokens, full
+    budget = TokenBudget(cfg.recipe, steps, info.img_size, module.backbone.patch_embed.patch_size)
+    plans = Counter((round(p.token_drop / 0.02) * 0.02, p.img_size) for p in map(budget.plan, range(steps)))
+    total = 0.0
+    for (drop, side), count in plans.items():
+        if cfg.recipe.token_drop > 0:
+            token_drop_target(module).set_token_drop(drop)
+        if budget.low_img_size is not None:
+            module.backbone.set_train_size(side)
+        images = batch[0] if side is None else F.interpolate(batch[0], size=(side, side), mode="bilinear")
+        total += count * per_image(images)
+    return full, params, tokens, total / steps
