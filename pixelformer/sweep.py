@@ -203,7 +203,8 @@ def plan(exp: Experiment, scale: str, runs_root: Path, out_root: Path,
 
 
 def summary_is_current(point: Point) -> bool:
-    """Whether the point's summary exists and records exactly the arguments planned now."""
+    """Whether the point's summary exists and records exactly the arguments planned now; a reused summary
+    (:func:`reuse_summary`) also needs its original to exist still with the same results."""
     path = Path(point.summary_path)
     if not path.is_file():
         return False
@@ -211,7 +212,16 @@ def summary_is_current(point: Point) -> bool:
         recorded = json.loads(path.read_text())
     except ValueError:
         return False
-    return {name: stage.get("args") for name, stage in recorded.get("stages", {}).items()} == point.args
+    if {name: stage.get("args") for name, stage in recorded.get("stages", {}).items()} != point.args:
+        return False
+    source = recorded.get("reused_from")
+    if not source:
+        return True
+    try:  # <out>/<experiment>/<scale>/<point>.json: the original, three levels up from this summary
+        original = json.loads(path.parent.parent.parent.joinpath(f"{source}.json").read_text())
+    except (ValueError, OSError):
+        return False
+    return original.get("metrics") == recorded.get("metrics") and original.get("total") == recorded.get("total")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -273,9 +283,11 @@ def module_fingerprint(args: tuple[str, ...]) -> Optional[str]:
     for name, sub in module.named_modules():
         digest.update(f"{name}:{type(sub).__qualname__}".encode())
         for key, value in sorted(vars(sub).items()):  # parameters, buffers, children and hooks live under _*
-            if not key.startswith("_") and isinstance(value, (bool, int, float, str, tuple, type(None))):
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str, tuple, list, torch.dtype,
+                                                                type(None))):
                 digest.update(f"{key}={value!r}".encode())
-    for name, tensor in module.state_dict().items():
+    # every parameter and buffer, the non-persistent ones too (sin-cos tables are not in the state dict)
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -285,8 +297,8 @@ def same_training(args: list[str], other: list[str]) -> bool:
     """Whether two runs' arguments train the same network on the same data the same way: every resolved setting
     equal but the model's name and the model keys one of them leaves unset (the entrypoint's default), and the same
     built module (:func:`module_fingerprint`)."""
-    args, other = tuple(args), tuple(other)
-    mine, theirs = _settings(args), _settings(other)
+    key_a, key_b = tuple(args), tuple(other)
+    mine, theirs = _settings(key_a), _settings(key_b)
     if mine is None or theirs is None or set(mine) != set(theirs):
         return False
     for key in mine:
@@ -295,14 +307,16 @@ def same_training(args: list[str], other: list[str]) -> bool:
             return False
     if mine == theirs:
         return True
-    digest = module_fingerprint(args)
-    return digest is not None and digest == module_fingerprint(other)
+    digest = module_fingerprint(key_a)
+    return digest is not None and digest == module_fingerprint(key_b)
 
 
 def find_same_training(point: Point, out_root: Path) -> Optional[Path]:
     """A committed summary of another experiment at the same scale whose every stage is the same training as this
     point's (:func:`same_training`), or None. Summaries that were themselves reused are skipped: the original is
-    found directly."""
+    found directly. A shared run is never reused: the points of its own experiment read its run directory."""
+    if point.seed is None:
+        return None
     for path in sorted(out_root.glob(f"*/{point.scale}/*.json")):
         if path.parent.parent.name == point.experiment:
             continue
@@ -326,14 +340,18 @@ def reuse_summary(point: Point, source: Path) -> dict[str, Any]:
 
     summary = json.loads(source.read_text())
     target = Path(point.summary_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     pictures = []
-    for name in summary.get("pictures", []):
-        picture = source.with_name(name)
-        if picture.is_file():
-            renamed = f"{target.stem}{name[len(source.stem):]}"
-            shutil.copyfile(picture, target.with_name(renamed))
-            pictures.append(renamed)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for name in summary.get("pictures", []):
+            picture = source.with_name(name)
+            if picture.is_file():
+                renamed = f"{target.stem}{name[len(source.stem):]}"
+                shutil.copyfile(picture, target.with_name(renamed))
+                pictures.append(renamed)
+    except OSError as e:
+        raise UserError(f"cannot write the reused summary of {point.name} into {target.parent} ({e.strerror}): make "
+                        f"out= a writable folder, or pass reuse=false") from None
     summary.update(experiment=point.experiment, about=point.about, command=point.command, scale=point.scale,
                    point=point.name, arm=point.arm, seed=point.seed, values=point.values, pictures=pictures,
                    reused_from=f"{source.parent.parent.name}/{source.parent.name}/{source.stem}")
@@ -509,8 +527,8 @@ def training_cost(run_dir: Path, steps: int = 0) -> tuple[float, int, int, float
 
     FLOPs are counted by ``torch.utils.flop_counter`` over one forward and backward pass of two random images (so
     MAE's masking and DiT's conditioning count as they run); evaluation is not included. Under a token-budget recipe
-    each distinct plan of its steps (token drop rounded to 0.02, image side) is counted once and weighted by its
-    number of steps: the plain step's figure alone would count a budget run's dropped tokens.
+    each distinct plan of its steps (token drop, rounded to 0.02 on a linear schedule; image side) is counted once and
+    weighted by its number of steps: the plain step's figure alone would count a budget run's dropped tokens.
     """
     from collections import Counter
 
@@ -541,7 +559,9 @@ def training_cost(run_dir: Path, steps: int = 0) -> tuple[float, int, int, float
     if steps <= 0 or not levers_in_use(cfg.recipe):
         return full, params, tokens, full
     budget = TokenBudget(cfg.recipe, steps, info.img_size, module.backbone.patch_embed.patch_size)
-    plans = Counter((round(p.token_drop / 0.02) * 0.02, p.img_size) for p in map(budget.plan, range(steps)))
+    linear = cfg.recipe.token_drop_schedule == "linear"  # a rate per step: counted in buckets of 0.02
+    plans = Counter((round(p.token_drop / 0.02) * 0.02 if linear else p.token_drop, p.img_size)
+                    for p in map(budget.plan, range(steps)))
     total = 0.0
     for (drop, side), count in plans.items():
         if cfg.recipe.token_drop > 0:

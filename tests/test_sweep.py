@@ -1,6 +1,7 @@
 """Experiment grids (tools/sweep.py, pixelformer/sweep.py) and the report built from their summaries."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,8 +18,8 @@ from pixelformer.cli import report as report_cli
 from pixelformer.cli import sweep as sweep_cli
 from pixelformer.config import compose
 from pixelformer.errors import UserError
-from pixelformer.sweep import (SCALES, list_experiments, load_experiment, module_fingerprint, plan, same_training,
-                               summary_is_current)
+from pixelformer.sweep import (SCALES, find_same_training, list_experiments, load_experiment, module_fingerprint,
+                               plan, same_training, summary_is_current)
 
 TINY = ["task=cls", "data=digits", "model=vit_mini", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
         "data.limit_train=96", "data.limit_test=40", "trainer.accelerator=cpu", "trainer.precision=32-true"]
@@ -338,7 +339,9 @@ def test_the_same_training_is_recognised_by_its_settings_and_its_network():
     assert not same_training(pit, [*pit, "optim.lr=0.002"]) and not same_training(pit, [*pit[:-1], "run.seed=1"])
     assert not same_training(pit, [*pit, "data.img_size=16"])
     assert not same_training(pit, [*pit, "model.nonsense=1"])  # does not compose: never reused
-    assert module_fingerprint(tuple(pit)) == module_fingerprint(tuple(vit1[:5]))
+    assert module_fingerprint(tuple(pit)) is not None and module_fingerprint(tuple(pit)) == module_fingerprint(
+        tuple(vit1[:5]))
+    assert module_fingerprint((*pit, "model.pos_embed=none")) != module_fingerprint(tuple(pit))
     assert module_fingerprint(("task=cls", "data=imagefolder", "data.img_size=8")) is None  # classes unknown here
 
 
@@ -372,3 +375,9 @@ def test_a_point_already_trained_by_another_experiment_reuses_its_summary(tmp_pa
     assert report_cli.main([f"out={out}"]) in (0, None)
     section = (out / "README.md").read_text().split("## patch_size (small)")[1].split("\n## ")[0]
     assert "1 point(s) are the same training" in section and "0.0 min of run time" in section
+    # the original trained again (here: its metrics changed): the copy is no longer done, and is taken again
+    source = out / "pos_embed" / "small" / "pit_pos_embedsincos-s0.json"
+    source.write_text(json.dumps({**original, "metrics": {**original["metrics"], "test/acc1": 1.0}}))
+    assert not summary_is_current(planned[0]) and find_same_training(planned[0], out) == source
+    shared = dataclasses.replace(planned[0], seed=None, name="shared-x")
+    assert find_same_training(shared, out) is None  # a shared run's directory is read by its points: never reused

@@ -318,7 +318,8 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
                 "Built by `python tools/report.py` from the per-point summaries in this folder (each written by "
                 "`python tools/sweep.py experiment=<name> scale=<scale>`); rebuilding it re-runs nothing. Means and "
                 "sample standard deviations are over seeds (`run.seed`; data subsets are fixed). FLOPs are counted "
-                "with `torch.utils.flop_counter` on one training step and multiplied by the images seen; wall times "
+                "with `torch.utils.flop_counter` on a training step of each of the run's step plans (one plan but "
+                "under a token-budget recipe) and multiplied by the images seen; wall times "
                 "are per run on the machine named in each summary, while other runs shared its cores.", "",
                 PAPER_NOTE, ""]
     found_any, headings = False, []  # headings: as written, before escaping (GitHub's anchors are of the text)

@@ -67,7 +67,9 @@ class MAEObjective(nn.Module):
     def set_token_drop(self, rate: float) -> None:
         """The recipe's token drop, taken in the decoder: masking already keeps the encoder to 1 - mask_ratio of
         the tokens, and the decoder, which sees every token, costs most of a pixel MAE's step (``pit_mini`` at 28x28:
-        about 10x the encoder's FLOPs). So ``rate`` of the masked tokens are not reconstructed in a training step."""
+        8x the encoder's FLOPs). So ``rate`` of the masked tokens are not reconstructed in a training step."""
+        if not 0 <= rate < 1:
+            raise ValueError(f"token drop rate must be in [0, 1), got {rate}")
         self.decode_frac = 1.0 - rate
 
     @property
