@@ -1,11 +1,12 @@
 """The token budget of a run: how many pixel tokens each training step pays for (``cfg.recipe``).
 
 Three levers, each a key of its own (``configs/recipe/``): random token dropping (``recipe.token_drop``: timm's
-``PatchDropout`` in a classifier's backbone, a partial reconstruction in MAE's decoder), progressive resolution (``recipe.low_res_scale`` for the first
-``recipe.low_res_frac`` of the steps: the batch is resized and the backbone takes the smaller grid with the same
-parameters) and a final phase at every token and full size (``recipe.full_frac``), so that the model is evaluated the
-way it last trained. The plan of a step is a function of the step and the run's length alone, so a run resumed in
-the middle of a phase continues it exactly; nothing here is saved in checkpoints.
+``PatchDropout`` in a classifier's backbone, a partial reconstruction in MAE's decoder), progressive resolution
+(``recipe.low_res_scale`` for the first ``recipe.low_res_frac`` of the steps: the batch is resized and the backbone
+takes the smaller grid with the same parameters) and a final phase at every token and full size
+(``recipe.full_frac``), so that the model is evaluated the way it last trained. The plan of a step is a function of
+the step and the run's length alone, so a run resumed in the middle of a phase continues it exactly; nothing here is
+saved in checkpoints.
 
 A task says which levers its training accepts (``Task.recipe_levers``), a backbone which parts of the contract it has
 (``token_drop``, ``train_size``); a lever on a task or backbone without it is refused in one line when the run is
