@@ -313,6 +313,8 @@ def test_time_to_accuracy_times_new_phases_beside_the_committed_reference_and_re
     args = argparse.Namespace(epochs={}, eval_every=100, eval_images=1000)
     old = dict(model="pit_hourglass_mini", recipe=tta.recipe_of("trial"), epochs=1, eval_every=100, eval_images=1000)
     assert tta.same_point(old, "trial", args)
+    assert not tta.same_point({**old, "args": ["optim.lr=2e-3"]}, "trial", args)  # another learning rate
+    assert not tta.same_point({**old, "batch": 2 * tta.BATCH}, "trial", args)  # another batch
     monkeypatch.setitem(tta.VARIANTS, "trial", (["model=pit_hourglass_mini", "recipe=budget",
                                                  "recipe.token_drop=0"], 1))
     assert not tta.same_point(old, "trial", args)
