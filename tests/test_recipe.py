@@ -185,13 +185,29 @@ def test_mae_pretrains_at_a_lower_resolution_and_with_a_token_drop_first(tmp_pat
         seen.append((self.training, images.shape[-1], int(mask[0].sum())))
         return pred, mask
     monkeypatch.setattr(MaskedAutoencoder, "forward", recording)
-    run = tmp_path / "mae"
-    metrics = fit(tiny_cfg(run, "task=mae", "data.limit_train=128", "data.batch_size=32", "trainer.max_steps=6",
-                           "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.5", "recipe.token_drop=0.5",
-                           "recipe.full_frac=0.34", "task.knn_k=5", "task.mask_ratio=0.75"))
+    args = ("task=mae", "data.limit_train=128", "data.batch_size=32", "trainer.max_steps=6",
+            "trainer.ckpt_every_steps=1",
+            "recipe.low_res_scale=0.5", "recipe.low_res_frac=0.5", "recipe.token_drop=0.5", "recipe.full_frac=0.34",
+            "task.knn_k=5", "task.mask_ratio=0.75")
+    metrics = fit(tiny_cfg(tmp_path / "straight", *args))
     assert "test/knn_acc" in metrics  # evaluated at full size
     # 3 steps at 4x4 (12 masked tokens, 6 decoded), 1 at 8x8 (48 masked, 24 decoded), then 2 with every token
     assert [s[1:] for s in seen if s[0]] == [(4, 6)] * 3 + [(8, 24)] + [(8, 48)] * 2
+    monkeypatch.undo()
+
+    # killed inside the first phase (4x4, half decoded) and resumed: the same weights as the run left alone
+    def stop_at_3(trainer, step):
+        if step == 3:
+            raise Interrupt()
+    on_step(monkeypatch, stop_at_3)
+    with pytest.raises(Interrupt):
+        fit(tiny_cfg(tmp_path / "resumed", *args))
+    monkeypatch.undo()
+    assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 2
+    assert fit(tiny_cfg(tmp_path / "resumed", *args, "resume=auto")) == metrics
+    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["model"]
+    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.slow
