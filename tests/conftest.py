@@ -48,6 +48,18 @@ def on_step(monkeypatch, hook) -> None:
     monkeypatch.setattr(Trainer, "after_step", after_step)
 
 
+class Interrupt(Exception):
+    """A crash in the middle of a run (not the SIGINT / SIGTERM path, which saves on its own)."""
+
+
+def stop_at(monkeypatch, step: int) -> None:
+    """Raise ``Interrupt`` after optimizer step ``step``, as a process dying there would stop the run."""
+    def hook(trainer, at):
+        if at == step:
+            raise Interrupt()
+    on_step(monkeypatch, hook)
+
+
 # ------------------------------------------------------------------------------------------ child processes
 # Every process a test starts gets a process group of its own and is killed, with whatever it started (the ranks of
 # a two-process run, loader workers), when its test ends: pytest-timeout stops the test, not its children.

@@ -10,7 +10,7 @@ from pixelformer.models import create_backbone
 from pixelformer.recipe import TokenBudget
 from pixelformer.data import DataInfo
 from pixelformer.task import get_task
-from conftest import QUIET, on_step, tiny_cfg
+from conftest import QUIET, Interrupt, stop_at, tiny_cfg
 
 RECIPE = dict(name="test", token_drop=0.5, token_drop_schedule="constant", low_res_scale=0.5, low_res_frac=0.4,
               full_frac=0.1)
@@ -101,19 +101,12 @@ ARGS = ("data.limit_train=256", "data.batch_size=32", "model.drop_rate=0.1", "tr
         "recipe.low_res_frac=0.5", "recipe.full_frac=0.2")
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_a_run_resumed_in_the_middle_of_a_phase_ends_on_the_same_weights(tmp_path, monkeypatch):
     # 30 steps: 4x4 images until step 15, half the tokens dropped (linearly fewer) until step 24, then all of them
     straight = fit(tiny_cfg(tmp_path / "straight", *ARGS))
 
-    def stop_at_13(trainer, step):
-        if step == 13:
-            raise Interrupt()
-    on_step(monkeypatch, stop_at_13)
+    stop_at(monkeypatch, 13)
     with pytest.raises(Interrupt):
         fit(tiny_cfg(tmp_path / "resumed", *ARGS))
     assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 12
@@ -195,11 +188,7 @@ def test_mae_pretrains_at_a_lower_resolution_and_with_a_token_drop_first(tmp_pat
     assert [s[1:] for s in seen if s[0]] == [(4, 6)] * 3 + [(8, 24)] + [(8, 48)] * 2
     monkeypatch.undo()
 
-    # killed inside the first phase (4x4, half decoded) and resumed: the same weights as the run left alone
-    def stop_at_3(trainer, step):
-        if step == 3:
-            raise Interrupt()
-    on_step(monkeypatch, stop_at_3)
+    stop_at(monkeypatch, 3)  # killed inside the first phase (4x4, half decoded), then resumed
     with pytest.raises(Interrupt):
         fit(tiny_cfg(tmp_path / "resumed", *args))
     monkeypatch.undo()

@@ -20,13 +20,9 @@ from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import TrainingInterrupted, fit, resolve_run_dir
 from pixelformer.tracking import JSONLLogger
 from pixelformer.run import RunDirLock, compose_for_resume
-from conftest import QUIET, REPO, TINY_MODEL, on_step, run_tool, tiny_cfg, spawn
+from conftest import QUIET, REPO, TINY_MODEL, Interrupt, on_step, run_tool, spawn, stop_at, tiny_cfg
 
 FAST = ("data.limit_train=128", "data.limit_test=32", "data.batch_size=16")
-
-
-class Interrupt(Exception):
-    pass
 
 
 def records(run_dir, drop=("time", "train/images_per_sec")):
@@ -36,13 +32,6 @@ def records(run_dir, drop=("time", "train/images_per_sec")):
 
 def ckpt_step(path):
     return read_checkpoint(path)["progress"]["step"]
-
-
-def stop_at(monkeypatch, step):
-    def hook(trainer, at):
-        if at == step:
-            raise Interrupt()
-    on_step(monkeypatch, hook)
 
 
 # ------------------------------------------------------------------------------------------ 1. best.ckpt

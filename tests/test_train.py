@@ -8,7 +8,7 @@ import pixelformer.tasks.cls
 from pixelformer import CheckpointError, UserError
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import NonFiniteLossError, fit
-from conftest import on_step, run_tool, tiny_cfg
+from conftest import Interrupt, run_tool, stop_at, tiny_cfg
 
 
 @pytest.mark.slow
@@ -35,18 +35,11 @@ RESUME_ARGS = ("data.limit_train=256", "data.batch_size=32", "data.augment=crop_
                "trainer.max_steps=30", "trainer.ckpt_every_steps=10", "trainer.eval_every_steps=7")
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = fit(tiny_cfg(tmp_path / "straight", *RESUME_ARGS))
 
-    def stop_at_17(trainer, step):
-        if step == 17:
-            raise Interrupt()
-    on_step(monkeypatch, stop_at_17)
+    stop_at(monkeypatch, 17)
     with pytest.raises(Interrupt):
         fit(tiny_cfg(tmp_path / "resumed", *RESUME_ARGS))
     assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 14
