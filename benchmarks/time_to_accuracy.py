@@ -571,7 +571,8 @@ def section(summary: dict) -> str:
                      f"{r['final_acc1_mean']:.2f} | {statistics.mean(r['train_flops']) / 1e15:.2f} |")
     pending = [v for v in VARIANTS if v not in rows]
     if pending:
-        lines += ["", f"Not run yet: {', '.join(f'`{v}`' for v in pending)} (the ablation command above runs them)."]
+        lines += ["", f"Not run yet: {', '.join(f'`{v}`' for v in pending)} (the ablation command above runs "
+                      f"{'it' if len(pending) == 1 else 'them'})."]
     plain, budget = rows.get("plain"), rows.get("budget")
     if plain and budget:
         gap = plain["final_acc1_mean"] - budget["final_acc1_mean"]
