@@ -60,6 +60,18 @@ def stop_at(monkeypatch, step: int) -> None:
     on_step(monkeypatch, hook)
 
 
+def assert_same_weights(run_a: Path, run_b: Path, parts: tuple[str, ...] = ("model",)) -> None:
+    """The last checkpoints of two runs hold the same tensors, bit for bit, under ``parts`` (e.g. straight vs resumed)."""
+    import torch
+    from pixelformer.checkpoint import read_checkpoint
+
+    a, b = (read_checkpoint(run / "checkpoints" / "last.ckpt") for run in (run_a, run_b))
+    for part in parts:
+        assert a[part].keys() == b[part].keys(), (part, sorted(a[part].keys() ^ b[part].keys()))
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+
 # ------------------------------------------------------------------------------------------ child processes
 # Every process a test starts gets a process group of its own and is killed, with whatever it started (the ranks of
 # a two-process run, loader workers), when its test ends: pytest-timeout stops the test, not its children.

@@ -17,7 +17,7 @@ from pixelformer.models import create_dit
 from pixelformer.models.backbone import run_block
 
 from reference_dit import DiT as ReferenceDiT
-from conftest import on_step, run_tool, tiny_cfg
+from conftest import assert_same_weights, on_step, run_tool, tiny_cfg
 
 TINY = dict(img_size=8, in_chans=3, num_classes=5, depth=2, embed_dim=32, num_heads=2)
 
@@ -197,11 +197,7 @@ def test_dit_resume_restores_weights_and_ema_exactly(tmp_path, monkeypatch):
         fit(tiny_cfg(tmp_path / "resumed", *args))
     monkeypatch.undo()
     fit(tiny_cfg(tmp_path / "resumed", *args, "resume=auto"))
-    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    for part in ("model", "ema"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed", parts=("model", "ema"))
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pixelformer.models import create_backbone
 from pixelformer.recipe import TokenBudget
 from pixelformer.data import DataInfo
 from pixelformer.task import get_task
-from conftest import QUIET, Interrupt, stop_at, tiny_cfg
+from conftest import QUIET, Interrupt, assert_same_weights, stop_at, tiny_cfg
 
 RECIPE = dict(name="test", token_drop=0.5, token_drop_schedule="constant", low_res_scale=0.5, low_res_frac=0.4,
               full_frac=0.1)
@@ -112,10 +112,7 @@ def test_a_run_resumed_in_the_middle_of_a_phase_ends_on_the_same_weights(tmp_pat
     assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 12
     monkeypatch.undo()
     resumed = fit(tiny_cfg(tmp_path / "resumed", *ARGS, "resume=auto"))
-    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
     assert straight == resumed
     # and the recipe changed the training: the plain run ends elsewhere
     plain = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
@@ -194,9 +191,7 @@ def test_mae_pretrains_at_a_lower_resolution_and_with_a_token_drop_first(tmp_pat
     monkeypatch.undo()
     assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["progress"]["step"] == 2
     assert fit(tiny_cfg(tmp_path / "resumed", *args, "resume=auto")) == metrics
-    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["model"]
-    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
 @pytest.mark.slow

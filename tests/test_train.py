@@ -8,7 +8,7 @@ import pixelformer.tasks.cls
 from pixelformer import CheckpointError, UserError
 from pixelformer.checkpoint import read_checkpoint
 from pixelformer.engine import NonFiniteLossError, fit
-from conftest import Interrupt, run_tool, stop_at, tiny_cfg
+from conftest import Interrupt, assert_same_weights, run_tool, stop_at, tiny_cfg
 
 
 @pytest.mark.slow
@@ -46,10 +46,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypa
     monkeypatch.undo()
     resumed = fit(tiny_cfg(tmp_path / "resumed", *RESUME_ARGS, "resume=auto"))
 
-    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
     assert straight == resumed
     # the metrics file holds each step once
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
@@ -69,11 +66,8 @@ def test_on_device_data_gives_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setattr("pixelformer.data.DataLoader", no_dataloader)  # training and evaluation both bypass it
     on_device = fit(tiny_cfg(tmp_path / "on_device", *args, "data.on_device=true"))
     assert on_device == loader
-    a = read_checkpoint(tmp_path / "loader" / "checkpoints" / "last.ckpt")
-    b = read_checkpoint(tmp_path / "on_device" / "checkpoints" / "last.ckpt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert b["config"]["data"]["on_device"] is True
+    assert_same_weights(tmp_path / "loader", tmp_path / "on_device")
+    assert read_checkpoint(tmp_path / "on_device" / "checkpoints" / "last.ckpt")["config"]["data"]["on_device"] is True
 
 
 def test_on_device_eval_loaders_give_the_same_batches(tmp_path):
