@@ -48,7 +48,7 @@ DATASETS = {"digits": ("scikit-learn digits", 8, 1437, 360), "fashion_mnist": ("
 
 def scale_setting(points: list[dict[str, Any]]) -> str:
     """What a scale trains on, read off its points' arguments: dataset, image size, tokens, training images, epochs
-    per stage and the test images."""
+    per stage (and the recipe, unless plain) and the test images."""
     def arg(args: list[str], key: str, default: Any = None) -> Any:
         values = [a.split("=", 1)[1] for a in args if a.startswith(key + "=")]
         return values[-1] if values and values[-1] != "null" else default
@@ -75,8 +75,9 @@ def scale_setting(points: list[dict[str, Any]]) -> str:
     for p in points:
         for stage, info in p.get("stages", {}).items():
             epochs.setdefault(stage, set()).add(info.get("epochs"))
+    recipe = arg(first, "recipe", "plain")  # a token-budget recipe changes what an epoch trains on: name it
     epoch_text = ", ".join(f"{stage} {'/'.join(str(e) for e in sorted(v, key=str))} epoch(s)"
-                           for stage, v in epochs.items())
+                           for stage, v in epochs.items()) + (f" of `recipe={recipe}`" if recipe != "plain" else "")
     return (f"{name} at {side} ({token_text}), {images}, {epoch_text}; evaluated on {tests}"
             if side else f"{name} ({token_text}), {images}, {epoch_text}; evaluated on {tests}")
 
