@@ -307,8 +307,9 @@ def test_each_scale_of_the_report_names_its_data_size_tokens_and_epochs():
                     "train 10 epoch(s); evaluated on the full test split (10,000 images)")
     text = scale_setting([{"tokens": 64, "stages": {"train": {"args": ["data=digits"], "epochs": 25}}}])
     assert text.startswith("scikit-learn digits at 8x8 (64 tokens), all 1,437 training images, train 25 epoch(s)")
-    text = scale_setting([point(28, 784, "recipe=budget")])
-    assert "train 10 epoch(s) of `recipe=budget`; evaluated" in text
+    text = scale_setting([point(28, 784, "recipe=budget"), point(28, 196, "recipe=budget")])
+    assert "train 10 epoch(s) of recipe=budget; evaluated" in text
+    assert "recipe" not in scale_setting([point(28, 784, "recipe=budget"), point(28, 784)])  # one arm's recipe only
 
 
 @pytest.mark.slow

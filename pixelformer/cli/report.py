@@ -75,9 +75,12 @@ def scale_setting(points: list[dict[str, Any]]) -> str:
     for p in points:
         for stage, info in p.get("stages", {}).items():
             epochs.setdefault(stage, set()).add(info.get("epochs"))
-    recipe = arg(first, "recipe", "plain")  # a token-budget recipe changes what an epoch trains on: name it
+    # a token-budget recipe changes what an epoch trains on: named when every point uses it (else the arms say it)
+    recipes = {arg(args, "recipe", "plain") for p in points for args in
+               [info.get("args", []) for info in p.get("stages", {}).values()]}
+    recipe = recipes.pop() if len(recipes) == 1 else "plain"
     epoch_text = ", ".join(f"{stage} {'/'.join(str(e) for e in sorted(v, key=str))} epoch(s)"
-                           for stage, v in epochs.items()) + (f" of `recipe={recipe}`" if recipe != "plain" else "")
+                           for stage, v in epochs.items()) + (f" of recipe={recipe}" if recipe != "plain" else "")
     return (f"{name} at {side} ({token_text}), {images}, {epoch_text}; evaluated on {tests}"
             if side else f"{name} ({token_text}), {images}, {epoch_text}; evaluated on {tests}")
 
