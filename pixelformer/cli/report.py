@@ -76,8 +76,7 @@ def scale_setting(points: list[dict[str, Any]]) -> str:
         for stage, info in p.get("stages", {}).items():
             epochs.setdefault(stage, set()).add(info.get("epochs"))
     # a token-budget recipe changes what an epoch trains on: named when every point uses it (else the arms say it)
-    recipes = {arg(args, "recipe", "plain") for p in points for args in
-               [info.get("args", []) for info in p.get("stages", {}).values()]}
+    recipes = {arg(info.get("args", []), "recipe", "plain") for p in points for info in p.get("stages", {}).values()}
     recipe = recipes.pop() if len(recipes) == 1 else "plain"
     epoch_text = ", ".join(f"{stage} {'/'.join(str(e) for e in sorted(v, key=str))} epoch(s)"
                            for stage, v in epochs.items()) + (f" of recipe={recipe}" if recipe != "plain" else "")
