@@ -328,6 +328,12 @@ def test_commit_true_commits_each_finished_points_summary_at_once(tmp_path, caps
                          check=True).stdout
     assert log.count("results: grid/small ") == 2  # one commit per point
     assert "results/grid/small/patch_size4-s0.json" in log and "results/grid/small/patch_size2-s0.json" in log
+    # ... with the report rebuilt: each commit is a consistent state, the first one lists one point, the last both.
+    assert log.count("results/README.md") == 2 and log.count("results/grid/small/metric.png") == 2
+    first = subprocess.run(["git", "show", "HEAD~1:results/README.md"], cwd=repo, capture_output=True, text=True,
+                           check=True).stdout
+    last = (repo / "results" / "README.md").read_text()
+    assert ("patch_size2" in first) != ("patch_size4" in first) and "patch_size2" in last and "patch_size4" in last
     assert subprocess.run(["git", "status", "--porcelain", "results"], cwd=repo, capture_output=True, text=True,
                           check=True).stdout == ""
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from ..errors import UserError
 from . import parse_kv, usage
 
+PLOTS = ("metric.png", "cost.png", "curves.png")  # drawn per experiment and scale, beside its summaries
 PAPER_NOTE = ("Numbers marked *paper* are the paper's reported values (`../shared/reference/paper-facts.md`), not "
               "measured here.")
 
@@ -339,7 +340,7 @@ def build(out: Path, experiments: list[str], scales: list[str], replot: Optional
             if not rows:
                 continue
             found_any = True
-            plotted = ["metric.png", "cost.png", "curves.png"]
+            plotted = list(PLOTS)
             if replot is None or (name, scale) in replot or not all((folder / p).is_file() for p in plotted):
                 plotted = plot(rows, exp, folder)
             pictures = plotted
@@ -410,6 +411,19 @@ def _finding(name: str) -> tuple[int, str]:
     return 99, name
 
 
+def experiments_on_disk(out: Path) -> list[str]:
+    """The experiments with a folder under ``out``, in the order of the paper's findings."""
+    return sorted((p.name for p in out.iterdir() if p.is_dir()), key=_finding) if out.is_dir() else []
+
+
+def write_report(out: Path, replot: Optional[set[tuple[str, str]]] = None) -> Path:
+    """Rebuild ``out/README.md`` over every experiment and scale on disk (so it never depends on which part was asked
+    for), redrawing the plots of the (experiment, scale) pairs in ``replot`` (None: all); returns its path."""
+    from ..sweep import SCALES
+
+    return build(out, experiments_on_disk(out), list(SCALES), replot)
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage(__doc__, "report"))
@@ -420,7 +434,7 @@ def main(argv: list[str]) -> int:
     if rest:
         raise UserError(f"unknown argument(s) {', '.join(rest)}: report.py takes experiment=, scale= and out=")
     out = Path(own.get("out", "docs/results"))
-    on_disk = sorted((p.name for p in out.iterdir() if p.is_dir()), key=_finding) if out.is_dir() else []
+    on_disk = experiments_on_disk(out)
     experiment, scale = own.get("experiment", "all"), own.get("scale", "all")
     experiments = on_disk if experiment == "all" else [experiment]
     for name in experiments:
@@ -429,9 +443,8 @@ def main(argv: list[str]) -> int:
                             f"{', '.join(on_disk) or 'none'} (run python tools/sweep.py experiment={name} ... first)")
     if scale != "all" and scale not in SCALES:
         raise UserError(f"scale={scale}: choose one of {', '.join(SCALES)} or all")
-    # The README always covers every experiment and scale on disk; the selection says which plots are redrawn.
     scales = list(SCALES) if scale == "all" else [scale]
-    readme = build(out, on_disk, list(SCALES), {(e, s) for e in experiments for s in scales})
+    readme = write_report(out, {(e, s) for e in experiments for s in scales})
     print(f"wrote {readme}")
     return 0
 

@@ -253,12 +253,20 @@ def _wait(point: Any, job: Any, tag: str, commit: bool = False) -> int:
 
 
 def _commit_summary(point: Any, summary: dict[str, Any], tag: str, what: str) -> None:
-    """Commit the point's summary and its pictures at once (a sweep longer than a working session keeps them)."""
+    """Commit the point's summary and its pictures at once (a sweep longer than a working session keeps them), with
+    the report rebuilt to include it: every commit of a sweep is then a consistent state of the results."""
     from .gitcommit import commit_paths
+    from .report import PLOTS, write_report
 
     path = Path(point.summary_path).resolve()
-    commit_paths([path, *(path.with_name(name) for name in summary.get("pictures", []))],
-                 f"results: {tag.strip('[]')} {point.name} ({what})", path.parent)
+    folder = path.parent  # <out>/<experiment>/<scale>
+    paths = [path, *(path.with_name(name) for name in summary.get("pictures", []))]
+    try:
+        paths += [write_report(folder.parents[1], {(folder.parent.name, folder.name)}),
+                  *(folder / name for name in PLOTS if (folder / name).is_file())]
+    except (UserError, OSError, ValueError) as e:  # the summary still lands; tools/report.py rebuilds the rest
+        print(f"{tag} warning: the report was not rebuilt ({e}); run python tools/report.py", flush=True)
+    commit_paths(paths, f"results: {tag.strip('[]')} {point.name} ({what})", folder)
 
 
 def main(argv: list[str]) -> int:
